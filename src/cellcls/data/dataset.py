@@ -1,0 +1,64 @@
+"""A map-style data set of image files, decoded with Pillow into fixed-size uint8 tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as F
+
+from cellcls.data.layout import Samples
+from cellcls.errors import DataError
+
+
+def load_image(path: Path, channels: int, size: Sequence[int]) -> torch.Tensor:
+    """Decode ``path`` to a ``channels x H x W`` uint8 tensor: EXIF orientation applied, any Pillow mode
+    converted to L or RGB, resized with antialiasing to ``size`` (height, width)."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                # 16/32-bit greyscale (X-rays): Pillow's convert("L") would clip, so rescale the range instead
+                im = _to_l(im)
+            im = im.convert("RGB" if channels == 3 else "L")
+            im = im.resize((int(size[1]), int(size[0])), Image.Resampling.BILINEAR, reducing_gap=None)
+            return F.pil_to_tensor(im)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot decode image {path}: {exc}") from exc
+
+
+def _to_l(im: Image.Image) -> Image.Image:
+    """High-bit-depth greyscale to 8-bit L, scaling the full range of the image."""
+    arr = np.asarray(im, dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(scaled.astype(np.uint8), "L")
+
+
+class ImageFiles(Dataset):
+    """(image, label) pairs from ``samples``; ``transform`` maps the uint8 tensor to the model's input."""
+
+    def __init__(
+        self,
+        samples: Samples,
+        channels: int,
+        image_size: Sequence[int],
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.samples = samples
+        self.channels = channels
+        self.image_size = tuple(int(s) for s in image_size)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = load_image(self.samples.paths[index], self.channels, self.image_size)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.samples.labels[index]

@@ -1,0 +1,49 @@
+"""Model registry: every architecture the ``model=`` config group can name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from cellcls.models.blood_cnn import blood_cnn
+from cellcls.models.lenet import lenet
+from cellcls.models.resnet import resnet18
+from cellcls.models.skin_cnn import skin_cnn
+from cellcls.models.xray_cnn import xray_cnn
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "lenet": lenet,
+    "blood_cnn": blood_cnn,
+    "skin_cnn": skin_cnn,
+    "xray_cnn": xray_cnn,
+    "resnet18": resnet18,
+}
+
+
+def num_outputs(num_classes: int, single_logit: bool) -> int:
+    """Logits the model emits: one for a binary task with a sigmoid head, else one per class."""
+    if single_logit and num_classes != 2:
+        raise ValueError(f"model.single_logit=true needs exactly 2 classes, the dataset has {num_classes}")
+    return 1 if single_logit else num_classes
+
+
+def build_model(
+    spec: Mapping[str, Any], in_channels: int, num_classes: int, image_size: Sequence[int]
+) -> nn.Module:
+    """Build the model named by ``spec['name']`` with the remaining keys as its keyword arguments.
+
+    ``spec`` is the ``model`` config section (``name``, ``single_logit`` and architecture options).
+    """
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name not in MODELS:
+        raise ValueError(f"model.name={name!r} is not a known model; choose one of {sorted(MODELS)}")
+    outputs = num_outputs(num_classes, bool(spec.pop("single_logit", False)))
+    return MODELS[name](in_channels, outputs, list(image_size), **spec)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameter count, as Keras' ``model.summary()`` reports it."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,65 @@
+"""Shared pieces of the seed architectures: conv blocks and a features/classifier network."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+def conv_relu(in_ch: int, out_ch: int, padding: str = "valid") -> list[nn.Module]:
+    """A 3x3 convolution followed by ReLU; ``padding`` is Keras' 'valid' or 'same'."""
+    return [nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=padding), nn.ReLU(inplace=True)]
+
+
+def conv_pool_blocks(in_ch: int, filters: Sequence[int], padding: str | Sequence[str] = "valid") -> nn.Sequential:
+    """[Conv 3x3 + ReLU, MaxPool 2] for each filter count, as the seed tutorials stack them."""
+    paddings = [padding] * len(filters) if isinstance(padding, str) else list(padding)
+    layers: list[nn.Module] = []
+    for out_ch, pad in zip(filters, paddings, strict=True):
+        layers += conv_relu(in_ch, out_ch, pad)
+        layers.append(nn.MaxPool2d(2))
+        in_ch = out_ch
+    return nn.Sequential(*layers)
+
+
+def flat_features(features: nn.Module, in_channels: int, image_size: Sequence[int]) -> int:
+    """Number of features after ``features`` for one image, found by a forward pass (never hard-coded)."""
+    height, width = image_size
+    with torch.no_grad():
+        out = features(torch.zeros(1, in_channels, height, width))
+    if out.numel() == 0:
+        raise ValueError(
+            f"model input size {height}x{width} is too small for this architecture: "
+            f"the convolution stack leaves an empty feature map {tuple(out.shape[1:])}"
+        )
+    return out[0].numel()
+
+
+class SeedCNN(nn.Module):
+    """A ``features`` stack, a flatten, and a ``classifier`` head: the shape of every seed model.
+
+    ``l2`` maps parameter names (relative to this module) to Keras-style L2 coefficients: the loss gains
+    ``coef * sum(w ** 2)`` for each, exactly as a Keras ``kernel_regularizer=l2(coef)``.
+    """
+
+    def __init__(self, features: nn.Sequential, classifier: nn.Sequential, l2: dict[str, float] | None = None):
+        super().__init__()
+        self.features = features
+        self.flatten = nn.Flatten()
+        self.classifier = classifier
+        self.l2 = {name: float(coef) for name, coef in (l2 or {}).items() if coef}
+        known = dict(self.named_parameters())
+        for name in self.l2:
+            if name not in known:
+                raise ValueError(f"L2 penalty names unknown parameter {name!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.flatten(self.features(x)))
+
+    def l2_terms(self) -> Iterator[tuple[torch.Tensor, float]]:
+        """(parameter, coefficient) pairs whose squared sum the loss adds."""
+        params = dict(self.named_parameters())
+        for name, coef in self.l2.items():
+            yield params[name], coef

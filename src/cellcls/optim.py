@@ -1,0 +1,57 @@
+"""Optimisers and LR schedulers from the ``optim`` and ``scheduler`` config groups."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, ReduceLROnPlateau
+
+from cellcls.errors import ConfigError
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "adagrad": torch.optim.Adagrad,
+    "adadelta": torch.optim.Adadelta,
+    "sgd": torch.optim.SGD,
+    "rmsprop": torch.optim.RMSprop,
+}
+SCHEDULERS = ("plateau", "cosine", "none")
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """The optimiser ``cfg['name']`` with the other keys as its arguments (lr, weight_decay, betas, ...)."""
+    kwargs = dict(cfg)
+    name = kwargs.pop("name", None)
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={name!r} is not supported; choose one of {sorted(OPTIMIZERS)}")
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    try:
+        return OPTIMIZERS[name](params, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"optim ({name}): {exc}") from exc
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], max_epochs: int, mode: str
+) -> LRScheduler | ReduceLROnPlateau | None:
+    """ReduceLROnPlateau on the monitored metric, cosine annealing over the run, or none."""
+    name = cfg.get("name", "none")
+    if name == "none":
+        return None
+    if name == "plateau":
+        return ReduceLROnPlateau(
+            optimizer,
+            mode=mode,
+            factor=float(cfg.get("factor", 0.1)),
+            patience=int(cfg.get("patience", 10)),
+            threshold=float(cfg.get("threshold", 1e-4)),
+            min_lr=float(cfg.get("min_lr", 0.0)),
+            cooldown=int(cfg.get("cooldown", 0)),
+        )
+    if name == "cosine":
+        return CosineAnnealingLR(optimizer, T_max=max_epochs, eta_min=float(cfg.get("min_lr", 0.0)))
+    raise ConfigError(f"scheduler.name={name!r} is not supported; choose one of {list(SCHEDULERS)}")

@@ -1,0 +1,327 @@
+"""The training loop: fit with validation, LR-on-plateau and early stopping, checkpoints, and a final test."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from sklearn.metrics import balanced_accuracy_score
+from torch import nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from tqdm.auto import tqdm
+
+from cellcls.callbacks import EarlyStopping, metric_mode
+from cellcls.checkpoint import save_checkpoint
+from cellcls.data.datamodule import DataBundle, build_data
+from cellcls.data.splits import write_split_lists
+from cellcls.errors import ConfigError
+from cellcls.loggers import RunLogger
+from cellcls.losses import ClassificationLoss, balanced_class_weights
+from cellcls.models import build_model, count_parameters, num_outputs
+from cellcls.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but no CUDA device is available; use trainer.device=auto or cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``trainer.precision`` (None: full float32)."""
+    precision = str(precision)
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "16" and device.type != "cuda":
+        raise ConfigError("trainer.precision=16 needs a CUDA device; use 32 or bf16 on the CPU")
+    return {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[precision]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Each epoch's RNG seed is a function of (seed, epoch), so a resumed run repeats the same randomness."""
+    return (seed * 1_000_003 + epoch) % 2**63
+
+
+@dataclass
+class Scores:
+    loss: float
+    accuracy: float
+    balanced_accuracy: float
+
+
+def l2_penalty(model: nn.Module) -> torch.Tensor | float:
+    """Keras-style kernel L2 terms the model declares (``coef * sum(w**2)``)."""
+    terms = getattr(model, "l2_terms", None)
+    return sum((coef * p.pow(2).sum() for p, coef in terms()), 0.0) if terms else 0.0
+
+
+class Trainer:
+    """Runs one training job into ``run_dir`` from a composed, validated config."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.resume = resume
+        t = cfg.trainer
+        self.seed = int(cfg.seed)
+        seed_everything(self.seed)
+        self.device = resolve_device(str(t.device))
+        self.amp_dtype = autocast_dtype(str(t.precision), self.device)
+        if t.get("deterministic"):
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        self.data: DataBundle = build_data(cfg.dataset, cfg.get("augment"), self.seed, self.device)
+        classes = self.data.classes
+        prep = self.data.preprocessing
+        self.model_spec = OmegaConf.to_container(cfg.model, resolve=True)
+        self.model = build_model(self.model_spec, prep["channels"], len(classes), prep["image_size"]).to(self.device)
+        self.outputs = num_outputs(len(classes), bool(self.model_spec.get("single_logit", False)))
+
+        weights = None
+        if cfg.class_weights == "balanced":
+            weights = balanced_class_weights(self.data.splits["train"].labels, len(classes))
+            log.info("class weights (balanced): %s", {c: round(float(w), 3) for c, w in zip(classes, weights)})
+        self.train_loss = ClassificationLoss(self.outputs, weights).to(self.device)
+        self.eval_loss = ClassificationLoss(self.outputs).to(self.device)  # Keras weights only the training loss
+
+        self.optimizer = build_optimizer(self.model.parameters(), OmegaConf.to_container(cfg.optim, resolve=True))
+        self.mode = metric_mode(str(t.monitor), str(t.monitor_mode))
+        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, int(t.max_epochs), self.mode)
+        es = t.early_stopping
+        self.early = EarlyStopping(str(t.monitor), self.mode, es.patience, es.min_delta, bool(es.enabled))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.start_epoch = 0
+        history: list[dict[str, Any]] = []
+        if resume is not None:
+            history = self._restore(resume)
+        self.logger = RunLogger(run_dir, tensorboard=bool(cfg.logger.tensorboard), history=history)
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def _restore(self, ckpt: dict[str, Any]) -> list[dict[str, Any]]:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt.get("scheduler") is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.early.load_state_dict(ckpt["early_stopping"])
+        self.start_epoch = int(ckpt["epoch"])
+        src_best = Path(ckpt["path"]).with_name("best.pt")
+        if src_best.is_file() and src_best.resolve() != (self.ckpt_dir / "best.pt").resolve():
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src_best, self.ckpt_dir / "best.pt")
+        log.info("resumed from %s after epoch %d", ckpt["path"], self.start_epoch)
+        return list(ckpt.get("history", []))
+
+    def _payload(self, epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "early_stopping": self.early.state_dict(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "model_spec": self.model_spec,
+            "classes": self.data.classes,
+            "preprocessing": self.data.preprocessing,
+            "history": self.logger.rows,
+            "monitor": {"metric": self.early.monitor, "mode": self.mode, "best": self.early.best, "best_epoch": self.early.best_epoch},
+        }
+
+    # ---- loops -------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _train_epoch(self, epoch: int) -> tuple[float, float]:
+        self.model.train()
+        loader = self.data.loaders["train"]
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch}/{self.cfg.trainer.max_epochs}", leave=False,
+                   disable=not self.cfg.trainer.progress_bar, mininterval=0.5, dynamic_ncols=True)
+        for step, (images, targets) in enumerate(bar):
+            if epoch == 1 and step == 0:
+                self._log_augmented(images)
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.model(images)
+                loss = self.train_loss(logits, targets) + l2_penalty(self.model)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.cfg.trainer.get("gradient_clip"):
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), float(self.cfg.trainer.gradient_clip))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            n = targets.shape[0]
+            total_loss += float(loss.detach()) * n
+            correct += int((self._predict_labels(logits) == targets).sum())
+            seen += n
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
+        bar.close()
+        return total_loss / seen, correct / seen
+
+    def _predict_labels(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] == 1:
+            return (logits[:, 0] > 0).long()
+        return logits.argmax(dim=1)
+
+    @torch.inference_mode()
+    def evaluate(self, split: str) -> Scores:
+        """Loss (unweighted, with the model's L2 terms as Keras reports it), accuracy and balanced accuracy."""
+        self.model.eval()
+        total_loss, preds, truth = 0.0, [], []
+        for images, targets in self.data.loaders[split]:
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.model(images)
+            total_loss += float(self.eval_loss(logits, targets)) * targets.shape[0]
+            preds.append(self._predict_labels(logits).cpu())
+            truth.append(targets.cpu())
+        y_pred, y_true = torch.cat(preds).numpy(), torch.cat(truth).numpy()
+        loss = total_loss / len(y_true) + float(l2_penalty(self.model))
+        return Scores(loss, float((y_pred == y_true).mean()), float(balanced_accuracy_score(y_true, y_pred)))
+
+    def _log_augmented(self, images: torch.Tensor) -> None:
+        prep = self.data.preprocessing
+        shown = images[:32].float()
+        if prep["mean"] is not None:
+            mean = torch.tensor(prep["mean"]).view(1, -1, 1, 1)
+            std = torch.tensor(prep["std"]).view(1, -1, 1, 1)
+            shown = shown * std + mean
+        self.logger.log_images("train/augmented_samples", shown, 0)
+
+    # ---- the job -----------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train to ``trainer.max_epochs`` or early stop; test the best checkpoint; return a summary."""
+        cfg, t = self.cfg, self.cfg.trainer
+        classes = self.data.classes
+        write_split_lists(self.run_dir, self.data.splits, self.data.root, classes)
+        if self.data.ignored:
+            log.warning("ignored %d non-image file(s), e.g. %s", len(self.data.ignored), self.data.ignored[0])
+        counts = {s: len(v) for s, v in self.data.splits.items()}
+        log.info("data %s at %s: classes %s, images %s", cfg.dataset.name, self.data.root, classes, counts)
+        log.info("model %s: %s parameters, device %s, precision %s", self.model_spec["name"],
+                 f"{count_parameters(self.model):,}", self.device, self.amp_dtype or "float32")
+        if self.resume is None:
+            self.logger.log_text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
+
+        max_epochs = int(t.max_epochs)
+        stopped_early = False
+        for epoch in range(self.start_epoch + 1, max_epochs + 1):
+            started = time.perf_counter()
+            seed = epoch_seed(self.seed, epoch)
+            torch.manual_seed(seed)
+            self.data.train_generator.manual_seed(seed)
+            train_loss, train_acc = self._train_epoch(epoch)
+            val = self.evaluate("val")
+            metrics = {
+                "train_loss": train_loss,
+                "train_accuracy": train_acc,
+                "val_loss": val.loss,
+                "val_accuracy": val.accuracy,
+                "val_balanced_accuracy": val.balanced_accuracy,
+                "lr": self.optimizer.param_groups[0]["lr"],
+            }
+            monitored = metrics[str(t.monitor)]
+            improved, stop = self.early.step(monitored, epoch)
+            if isinstance(self.scheduler, ReduceLROnPlateau):
+                self.scheduler.step(monitored)
+            elif self.scheduler is not None:
+                self.scheduler.step()
+            metrics["epoch_time_s"] = time.perf_counter() - started
+            self.logger.log_epoch(epoch, metrics)
+            payload = self._payload(epoch)
+            save_checkpoint(payload, self.ckpt_dir / "last.pt")
+            if improved:
+                save_checkpoint(payload, self.ckpt_dir / "best.pt")
+            log.info(
+                "epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  lr %.2g%s  (%.1fs)",
+                epoch, max_epochs, train_loss, train_acc, val.loss, val.accuracy, metrics["lr"],
+                "  *" if improved else "", metrics["epoch_time_s"],
+            )
+            if stop:
+                stopped_early = True
+                log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
+                         t.monitor, self.early.wait, self.early.best, self.early.best_epoch)
+                break
+        return self._finish(stopped_early)
+
+    def _finish(self, stopped_early: bool) -> dict[str, Any]:
+        summary: dict[str, Any] = {
+            "monitor": str(self.cfg.trainer.monitor),
+            "best": self.early.best,
+            "best_epoch": self.early.best_epoch,
+            "epochs_run": len(self.logger.rows),
+            "stopped_early": stopped_early,
+        }
+        best_path = self.ckpt_dir / "best.pt"
+        if "test" in self.data.loaders and best_path.is_file():
+            best = torch.load(best_path, map_location="cpu", weights_only=True)
+            self.model.load_state_dict(best["model"])
+            test = self.evaluate("test")
+            result = {
+                "checkpoint": "checkpoints/best.pt",
+                "epoch": int(best["epoch"]),
+                "split": "test",
+                "num_images": len(self.data.splits["test"]),
+                "loss": test.loss,
+                "accuracy": test.accuracy,
+                "balanced_accuracy": test.balanced_accuracy,
+            }
+            tmp = self.run_dir / "test_metrics.json.tmp"
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.replace(self.run_dir / "test_metrics.json")
+            log.info("test (best epoch %d): loss %.4f  acc %.4f  balanced acc %.4f",
+                     result["epoch"], test.loss, test.accuracy, test.balanced_accuracy)
+            summary["test"] = result
+        hparams = {
+            "dataset": str(self.cfg.dataset.name),
+            "model": str(self.model_spec["name"]),
+            "optim": str(self.cfg.optim.name),
+            "lr": float(self.cfg.optim.lr),
+            "weight_decay": float(self.cfg.optim.get("weight_decay", 0.0) or 0.0),
+            "batch_size": int(self.cfg.dataset.batch_size),
+            "augment": str(self.cfg.augment.get("name", "")),
+            "class_weights": str(self.cfg.class_weights),
+            "seed": self.seed,
+        }
+        final = {f"hparam/best_{summary['monitor']}": float(self.early.best)}
+        if "test" in summary:
+            final["hparam/test_accuracy"] = summary["test"]["accuracy"]
+        if all(math.isfinite(v) for v in final.values()):
+            self.logger.log_hparams(hparams, final)
+        self.logger.close()
+        return summary
