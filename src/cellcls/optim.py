@@ -38,7 +38,12 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Mapping[str, Any]
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], max_epochs: int, mode: str
 ) -> LRScheduler | ReduceLROnPlateau | None:
-    """ReduceLROnPlateau on the monitored metric, cosine annealing over the run, or none."""
+    """ReduceLROnPlateau on the monitored metric, cosine annealing over the run, or none.
+
+    The plateau settings keep Keras' meaning: the LR drops once ``patience`` epochs in a row have not
+    improved by more than ``threshold`` (absolute). torch counts one more bad epoch than Keras before it
+    acts (``num_bad_epochs > patience`` against Keras' ``wait >= patience``), hence ``patience - 1``.
+    """
     name = cfg.get("name", "none")
     if name == "none":
         return None
@@ -47,8 +52,9 @@ def build_scheduler(
             optimizer,
             mode=mode,
             factor=float(cfg.get("factor", 0.1)),
-            patience=int(cfg.get("patience", 10)),
+            patience=max(int(cfg.get("patience", 10)) - 1, 0),
             threshold=float(cfg.get("threshold", 1e-4)),
+            threshold_mode="abs",
             min_lr=float(cfg.get("min_lr", 0.0)),
             cooldown=int(cfg.get("cooldown", 0)),
         )

@@ -36,7 +36,7 @@ def _to_l(im: Image.Image) -> Image.Image:
     arr = np.asarray(im, dtype=np.float64)
     lo, hi = float(arr.min()), float(arr.max())
     scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-    return Image.fromarray(scaled.astype(np.uint8), "L")
+    return Image.fromarray(scaled.astype(np.uint8))
 
 
 class ImageFiles(Dataset):

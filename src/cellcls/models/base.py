@@ -27,8 +27,11 @@ def conv_pool_blocks(in_ch: int, filters: Sequence[int], padding: str | Sequence
 def flat_features(features: nn.Module, in_channels: int, image_size: Sequence[int]) -> int:
     """Number of features after ``features`` for one image, found by a forward pass (never hard-coded)."""
     height, width = image_size
-    with torch.no_grad():
-        out = features(torch.zeros(1, in_channels, height, width))
+    try:
+        with torch.no_grad():
+            out = features(torch.zeros(1, in_channels, height, width))
+    except RuntimeError as exc:  # a kernel larger than what is left of the feature map
+        raise ValueError(f"model input size {height}x{width} is too small for this architecture: {exc}") from exc
     if out.numel() == 0:
         raise ValueError(
             f"model input size {height}x{width} is too small for this architecture: "

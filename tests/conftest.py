@@ -1,0 +1,56 @@
+"""Shared helpers: tiny synthetic data sets, in-process training runs and CLI subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from cellcls.paths import config_dir
+
+# A small, fast synthetic set (32 px) for runs that check mechanics rather than accuracy.
+TINY = [
+    "dataset.render.train_per_class=48",
+    "dataset.render.test_per_class=16",
+    "dataset.render.size=32",
+    "dataset.image_size=[32,32]",
+    "dataset.batch_size=16",
+    "trainer.progress_bar=false",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder private to this test session, so the synthetic set is really rendered here."""
+    return tmp_path_factory.mktemp("cellcls-cache")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CELLCLS_CACHE", str(cache_root))
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The config ``python -m cellcls.train <overrides>`` would run with."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def train_in_process(run_dir: Path, *overrides: str) -> float:
+    """Train in this process (fast: no interpreter start-up) exactly as the CLI does."""
+    from cellcls.train import train
+
+    return train(compose_config(*overrides), run_dir, overrides)
+
+
+def run_cli(module: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """``python -m <module> <args>`` as a user runs it, from ``cwd``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,158 @@
+"""End-to-end training runs on the synthetic set: the run folder, TensorBoard, resume, callbacks, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.utils.class_weight import compute_class_weight
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
+from cellcls.trainer import Trainer
+from conftest import TINY, compose_config, run_cli, train_in_process
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    with open(run_dir / "metrics.csv") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def read_tensorboard(run_dir: Path) -> EventAccumulator:
+    (events,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory) -> Path:
+    """One real ``python -m cellcls.train`` of 3 epochs on a tiny synthetic set, run from a foreign folder."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    run_dir = cwd / "run"
+    result = run_cli("cellcls.train", f"hydra.run.dir={run_dir}", "trainer.max_epochs=3", *TINY, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_a_run_folder_holds_config_metrics_events_checkpoints_and_test_metrics(cli_run):
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.csv", "test_metrics.json",
+                 "checkpoints/best.pt", "checkpoints/last.pt", "splits/train.csv", "splits/val.csv", "splits/test.csv"):
+        assert (cli_run / name).is_file(), name
+    rows = read_metrics(cli_run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"} <= set(rows[0])
+    test = json.loads((cli_run / "test_metrics.json").read_text())
+    assert test["num_images"] == 32 and 0 <= test["accuracy"] <= 1 and test["checkpoint"] == "checkpoints/best.pt"
+
+
+def test_checkpoints_hold_everything_needed_to_rebuild_and_resume(cli_run):
+    last = torch.load(cli_run / "checkpoints/last.pt", weights_only=True)
+    assert last["epoch"] == 3
+    assert last["classes"] == ["uninfected", "parasitized"]
+    assert last["preprocessing"]["image_size"] == [32, 32] and last["preprocessing"]["channels"] == 3
+    assert last["config"]["model"]["name"] == "lenet"
+    assert {"model", "optimizer", "scheduler", "early_stopping", "history"} <= set(last)
+    best = torch.load(cli_run / "checkpoints/best.pt", weights_only=True)
+    rows = read_metrics(cli_run)
+    assert best["epoch"] == min(rows, key=lambda r: r["val_loss"])["epoch"]
+
+
+def test_tensorboard_events_hold_curves_lr_augmented_images_and_hparams(cli_run):
+    acc = read_tensorboard(cli_run)
+    rows = read_metrics(cli_run)
+    for tag, column in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("accuracy/train", "train_accuracy"),
+                        ("accuracy/val", "val_accuracy"), ("lr", "lr")):
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [1, 2, 3]
+        assert [e.value for e in events] == pytest.approx([r[column] for r in rows], rel=1e-5)
+    assert "train/augmented_samples" in acc.Tags()["images"]
+    assert acc.PluginTagToContent("hparams"), "no hyper-parameter summary for the HParams view"
+    assert acc.Scalars("hparam/best_val_loss")[0].value == pytest.approx(min(r["val_loss"] for r in rows), rel=1e-5)
+
+
+def test_train_returns_the_best_monitored_metric_for_sweepers(tmp_path):
+    best = train_in_process(tmp_path, "trainer.max_epochs=2", *TINY)
+    assert best == pytest.approx(min(r["val_loss"] for r in read_metrics(tmp_path)))
+
+
+def test_resume_continues_from_the_stored_epoch_and_optimizer_state(tmp_path):
+    train_in_process(tmp_path / "straight", "trainer.max_epochs=3", *TINY)
+    train_in_process(tmp_path / "first", "trainer.max_epochs=2", *TINY)
+    train_in_process(tmp_path / "resumed", f"trainer.resume={tmp_path / 'first'}", "trainer.max_epochs=3")
+
+    straight = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)
+    assert resumed["epoch"] == 3
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, msg=key)
+    steps = [s["step"] for s in resumed["optimizer"]["state"].values()]
+    assert all(int(s) == int(straight["optimizer"]["state"][0]["step"]) for s in steps)
+    assert [r["epoch"] for r in read_metrics(tmp_path / "resumed")] == [1, 2, 3]
+    assert read_metrics(tmp_path / "resumed")[:2] == read_metrics(tmp_path / "first")
+
+
+def test_early_stopping_fires_and_lr_drops_when_val_loss_plateaus(tmp_path):
+    # an LR far below float32 resolution leaves the weights unchanged: val_loss is exactly flat
+    train_in_process(
+        tmp_path, "optim=sgd", "optim.lr=1e-12", "optim.momentum=0", "scheduler.min_lr=0",
+        "trainer.max_epochs=10", *TINY,
+    )
+    rows = read_metrics(tmp_path)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]  # best at 1, then patience 3
+    assert [r["lr"] for r in rows] == pytest.approx([1e-12, 1e-12, 1e-12, 3e-13])  # factor 0.3 after 2 flat epochs
+
+
+def test_balanced_class_weights_equal_sklearns_for_the_training_split(tmp_path):
+    source = ensure_synthetic(SyntheticSpec(train_per_class=40, test_per_class=4, size=32))
+    for split, keep in (("train", {"uninfected": 40, "parasitized": 12}), ("test", {"uninfected": 4, "parasitized": 4})):
+        for name, n in keep.items():
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for f in sorted((source / split / name).glob("*.png"))[:n]:
+                shutil.copy(f, tmp_path / "data" / split / name)
+    cfg = compose_config(f"dataset.root={tmp_path / 'data'}", "class_weights=balanced", *TINY)
+    trainer = Trainer(cfg, tmp_path / "run")
+    labels = trainer.data.splits["train"].labels
+    expected = compute_class_weight("balanced", classes=np.array([0, 1]), y=np.array(labels))
+    torch.testing.assert_close(trainer.train_loss.class_weights, torch.tensor(expected, dtype=torch.float32))
+    assert trainer.eval_loss.class_weights is None
+
+
+@pytest.mark.parametrize("model", ["lenet", "blood_cnn", "skin_cnn", "xray_cnn", "resnet18"])
+def test_every_seed_model_trains_on_the_synthetic_set_by_changing_one_word(tmp_path, model):
+    tiny96 = [o for o in TINY if "size" not in o] + ["dataset.render.size=96", "dataset.image_size=[96,96]",
+                                                    "dataset.render.train_per_class=16", "dataset.render.test_per_class=4"]
+    best = train_in_process(tmp_path, f"model={model}", "trainer.max_epochs=1", *tiny96)
+    assert best == pytest.approx(read_metrics(tmp_path)[0]["val_loss"])
+    assert (tmp_path / "checkpoints/best.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model=vgg99", "Available options in 'model'"),
+        ("trainer.max_epochs=-2", "trainer.max_epochs must be an integer >= 1, got -2"),
+        ("trainer.device=tpu", "trainer.device='tpu' is not valid; allowed values: auto, cpu, cuda"),
+        ("dataset.root=/no/such/folder", "dataset.root=/no/such/folder: no such folder"),
+    ],
+)
+def test_a_bad_override_fails_with_a_message_naming_the_setting_and_allowed_values(tmp_path, override, message):
+    result = run_cli("cellcls.train", f"hydra.run.dir={tmp_path / 'run'}", override, cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    if override == "model=vgg99":
+        assert "lenet" in result.stderr and "xray_cnn" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_main_command_trains_lenet_to_90_percent_validation_accuracy(tmp_path):
+    result = run_cli("cellcls.train", cwd=tmp_path)  # exactly what the README tells a new user to type
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs").glob("*/*_synthetic_lenet")
+    assert "it/s" in result.stderr  # the progress bar
+    assert max(r["val_accuracy"] for r in read_metrics(run_dir)) >= 0.90
