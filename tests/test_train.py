@@ -14,7 +14,10 @@ from sklearn.utils.class_weight import compute_class_weight
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
-from cellcls.trainer import Trainer
+from cellcls.errors import ConfigError
+from cellcls.hardware import cpu_bf16_works
+from cellcls.models import build_model
+from cellcls.trainer import Trainer, l2_penalty
 from conftest import TINY, compose_config, run_cli, train_in_process
 
 
@@ -156,3 +159,40 @@ def test_the_main_command_trains_lenet_to_90_percent_validation_accuracy(tmp_pat
     (run_dir,) = (tmp_path / "outputs").glob("*/*_synthetic_lenet")
     assert "it/s" in result.stderr  # the progress bar
     assert max(r["val_accuracy"] for r in read_metrics(run_dir)) >= 0.90
+
+
+def test_bf16_on_the_cpu_trains_where_it_works_and_is_refused_clearly_where_it_would_crash(tmp_path):
+    result = run_cli("cellcls.train", f"hydra.run.dir={tmp_path}", "trainer.precision=bf16", "trainer.max_epochs=1",
+                     *TINY, cwd=tmp_path)
+    if cpu_bf16_works():
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert len(read_metrics(tmp_path)) == 1
+    else:  # never a SIGILL: a message naming the setting and the way out
+        assert result.returncode == 2
+        assert "trainer.precision=bf16" in result.stderr and "precision=32" in result.stderr
+
+
+def test_bf16_with_onednn_kept_off_amx_trains_on_this_cpu(tmp_path, monkeypatch):
+    if not cpu_bf16_works():
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+        cpu_bf16_works.cache_clear()
+        if not cpu_bf16_works():
+            pytest.skip("this CPU runs bf16 neither with nor without AMX")
+    result = run_cli("cellcls.train", f"hydra.run.dir={tmp_path}", "trainer.precision=bf16", "trainer.max_epochs=1",
+                     *TINY, cwd=tmp_path)
+    cpu_bf16_works.cache_clear()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "precision torch.bfloat16" in result.stdout
+
+
+def test_fp16_on_the_cpu_is_refused_with_the_setting_named(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.precision=16 needs a CUDA device"):
+        train_in_process(tmp_path, "trainer.precision=16", "trainer.max_epochs=1", *TINY)
+
+
+def test_the_skin_cnn_l2_penalty_is_part_of_the_training_loss():
+    model = build_model({"name": "skin_cnn", "dense_l2": 0.5}, 3, 2, (64, 64))
+    dense = model.classifier[1].weight.detach()
+    with torch.no_grad():
+        assert float(l2_penalty(model)) == pytest.approx(0.5 * float(dense.pow(2).sum()), rel=1e-6)
+        assert float(l2_penalty(build_model({"name": "lenet"}, 3, 2, (64, 64)))) == 0.0

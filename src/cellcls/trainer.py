@@ -26,6 +26,7 @@ from cellcls.checkpoint import save_checkpoint
 from cellcls.data.datamodule import DataBundle, build_data
 from cellcls.data.splits import write_split_lists
 from cellcls.errors import ConfigError
+from cellcls.hardware import cpu_bf16_works
 from cellcls.loggers import RunLogger
 from cellcls.losses import ClassificationLoss, balanced_class_weights
 from cellcls.models import build_model, count_parameters, num_outputs
@@ -52,6 +53,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if precision == "16" and device.type != "cuda":
         raise ConfigError("trainer.precision=16 needs a CUDA device; use 32 or bf16 on the CPU")
+    if precision == "bf16" and device.type == "cpu" and not cpu_bf16_works():
+        raise ConfigError(
+            "trainer.precision=bf16: bf16 crashes on this CPU (it advertises bf16/AMX instructions that do not run "
+            "here); use trainer.precision=32, or start with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 to keep bf16 off AMX"
+        )
     return {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[precision]
 
 
