@@ -48,7 +48,12 @@ def validate(cfg: DictConfig) -> None:
     size = list(ds.image_size)
     if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
         raise ConfigError(f"dataset.image_size must be [height, width] in pixels, got {size!r}")
-    if len(ds.classes) < 2:
+    if ds.get("classes") is not None and len(ds.classes) < 2:
         raise ConfigError(f"dataset.classes must name at least 2 classes, got {list(ds.classes)!r}")
-    if cfg.model.get("single_logit") and len(ds.classes) != 2:
-        raise ConfigError(f"model.single_logit=true needs 2 classes; dataset.classes has {len(ds.classes)}")
+    _choice("dataset.split_by", ds.get("split_by", "image"), ("image", "patient"))
+    if ds.get("split_by") == "patient" and not ds.get("group_pattern"):
+        raise ConfigError("dataset.split_by=patient needs dataset.group_pattern, a regex whose first group is the patient id")
+    for key in ("val_fraction", "test_fraction"):
+        value = ds.get(key, 0) or 0
+        if not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ConfigError(f"dataset.{key} must be a number in [0, 1), got {value!r}")

@@ -25,6 +25,7 @@ from cellcls.callbacks import EarlyStopping, metric_mode
 from cellcls.checkpoint import save_checkpoint
 from cellcls.data.datamodule import DataBundle, build_data
 from cellcls.data.splits import write_split_lists
+from cellcls.data.summary import count_table
 from cellcls.errors import ConfigError
 from cellcls.hardware import cpu_bf16_works
 from cellcls.loggers import RunLogger
@@ -176,6 +177,8 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {epoch}/{self.cfg.trainer.max_epochs}", leave=False,
                    disable=not self.cfg.trainer.progress_bar, mininterval=0.5, dynamic_ncols=True)
         for step, (images, targets) in enumerate(bar):
+            if targets.numel() == 0:  # every image of the batch failed to decode (uncached mode)
+                continue
             if epoch == 1 and step == 0:
                 self._log_augmented(images)
             images = images.to(self.device, non_blocking=True)
@@ -209,6 +212,8 @@ class Trainer:
         self.model.eval()
         total_loss, preds, truth = 0.0, [], []
         for images, targets in self.data.loaders[split]:
+            if targets.numel() == 0:
+                continue
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with self._autocast():
@@ -237,8 +242,10 @@ class Trainer:
         write_split_lists(self.run_dir, self.data.splits, self.data.root, classes)
         if self.data.ignored:
             log.warning("ignored %d non-image file(s), e.g. %s", len(self.data.ignored), self.data.ignored[0])
-        counts = {s: len(v) for s, v in self.data.splits.items()}
-        log.info("data %s at %s: classes %s, images %s", cfg.dataset.name, self.data.root, classes, counts)
+        if self.data.skipped:
+            (self.run_dir / "skipped_files.txt").write_text("".join(f"{p}\t{why}\n" for p, why in self.data.skipped))
+            log.warning("skipped %d unreadable image(s); listed in skipped_files.txt", len(self.data.skipped))
+        log.info("data %s at %s\n%s", cfg.dataset.name, self.data.root, count_table(self.data.splits, classes))
         log.info("model %s: %s parameters, device %s, precision %s", self.model_spec["name"],
                  f"{count_parameters(self.model):,}", self.device, self.amp_dtype or "float32")
         if self.resume is None:

@@ -1,21 +1,28 @@
-"""From a ``dataset`` config to data loaders: locate the files, split them, and wrap them for training."""
+"""From a ``dataset`` config to data loaders: locate the files, split them, decode once, wrap for training."""
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from cellcls.data.dataset import ImageFiles
-from cellcls.data.layout import Samples, scan_split
-from cellcls.data.splits import stratified_holdout
+from cellcls.data.cache import decode_split
+from cellcls.data.dataset import CachedImages, ImageFiles, skip_none_collate
+from cellcls.data.layout import Samples, discover_classes, locate_splits, scan_split
+from cellcls.data.splits import group_ids, stratified_holdout
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
 from cellcls.data.transforms import build_transform
 from cellcls.errors import ConfigError, DataError
+from cellcls.paths import cache_dir
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -29,6 +36,7 @@ class DataBundle:
     preprocessing: dict[str, Any]
     train_generator: torch.Generator
     ignored: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def resolve_root(ds: DictConfig) -> Path:
@@ -36,7 +44,10 @@ def resolve_root(ds: DictConfig) -> Path:
     if ds.get("render") is not None and not ds.get("root"):
         return ensure_synthetic(SyntheticSpec(**OmegaConf.to_container(ds.render)))
     if not ds.get("root"):
-        raise ConfigError(f"dataset.root is not set: give the folder you unzipped the {ds.name} download to, e.g. dataset.root=/data/{ds.name}")
+        raise ConfigError(
+            f"dataset.root is not set: give the folder you unzipped the {ds.name} download to, "
+            f"e.g. dataset.root=/data/{ds.name}"
+        )
     root = Path(str(ds.root)).expanduser()
     if not root.is_dir():
         raise DataError(f"dataset.root={ds.root!s}: no such folder (expected the unzipped {ds.name} download)")
@@ -55,37 +66,84 @@ def preprocessing_of(ds: DictConfig) -> dict[str, Any]:
     }
 
 
-def _split_samples(ds: DictConfig, root: Path, seed: int) -> tuple[dict[str, Samples], list[Path]]:
-    """Train/val/test samples: folder splits where the layout has them, else a seeded stratified hold-out."""
-    classes = list(ds.classes)
-    folders = ds.splits
-    scanned = {name: scan_split(root / folders[name], classes) for name in ("train", "val", "test") if folders.get(name)}
+def _split_names(ds: DictConfig) -> dict[str, list[str]]:
+    names = OmegaConf.to_container(ds.splits, resolve=True) if ds.get("splits") else {}
+    return {k: [str(n) for n in ([v] if isinstance(v, str) else (v or []))] for k, v in names.items()}
+
+
+def resolve_layout(ds: DictConfig, root: Path) -> tuple[list[str], dict[str, Path]]:
+    """Class names and the folder of each split present in the download."""
+    names = _split_names(ds)
+    aliases = OmegaConf.to_container(ds.class_aliases) if ds.get("class_aliases") else None
+    classes = list(ds.classes) if ds.get("classes") else None
+    if classes is None:  # a user's own data set: the training folder's sub-folders are the classes
+        train = next((root / n for n in names.get("train", []) if (root / n).is_dir()), root)
+        classes = discover_classes(train)
+    return classes, locate_splits(root, classes, names, aliases, int(ds.get("search_depth", 4)))
+
+
+def _holdout(ds: DictConfig, samples: Samples, fraction: float, seed: int) -> tuple[Samples, Samples]:
+    by = str(ds.get("split_by", "image"))
+    groups = group_ids(samples, str(ds.group_pattern)) if by == "patient" else None
+    return stratified_holdout(samples, fraction, seed, groups)
+
+
+def make_splits(
+    ds: DictConfig, folders: dict[str, Path], classes: list[str], seed: int
+) -> tuple[dict[str, Samples], list[Path]]:
+    """Train/val/test samples: a download's own split folders where present, else seeded stratified hold-outs
+    from the training folder (``test_fraction`` first, then ``val_fraction``), by patient if ``split_by=patient``."""
+    aliases = OmegaConf.to_container(ds.class_aliases) if ds.get("class_aliases") else None
+    scanned = {name: scan_split(folders[name], classes, aliases) for name in SPLITS if name in folders}
     ignored = [p for s in scanned.values() for p in s.ignored]
+    if "test" not in scanned and float(ds.get("test_fraction", 0) or 0) > 0:
+        scanned["train"], scanned["test"] = _holdout(ds, scanned["train"], float(ds.test_fraction), seed)
     if "val" not in scanned:
-        scanned["train"], scanned["val"] = stratified_holdout(scanned["train"], float(ds.val_fraction), seed)
-    return {name: scanned[name] for name in ("train", "val", "test") if name in scanned}, ignored
+        scanned["train"], scanned["val"] = _holdout(ds, scanned["train"], float(ds.val_fraction), seed + 1)
+    return {name: scanned[name] for name in SPLITS if name in scanned}, ignored
+
+
+def _require_every_class(samples: Samples, classes: list[str], split: str) -> None:
+    counts = Counter(samples.labels)
+    empty = [c for i, c in enumerate(classes) if counts[i] == 0]
+    if empty:
+        raise DataError(f"the {split} split has no readable images of class(es) {empty}")
 
 
 def build_data(ds: DictConfig, augment: DictConfig | None, seed: int, device: torch.device) -> DataBundle:
-    """Locate, split and wrap the data set ``ds``; only the training split is augmented."""
+    """Locate, split, decode (once, cached) and wrap the data set ``ds``; only the training split is augmented."""
     root = resolve_root(ds)
-    splits, ignored = _split_samples(ds, root, seed)
+    classes, folders = resolve_layout(ds, root)
+    splits, ignored = make_splits(ds, folders, classes, seed)
     prep = preprocessing_of(ds)
-    batch_size = int(ds.batch_size)
+    use_cache = bool(ds.get("cache", True))
     workers = int(ds.get("num_workers", 0))
     generator = torch.Generator().manual_seed(seed)
-    loaders = {}
+    loaders: dict[str, DataLoader] = {}
+    skipped: list[tuple[str, str]] = []
     for name, samples in splits.items():
-        train = name == "train"
-        aug = OmegaConf.to_container(augment) if (train and augment is not None) else None
-        dataset = ImageFiles(samples, prep["channels"], prep["image_size"], build_transform(aug, prep["mean"], prep["std"]))
+        aug = OmegaConf.to_container(augment) if (name == "train" and augment is not None) else None
+        transform = build_transform(aug, prep["mean"], prep["std"])
+        dataset: Dataset
+        if use_cache:
+            decoded = decode_split(samples, prep["channels"], prep["image_size"], cache_dir(),
+                                   desc=f"decoding {name} (first use)")
+            if decoded.decoded:
+                log.info("decoded %d %s images into the cache %s", decoded.decoded, name, decoded.file.parent)
+            skipped += decoded.skipped
+            samples = splits[name] = samples.subset(decoded.kept)
+            dataset = CachedImages(decoded.file, decoded.kept, samples.labels, transform)
+        else:
+            dataset = ImageFiles(samples, prep["channels"], prep["image_size"], transform)
+        _require_every_class(samples, classes, name)
         loaders[name] = DataLoader(
             dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            generator=generator if train else None,
+            batch_size=int(ds.batch_size),
+            shuffle=name == "train",
+            generator=generator if name == "train" else None,
             num_workers=workers,
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
+            collate_fn=None if use_cache else skip_none_collate,
         )
-    return DataBundle(root, list(ds.classes), splits, loaders, prep, generator, ignored)
+    return DataBundle(root, classes, splits, loaders, prep, generator, ignored, skipped)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision.transforms.v2 import functional as F
 
 from cellcls.data.layout import Samples
@@ -39,6 +40,37 @@ def _to_l(im: Image.Image) -> Image.Image:
     return Image.fromarray(scaled.astype(np.uint8))
 
 
+class CachedImages(Dataset):
+    """(image, label) pairs read from a decoded-cache file (memory-mapped, opened lazily in each worker)."""
+
+    def __init__(
+        self,
+        file: Path,
+        rows: Sequence[int],
+        labels: Sequence[int],
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.file = file
+        self.rows = list(rows)
+        self.labels = list(labels)
+        self.transform = transform
+        self._pixels: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pixels": None}  # workers map the file themselves instead of copying it
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self._pixels is None:
+            self._pixels = np.load(self.file, mmap_mode="r")
+        image = torch.from_numpy(np.array(self._pixels[self.rows[index]]))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]
+
+
 class ImageFiles(Dataset):
     """(image, label) pairs from ``samples``; ``transform`` maps the uint8 tensor to the model's input."""
 
@@ -57,8 +89,20 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = load_image(self.samples.paths[index], self.channels, self.image_size)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        try:
+            image = load_image(self.samples.paths[index], self.channels, self.image_size)
+        except DataError as exc:  # one bad file must not end a long run; skip_none_collate drops it
+            warnings.warn(f"skipping unreadable image: {exc}", stacklevel=1)
+            return None
         if self.transform is not None:
             image = self.transform(image)
         return image, self.samples.labels[index]
+
+
+def skip_none_collate(batch: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Default collation without the samples that failed to decode."""
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return default_collate(kept)

@@ -1,14 +1,17 @@
-"""Finding class folders and image files in a download's layout."""
+"""Finding a download's split and class folders, wherever the user's root points inside it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cellcls.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
+SKIP_DIRS = re.compile(r"^(__MACOSX|\..*)$")
 
 
 @dataclass
@@ -26,27 +29,54 @@ class Samples:
         return Samples([self.paths[i] for i in indices], [self.labels[i] for i in indices])
 
 
-def find_class_dirs(split_dir: Path, classes: Sequence[str]) -> list[Path]:
-    """The folder of each class in ``split_dir``, matched case-insensitively (NORMAL == Normal)."""
+def _subdirs(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not SKIP_DIRS.match(p.name))
+    except OSError:
+        return []
+
+
+def _names(cls: str, aliases: Mapping[str, Sequence[str]] | None) -> list[str]:
+    return [cls.lower()] + [a.lower() for a in (aliases or {}).get(cls, [])]
+
+
+def match_class_dirs(
+    folder: Path, classes: Sequence[str], aliases: Mapping[str, Sequence[str]] | None = None
+) -> list[Path] | None:
+    """The folder of each class inside ``folder`` (case-insensitive, aliases allowed), or None if any is missing."""
+    found = {p.name.lower(): p for p in _subdirs(folder)}
+    dirs = []
+    for cls in classes:
+        match = next((found[n] for n in _names(cls, aliases) if n in found), None)
+        if match is None:
+            return None
+        dirs.append(match)
+    return dirs
+
+
+def find_class_dirs(split_dir: Path, classes: Sequence[str], aliases: Mapping[str, Sequence[str]] | None = None) -> list[Path]:
+    """Like ``match_class_dirs`` but a missing class is an error naming what was expected and found."""
     if not split_dir.is_dir():
         raise DataError(f"expected a folder at {split_dir} holding one sub-folder per class {list(classes)}, found none")
-    found = {p.name.lower(): p for p in split_dir.iterdir() if p.is_dir()}
-    missing = [c for c in classes if c.lower() not in found]
-    if missing:
+    dirs = match_class_dirs(split_dir, classes, aliases)
+    if dirs is None:
+        found = [p.name for p in _subdirs(split_dir)]
+        have = {n.lower() for n in found}
+        missing = [c for c in classes if not any(n in have for n in _names(c, aliases))]
         raise DataError(
             f"{split_dir}: no folder for class(es) {missing}; expected one sub-folder per class "
-            f"{list(classes)} (case-insensitive), found {sorted(p.name for p in found.values()) or 'no sub-folders'}"
+            f"{list(classes)} (case-insensitive), found {found or 'no sub-folders'}"
         )
-    return [found[c.lower()] for c in classes]
+    return dirs
 
 
-def scan_split(split_dir: Path, classes: Sequence[str]) -> Samples:
+def scan_split(split_dir: Path, classes: Sequence[str], aliases: Mapping[str, Sequence[str]] | None = None) -> Samples:
     """All image files under each class folder of ``split_dir`` (recursively), sorted for reproducibility.
 
     Files with other extensions are recorded in ``ignored``; a class folder without images is an error.
     """
     samples = Samples()
-    for label, class_dir in enumerate(find_class_dirs(split_dir, classes)):
+    for label, class_dir in enumerate(find_class_dirs(split_dir, classes, aliases)):
         files = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
         samples.ignored += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
@@ -57,3 +87,85 @@ def scan_split(split_dir: Path, classes: Sequence[str]) -> Samples:
         samples.paths += images
         samples.labels += [label] * len(images)
     return samples
+
+
+def discover_classes(split_dir: Path) -> list[str]:
+    """Class names of a user's own data set: the sub-folders of its training folder, sorted."""
+    names = [p.name for p in _subdirs(split_dir)]
+    if len(names) < 2:
+        raise DataError(f"{split_dir}: expected one sub-folder per class (at least 2), found {names or 'none'}")
+    return names
+
+
+def _walk(root: Path, max_depth: int):
+    queue = deque([(root, 0)])
+    while queue:
+        folder, depth = queue.popleft()
+        yield folder
+        if depth < max_depth:
+            queue.extend((child, depth + 1) for child in _subdirs(folder))
+
+
+def _child(folder: Path, names: Sequence[str]) -> Path | None:
+    if not names:
+        return None
+    by_name = {p.name.lower(): p for p in _subdirs(folder)}
+    for name in names:
+        if Path(name).is_absolute():
+            return Path(name) if Path(name).is_dir() else None
+        if name.lower() in by_name:
+            return by_name[name.lower()]
+    return None
+
+
+def _tree(root: Path, depth: int = 2, limit: int = 12) -> str:
+    lines = []
+    for folder in _walk(root, depth):
+        rel = folder.relative_to(root).as_posix()
+        kids = _subdirs(folder)
+        files = sum(1 for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+        lines.append(f"  {rel or '.'}/  ({len(kids)} folders, {files} files)")
+        if len(lines) >= limit:
+            lines.append("  ...")
+            break
+    return "\n".join(lines)
+
+
+def locate_splits(
+    root: Path,
+    classes: Sequence[str],
+    split_names: Mapping[str, Sequence[str]],
+    aliases: Mapping[str, Sequence[str]] | None = None,
+    max_depth: int = 4,
+) -> dict[str, Path]:
+    """The folder of each split present under ``root``: ``{'train': ..., 'val'?: ..., 'test'?: ...}``.
+
+    ``root`` may be the top of the download or any folder down to the one holding the classes. A download
+    with split folders is searched for the first folder (breadth-first) that holds ``split_names['train']`` with
+    every class inside; a flat download (classes directly in a folder, as the malaria set) yields only 'train'.
+    """
+    if not root.is_dir():
+        raise DataError(f"dataset.root={root}: no such folder")
+    train_names = list(split_names.get("train") or [])
+    if train_names:
+        for base in _walk(root, max_depth):
+            train = _child(base, train_names)
+            if train is not None and match_class_dirs(train, classes, aliases) is not None:
+                found = {"train": train}
+                for split in ("val", "test"):
+                    folder = _child(base, list(split_names.get(split) or []))
+                    if folder is not None and match_class_dirs(folder, classes, aliases) is not None:
+                        found[split] = folder
+                return found
+    for folder in _walk(root, max_depth):
+        if match_class_dirs(folder, classes, aliases) is not None:
+            return {"train": folder}
+    class_part = "{" + ", ".join("|".join([c, *((aliases or {}).get(c, []))]) for c in classes) + "}"
+    split_part = f"{'|'.join(train_names)}/" if train_names else ""
+    others = [f"{'|'.join(v)}/" for k, v in split_names.items() if k != "train" and v]
+    raise DataError(
+        f"dataset.root={root} does not hold the expected layout.\n"
+        f"expected: <root>/[...]/{split_part}{class_part}/<images>"
+        + (f"  (optional beside it: {', '.join(others)})" if others else "")
+        + f"\nfound:\n{_tree(root)}"
+    )

@@ -1,22 +1,62 @@
-"""Seeded, stratified hold-out splits and their audit files."""
+"""Seeded, stratified hold-out splits (by image or by patient) and their audit files."""
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from cellcls.data.layout import Samples
-from cellcls.errors import ConfigError
+from cellcls.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
-def stratified_holdout(samples: Samples, fraction: float, seed: int) -> tuple[Samples, Samples]:
-    """Split ``samples`` into (kept, held out) with ``fraction`` held out, class proportions preserved."""
+def group_ids(samples: Samples, pattern: str) -> list[str]:
+    """The patient (or slide) of each file: the first capture group of ``pattern`` searched in its file name.
+
+    A file the pattern does not match becomes a group of its own, with a warning.
+    """
+    regex = re.compile(pattern)
+    groups, unmatched = [], 0
+    for path in samples.paths:
+        match = regex.search(path.name)
+        if match is None:
+            unmatched += 1
+            groups.append(f"file:{path.name}")
+        else:
+            groups.append(match.group(1) if match.groups() else match.group(0))
+    if unmatched:
+        log.warning("%d file name(s) do not match dataset.group_pattern %r; each is its own group", unmatched, pattern)
+    return groups
+
+
+def stratified_holdout(
+    samples: Samples, fraction: float, seed: int, groups: list[str] | None = None
+) -> tuple[Samples, Samples]:
+    """Split ``samples`` into (kept, held out), about ``fraction`` held out, class proportions preserved.
+
+    With ``groups`` no group (patient) is on both sides: the held-out part is one fold of a seeded
+    ``StratifiedGroupKFold`` with ``round(1 / fraction)`` folds, so its size is close to, not exactly, ``fraction``.
+    """
     if not 0.0 < fraction < 1.0:
-        raise ConfigError(f"dataset.val_fraction must be in (0, 1) when no validation folder exists, got {fraction}")
+        raise ConfigError(f"a hold-out fraction (dataset.val_fraction / test_fraction) must be in (0, 1), got {fraction}")
     indices = np.arange(len(samples))
-    kept, held = train_test_split(indices, test_size=fraction, stratify=samples.labels, random_state=seed)
+    if groups is None:
+        kept, held = train_test_split(indices, test_size=fraction, stratify=samples.labels, random_state=seed)
+    else:
+        n_splits = max(2, round(1 / fraction))
+        n_groups = len(set(groups))
+        if n_groups < n_splits:
+            raise DataError(
+                f"cannot hold out {fraction:.0%} by patient: only {n_groups} patient groups were found "
+                f"(need at least {n_splits}); use dataset.split_by=image or a larger fraction"
+            )
+        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        kept, held = next(folds.split(indices, samples.labels, groups))
     return samples.subset(sorted(kept)), samples.subset(sorted(held))
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from cellcls.models.base import keras_init_
 from cellcls.models.blood_cnn import blood_cnn
 from cellcls.models.lenet import lenet
 from cellcls.models.resnet import resnet18
@@ -20,6 +21,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "xray_cnn": xray_cnn,
     "resnet18": resnet18,
 }
+
+
+SEED_MODELS = ("lenet", "blood_cnn", "skin_cnn", "xray_cnn")
 
 
 def num_outputs(num_classes: int, single_logit: bool) -> int:
@@ -41,7 +45,11 @@ def build_model(
     if name not in MODELS:
         raise ValueError(f"model.name={name!r} is not a known model; choose one of {sorted(MODELS)}")
     outputs = num_outputs(num_classes, bool(spec.pop("single_logit", False)))
-    return MODELS[name](in_channels, outputs, list(image_size), **spec)
+    init = spec.pop("init", "keras" if name in SEED_MODELS else "torch")
+    if init not in ("keras", "torch"):
+        raise ValueError(f"model.init={init!r} is not valid; allowed values: keras, torch")
+    model = MODELS[name](in_channels, outputs, list(image_size), **spec)
+    return keras_init_(model) if init == "keras" else model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -24,6 +24,20 @@ def conv_pool_blocks(in_ch: int, filters: Sequence[int], padding: str | Sequence
     return nn.Sequential(*layers)
 
 
+def keras_init_(module: nn.Module) -> nn.Module:
+    """Keras' default initialisation: Glorot-uniform kernels and zero biases for every conv and dense layer.
+
+    The seed tutorials were trained from this start; torch's default (Kaiming-uniform with a=sqrt(5)) gives
+    smaller weights that, with slow optimisers such as Adagrad, leave small CNNs stuck near chance for many epochs.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
 def flat_features(features: nn.Module, in_channels: int, image_size: Sequence[int]) -> int:
     """Number of features after ``features`` for one image, found by a forward pass (never hard-coded)."""
     height, width = image_size

@@ -1,0 +1,77 @@
+"""``python -m cellcls.data.inspect dataset=<name> dataset.root=<dir> [overrides]``: what a run would train on.
+
+Prints the folders found, images per class per split, class balance, image sizes and modes, ignored files and the
+class weights the run would use. Takes the same overrides (and ``--config-dir``) as ``cellcls.train``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from cellcls.config import validate
+from cellcls.data.datamodule import make_splits, resolve_layout, resolve_root
+from cellcls.data.summary import count_table, image_properties
+from cellcls.errors import ConfigError, DataError
+from cellcls.losses import balanced_class_weights
+from cellcls.paths import config_dir
+
+
+def describe(cfg: DictConfig) -> str:
+    """The report ``inspect`` prints for a composed training config."""
+    ds = cfg.dataset
+    root = resolve_root(ds)
+    classes, folders = resolve_layout(ds, root)
+    splits, ignored = make_splits(ds, folders, classes, int(cfg.seed))
+    lines = [f"data set {ds.name} at {root}"]
+    lines += [f"  {name:<5} folder: {path}" for name, path in folders.items()]
+    held = [s for s in ("val", "test") if s in splits and s not in folders]
+    if held:
+        lines.append(f"  held out of train: {', '.join(held)} (split_by={ds.get('split_by', 'image')}, seed={cfg.seed})")
+    lines += ["", "images per class:", count_table(splits, classes), "", "class balance:"]
+    for name, samples in splits.items():
+        shares = ", ".join(f"{c} {samples.labels.count(i) / len(samples):.1%}" for i, c in enumerate(classes))
+        lines.append(f"  {name:<5} {shares}")
+    lines += ["", "images:"]
+    for name, samples in splits.items():
+        props = image_properties(samples)
+        if props["width"] is None:
+            lines.append(f"  {name:<5} no readable image headers")
+            continue
+        (w0, w1), (h0, h1) = props["width"], props["height"]
+        modes = ", ".join(f"{m} {n}" for m, n in sorted(props["modes"].items()))
+        bad = f"; {len(props['unreadable'])} unreadable" if props["unreadable"] else ""
+        lines.append(f"  {name:<5} width {w0}-{w1}, height {h0}-{h1} px; modes: {modes}{bad}")
+    h, w = ds.image_size
+    lines.append(f"  resized to {h}x{w}, {'grayscale' if int(ds.channels) == 1 else 'RGB'}")
+    lines.append(f"  non-image files ignored: {len(ignored)}" + (f" (e.g. {ignored[0]})" if ignored else ""))
+    weights = balanced_class_weights(splits["train"].labels, len(classes))
+    used = "used" if cfg.class_weights == "balanced" else "not used: class_weights=none"
+    lines += ["", f"class weights, balanced ({used}): " + ", ".join(f"{c} {float(x):.3f}" for c, x in zip(classes, weights))]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    if "--config-dir" in args:
+        i = args.index("--config-dir")
+        args[i : i + 2] = [f"hydra.searchpath=[file://{args[i + 1]}]"]
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=args)
+        validate(cfg)
+        print(describe(cfg))
+    except (ConfigError, DataError) as exc:
+        print(f"cellcls: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

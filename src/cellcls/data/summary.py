@@ -1,0 +1,40 @@
+"""Human-readable summaries of a data set's splits."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+
+from PIL import Image
+
+from cellcls.data.layout import Samples
+
+
+def count_table(splits: Mapping[str, Samples], classes: list[str]) -> str:
+    """Images per class per split with totals, as the skin-cancer tutorial prints them before training."""
+    width = max(len(c) for c in [*classes, "total"]) + 2
+    lines = ["split".ljust(7) + "".join(c.rjust(width) for c in [*classes, "total"])]
+    for name, samples in splits.items():
+        counts = Counter(samples.labels)
+        row = [counts[i] for i in range(len(classes))]
+        lines.append(name.ljust(7) + "".join(str(n).rjust(width) for n in [*row, sum(row)]))
+    return "\n".join(lines)
+
+
+def image_properties(samples: Samples) -> dict[str, object]:
+    """Size range and Pillow modes from the file headers (no full decode), and unreadable headers."""
+    widths, heights, modes, unreadable = [], [], Counter(), []
+    for path in samples.paths:
+        try:
+            with Image.open(path) as im:
+                widths.append(im.size[0])
+                heights.append(im.size[1])
+                modes[im.mode] += 1
+        except (OSError, ValueError, SyntaxError):
+            unreadable.append(path)
+    return {
+        "width": (min(widths), max(widths)) if widths else None,
+        "height": (min(heights), max(heights)) if heights else None,
+        "modes": dict(modes),
+        "unreadable": unreadable,
+    }
