@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,25 @@ def run_cli(module: str, *args: str, cwd: Path, timeout: int = 600) -> subproces
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+REPO = Path(__file__).resolve().parents[1]
+# The real image subsets (../shared/data beside the checkout); override with CELLCLS_TEST_DATA.
+SHARED_DATA = Path(os.environ.get("CELLCLS_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+def real_dataset(name: str) -> Path:
+    """The shared real subset of data set ``name``, or skip the test with the reason."""
+    folder = SHARED_DATA / name
+    if not folder.is_dir():
+        pytest.skip(f"real {name} images not found at {folder} (set CELLCLS_TEST_DATA to the shared data folder)")
+    return folder
+
+
+def copy_images(src: Path, dst: Path, n: int, pattern: str = "*") -> list[Path]:
+    """Copy the first ``n`` files of ``src`` (sorted) into ``dst``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in src.glob(pattern) if p.is_file())[:n]
+    for f in files:
+        shutil.copy2(f, dst / f.name)
+    return [dst / f.name for f in files]

@@ -1,0 +1,123 @@
+"""Every download layout of SEEDS.md is found, from the top of the download or the folder holding the classes."""
+
+from __future__ import annotations
+
+import pytest
+
+from cellcls.data.datamodule import make_splits, resolve_layout, resolve_root
+from cellcls.errors import DataError
+from conftest import compose_config, copy_images, real_dataset
+
+BLOOD = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
+
+
+def layout(dataset: str, root, *overrides: str):
+    cfg = compose_config(f"dataset={dataset}", f"dataset.root={root}", *overrides)
+    base = resolve_root(cfg.dataset)
+    classes, folders = resolve_layout(cfg.dataset, base)
+    splits, ignored = make_splits(cfg.dataset, folders, classes, 0)
+    return classes, folders, splits, ignored
+
+
+@pytest.fixture(scope="module")
+def blood(tmp_path_factory):
+    src = real_dataset("blood_cells") / "dataset2-master" / "images"
+    top = tmp_path_factory.mktemp("blood") / "blood-cells"
+    for split, n in (("TRAIN", 8), ("TEST", 3), ("TEST_SIMPLE", 2)):
+        for cls in BLOOD:
+            copy_images(src / split / cls, top / "dataset2-master" / "images" / split / cls, n)
+    return top
+
+
+@pytest.mark.parametrize("start", ["", "dataset2-master", "dataset2-master/images"])
+def test_blood_cells_are_found_from_any_level_of_the_download(blood, start):
+    classes, folders, splits, _ = layout("blood_cells", blood / start)
+    assert classes == BLOOD
+    assert folders["train"].name == "TRAIN" and folders["test"].name == "TEST"
+    assert len(splits["test"]) == 12 and len(splits["train"]) + len(splits["val"]) == 32
+
+
+def test_blood_cells_test_simple_is_chosen_by_setting(blood):
+    _, folders, splits, _ = layout("blood_cells", blood, "dataset.test_split=TEST_SIMPLE")
+    assert folders["test"].name == "TEST_SIMPLE" and len(splits["test"]) == 8
+
+
+@pytest.fixture(scope="module")
+def malaria_files():
+    return real_dataset("malaria") / "cell_images"
+
+
+@pytest.mark.parametrize("nesting", ["top", "cell_images", "kaggle_nested"])
+def test_malaria_is_found_at_the_top_in_cell_images_or_the_nested_kaggle_copy(tmp_path, malaria_files, nesting):
+    top = tmp_path / "malaria"
+    inner = top / "cell_images" / ("cell_images" if nesting == "kaggle_nested" else "")
+    for cls in ("Parasitized", "Uninfected"):
+        copy_images(malaria_files / cls, inner / cls, 30)
+    (inner / "Parasitized" / "Thumbs.db").write_bytes(b"\0")  # as the Kaggle zip ships it
+    root = top / "cell_images" if nesting == "cell_images" else top
+    classes, folders, splits, ignored = layout("malaria", root, "dataset.split_by=image")
+    assert classes == ["Uninfected", "Parasitized"]
+    assert set(folders) == {"train"} and folders["train"] == inner.resolve()
+    assert set(splits) == {"train", "val", "test"} and sum(len(s) for s in splits.values()) == 60
+    assert [p.name for p in ignored] == ["Thumbs.db"]
+
+
+def test_macos_resource_folders_are_skipped(tmp_path, malaria_files):
+    for cls in ("Parasitized", "Uninfected"):
+        copy_images(malaria_files / cls, tmp_path / "cell_images" / cls, 30)
+        (tmp_path / "__MACOSX" / cls).mkdir(parents=True)
+        (tmp_path / "__MACOSX" / cls / "._junk.png").write_bytes(b"\0\5\26\7")
+    _, folders, _, _ = layout("malaria", tmp_path, "dataset.split_by=image")
+    assert folders["train"] == (tmp_path / "cell_images").resolve()
+
+
+@pytest.mark.parametrize("with_validation", [True, False])
+def test_skin_cancer_uses_a_validation_folder_when_there_is_one(tmp_path, with_validation):
+    src = real_dataset("skin_cancer")
+    for split, n in (("train", 12), ("test", 4)) + ((("validation", 5),) if with_validation else ()):
+        copy_images(src / ("train" if split == "validation" else split) / "benign", tmp_path / split / "Benign", n)
+        copy_images(src / ("train" if split == "validation" else split) / "malignant", tmp_path / split / "MALIGNANT", n)
+    classes, folders, splits, _ = layout("skin_cancer", tmp_path)
+    assert classes == ["benign", "malignant"]
+    if with_validation:
+        assert folders["val"].name == "validation" and len(splits["val"]) == 10 and len(splits["train"]) == 24
+    else:
+        assert "val" not in folders and len(splits["val"]) + len(splits["train"]) == 24
+
+
+@pytest.mark.parametrize(("normal", "sick"), [("NORMAL", "PNEUMONIA"), ("Normal", "Opacity")])
+def test_both_pneumonia_releases_are_accepted(tmp_path, normal, sick):
+    src = real_dataset("pneumonia") / "chest_xray"
+    for split in ("train", "val", "test"):
+        copy_images(src / split / "NORMAL", tmp_path / "chest_xray" / split / normal, 6)
+        copy_images(src / split / "PNEUMONIA", tmp_path / "chest_xray" / split / sick, 6)
+    (tmp_path / "__MACOSX" / "chest_xray" / "train" / normal).mkdir(parents=True)
+    classes, folders, splits, _ = layout("pneumonia", tmp_path)
+    assert classes == ["normal", "pneumonia"]
+    assert {k: v.name for k, v in folders.items()} == {"train": "train", "val": "val", "test": "test"}
+    assert all(sorted(set(s.labels)) == [0, 1] and len(s) == 12 for s in splits.values())
+
+
+def test_a_root_without_the_layout_shows_what_was_expected_and_what_was_found(tmp_path):
+    (tmp_path / "photos" / "misc").mkdir(parents=True)
+    with pytest.raises(DataError) as err:
+        layout("pneumonia", tmp_path)
+    message = str(err.value)
+    assert "expected: <root>/[...]/train/{normal, pneumonia|opacity}/<images>" in message
+    assert "photos/" in message and "found:" in message
+
+
+def test_an_empty_class_folder_is_named(tmp_path, malaria_files):
+    copy_images(malaria_files / "Parasitized", tmp_path / "cell_images" / "Parasitized", 5)
+    (tmp_path / "cell_images" / "Uninfected").mkdir()
+    with pytest.raises(DataError, match=r"Uninfected holds no images"):
+        layout("malaria", tmp_path)
+
+
+def test_a_users_own_folder_data_set_discovers_its_classes(tmp_path, malaria_files):
+    for cls, name in (("Parasitized", "sick"), ("Uninfected", "healthy")):
+        copy_images(malaria_files / cls, tmp_path / "train" / name, 10)
+        copy_images(malaria_files / cls, tmp_path / "test" / name, 3, pattern="*_1*")
+    classes, folders, splits, _ = layout("folder", tmp_path)
+    assert classes == ["healthy", "sick"] and set(folders) == {"train", "test"}
+    assert len(splits["test"]) == 6
