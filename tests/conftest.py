@@ -77,3 +77,12 @@ def copy_images(src: Path, dst: Path, n: int, pattern: str = "*") -> list[Path]:
     for f in files:
         shutil.copy2(f, dst / f.name)
     return [dst / f.name for f in files]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, cache_root) -> Path:
+    """LeNet trained on the default synthetic set as ``python -m cellcls.train`` would (shared by several tests)."""
+    os.environ["CELLCLS_CACHE"] = str(cache_root)
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    train_in_process(run_dir, "trainer.progress_bar=false")
+    return run_dir

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig
+from collections.abc import Sequence
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, open_dict
+from omegaconf import OmegaConf
 
 from cellcls.errors import ConfigError
 from cellcls.models import MODELS
@@ -57,3 +61,19 @@ def validate(cfg: DictConfig) -> None:
         value = ds.get(key, 0) or 0
         if not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise ConfigError(f"dataset.{key} must be a number in [0, 1), got {value!r}")
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str], skip: Sequence[str] = ()) -> list[str]:
+    """Apply ``key=value`` overrides (Hydra syntax) to a plain config in place; returns those left out.
+
+    Keys listed in ``skip`` (config group names such as ``model``) and deletions are not applied.
+    """
+    ignored = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if key in skip or override.is_delete():
+            ignored.append(override.input_line)
+            continue
+        with open_dict(cfg):
+            OmegaConf.update(cfg, key, override.value(), merge=False)
+    return ignored

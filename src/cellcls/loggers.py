@@ -58,6 +58,11 @@ class RunLogger:
         if self.writer is not None:
             self.writer.add_image(tag, make_grid(images.clamp(0, 1), nrow=8, padding=2), step)
 
+    def log_image_hwc(self, tag: str, image, step: int = 0) -> None:
+        """One ``H x W x 3`` uint8 picture (a saved figure)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+
     def log_text(self, tag: str, text: str) -> None:
         if self.writer is not None:
             self.writer.add_text(tag, text)

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from cellcls.checkpoint import load_checkpoint
-from cellcls.config import validate
+from cellcls.config import apply_overrides, validate
 from cellcls.errors import ConfigError, DataError
 from cellcls.paths import config_dir
 from cellcls.trainer import Trainer
@@ -30,13 +29,8 @@ def resume_config(stored: dict, overrides: Sequence[str]) -> DictConfig:
     Group choices (``model=...``) cannot change a run half-way and are ignored with a warning.
     """
     cfg = OmegaConf.create(stored)
-    for override in OverridesParser.create().parse_overrides(list(overrides)):
-        key = override.key_or_group
-        if key in GROUPS or override.is_delete():
-            log.warning("ignored on resume: %s (the checkpoint's setting is kept)", override.input_line)
-            continue
-        with open_dict(cfg):
-            OmegaConf.update(cfg, key, override.value(), merge=False)
+    for line in apply_overrides(cfg, overrides, skip=GROUPS):
+        log.warning("ignored on resume: %s (the checkpoint's setting is kept)", line)
     return cfg
 
 

@@ -28,8 +28,11 @@ from cellcls.data.splits import write_split_lists
 from cellcls.data.summary import count_table
 from cellcls.errors import ConfigError
 from cellcls.hardware import cpu_bf16_works
+from cellcls.inference import mean_loss, run_inference
 from cellcls.loggers import RunLogger
+from cellcls import plots
 from cellcls.losses import ClassificationLoss, balanced_class_weights
+from cellcls.model_summary import summary_table
 from cellcls.models import build_model, count_parameters, num_outputs
 from cellcls.optim import build_optimizer, build_scheduler
 
@@ -206,23 +209,11 @@ class Trainer:
             return (logits[:, 0] > 0).long()
         return logits.argmax(dim=1)
 
-    @torch.inference_mode()
     def evaluate(self, split: str) -> Scores:
         """Loss (unweighted, with the model's L2 terms as Keras reports it), accuracy and balanced accuracy."""
-        self.model.eval()
-        total_loss, preds, truth = 0.0, [], []
-        for images, targets in self.data.loaders[split]:
-            if targets.numel() == 0:
-                continue
-            images = images.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            with self._autocast():
-                logits = self.model(images)
-            total_loss += float(self.eval_loss(logits, targets)) * targets.shape[0]
-            preds.append(self._predict_labels(logits).cpu())
-            truth.append(targets.cpu())
-        y_pred, y_true = torch.cat(preds).numpy(), torch.cat(truth).numpy()
-        loss = total_loss / len(y_true) + float(l2_penalty(self.model))
+        logits, targets = run_inference(self.model, self.data.loaders[split], self.device, self.amp_dtype)
+        y_pred, y_true = self._predict_labels(logits).numpy(), targets.numpy()
+        loss = mean_loss(self.model, logits, targets)
         return Scores(loss, float((y_pred == y_true).mean()), float(balanced_accuracy_score(y_true, y_pred)))
 
     def _log_augmented(self, images: torch.Tensor) -> None:
@@ -233,6 +224,9 @@ class Trainer:
             std = torch.tensor(prep["std"]).view(1, -1, 1, 1)
             shown = shown * std + mean
         self.logger.log_images("train/augmented_samples", shown, 0)
+        picked = (shown[:9].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        name = self.cfg.augment.get("name", "none") if self.cfg.get("augment") else "none"
+        plots.save(plots.image_grid(list(picked), [f"augment={name}"] * len(picked)), self.run_dir / "augmented_samples.png")
 
     # ---- the job -----------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -248,8 +242,13 @@ class Trainer:
         log.info("data %s at %s\n%s", cfg.dataset.name, self.data.root, count_table(self.data.splits, classes))
         log.info("model %s: %s parameters, device %s, precision %s", self.model_spec["name"],
                  f"{count_parameters(self.model):,}", self.device, self.amp_dtype or "float32")
+        prep = self.data.preprocessing
+        table = summary_table(self.model, (prep["channels"], *prep["image_size"]))
+        (self.run_dir / "model_summary.txt").write_text(table + "\n")
+        log.info("model summary\n%s", table)
         if self.resume is None:
             self.logger.log_text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
+            self.logger.log_text("model_summary", "```\n" + table + "\n```")
 
         max_epochs = int(t.max_epochs)
         stopped_early = False
@@ -336,5 +335,7 @@ class Trainer:
             final["hparam/test_accuracy"] = summary["test"]["accuracy"]
         if all(math.isfinite(v) for v in final.values()):
             self.logger.log_hparams(hparams, final)
+        curves = plots.save(plots.training_curves(self.logger.rows), self.run_dir / "training_curves.png")
+        self.logger.log_image_hwc("train/training_curves", plots.png_to_array(curves))
         self.logger.close()
         return summary

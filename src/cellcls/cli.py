@@ -1,0 +1,41 @@
+"""``key=value`` argument parsing for the evaluate, predict and export commands."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from cellcls.errors import ConfigError
+
+
+def parse_key_values(argv: Sequence[str], allowed: Sequence[str], required: Sequence[str] = ()) -> tuple[dict[str, str], list[str]]:
+    """Split ``argv`` into the command's own settings and ``dataset.*`` overrides; unknown keys are errors."""
+    own: dict[str, str] = {}
+    overrides: list[str] = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"expected key=value, got {arg!r}; settings: {', '.join(allowed)}, dataset.<key>")
+        if key.startswith("dataset."):
+            overrides.append(arg)
+        elif key in allowed:
+            own[key] = value
+        else:
+            raise ConfigError(f"unknown setting {key!r}; allowed: {', '.join(allowed)}, dataset.<key>")
+    missing = [k for k in required if k not in own]
+    if missing:
+        raise ConfigError(f"missing setting(s): {', '.join(f'{k}=...' for k in missing)}")
+    return own, overrides
+
+
+def as_bool(name: str, value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={value!r} is not valid; allowed values: true, false")
+
+
+def fail(exc: Exception) -> int:
+    print(f"cellcls: error: {exc}", file=sys.stderr)
+    return 2

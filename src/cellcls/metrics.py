@@ -1,0 +1,116 @@
+"""Classification metrics with bootstrap confidence intervals (scikit-learn does the arithmetic)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    classification_report,
+    confusion_matrix,
+    roc_auc_score,
+)
+
+Metric = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
+
+
+def predict_labels(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Arg-max labels; for two classes with ``threshold``, class 1 when its probability is at least the threshold."""
+    if threshold is not None and probs.shape[1] == 2:
+        return (probs[:, 1] >= threshold).astype(int)
+    return probs.argmax(axis=1)
+
+
+def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """ROC-AUC: of class 1's probability for two classes, one-vs-rest macro average for more; NaN if undefined."""
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return float("nan")
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(y_true, probs[:, 1]))
+    if len(present) < probs.shape[1]:
+        return float("nan")  # one-vs-rest needs every class in the sample
+    return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro"))
+
+
+def sensitivity(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Recall of class 1 (the positive class: parasitized, malignant, pneumonia)."""
+    positives = y_true == 1
+    return float((y_pred[positives] == 1).mean()) if positives.any() else float("nan")
+
+
+def specificity(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Recall of class 0 (the negative class)."""
+    negatives = y_true == 0
+    return float((y_pred[negatives] == 0).mean()) if negatives.any() else float("nan")
+
+
+def headline_metrics(num_classes: int) -> dict[str, Metric]:
+    """The metrics reported with a confidence interval: f(y_true, y_pred, probs) -> value."""
+    metrics: dict[str, Metric] = {
+        "accuracy": lambda t, p, _: float(accuracy_score(t, p)),
+        "balanced_accuracy": lambda t, p, _: float(balanced_accuracy_score(t, p)) if len(np.unique(t)) > 1 else float("nan"),
+        "roc_auc": lambda t, _, pr: roc_auc(t, pr),
+    }
+    if num_classes == 2:
+        metrics["sensitivity"] = lambda t, p, _: sensitivity(t, p)
+        metrics["specificity"] = lambda t, p, _: specificity(t, p)
+    return metrics
+
+
+def bootstrap_ci(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    probs: np.ndarray,
+    metric: Metric,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``metric`` over resampled cases (seeded, so reports are reproducible)."""
+    rng = np.random.default_rng(seed)
+    n = len(y_true)
+    values = []
+    with warnings.catch_warnings():
+        # a resample may lack a class; sklearn warns each time, and such resamples are expected
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(n_boot):
+            idx = rng.integers(0, n, n)
+            value = metric(y_true[idx], y_pred[idx], probs[idx])
+            if not np.isnan(value):
+                values.append(value)
+    if not values:
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(values, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def evaluate_predictions(
+    y_true: Sequence[int],
+    probs: np.ndarray,
+    classes: Sequence[str],
+    threshold: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """All metrics for one split: headline metrics with 95% CIs, the per-class report and the confusion matrix."""
+    y_true = np.asarray(y_true, dtype=int)
+    probs = np.asarray(probs, dtype=np.float64)
+    y_pred = predict_labels(probs, threshold)
+    labels = list(range(len(classes)))
+    result: dict[str, Any] = {"num_images": int(len(y_true)), "classes": list(classes)}
+    if threshold is not None and len(classes) == 2:
+        result["threshold"] = threshold
+    for name, metric in headline_metrics(len(classes)).items():
+        lo, hi = bootstrap_ci(y_true, y_pred, probs, metric, n_boot=n_boot, seed=seed)
+        result[name] = {"value": metric(y_true, y_pred, probs), "ci95": [lo, hi]}
+    result["per_class"] = classification_report(
+        y_true, y_pred, labels=labels, target_names=list(classes), output_dict=True, zero_division=0
+    )
+    result["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    return result

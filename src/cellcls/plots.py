@@ -1,0 +1,117 @@
+"""The tutorials' figures as PNG files: curves, confusion matrix, image grids, feature maps, Grad-CAM overlays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+DPI = 100
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG of exactly its figure size x DPI pixels, and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png")
+    plt.close(fig)
+    return path
+
+
+def to_display(image: np.ndarray) -> np.ndarray:
+    """``C x H x W`` uint8 -> ``H x W x C`` (or ``H x W`` for one channel) for imshow."""
+    image = np.asarray(image)
+    return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+
+
+def training_curves(history: Sequence[dict[str, float]]) -> Figure:
+    """Loss and accuracy per epoch, train and val, with the learning rate on a second axis."""
+    epochs = [int(r["epoch"]) for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label=f"train {label}")
+        ax.plot(epochs, [r[f"val_{key}"] for r in history], "s-", label=f"val {label}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        lr_ax = ax.twinx()
+        lr_ax.plot(epochs, [r["lr"] for r in history], "--", color="grey", label="learning rate")
+        lr_ax.set_yscale("log")
+        lr_ax.set_ylabel("learning rate", color="grey")
+        lines = ax.get_legend_handles_labels()
+        lr_lines = lr_ax.get_legend_handles_labels()
+        ax.legend(lines[0] + lr_lines[0], lines[1] + lr_lines[1], loc="best", fontsize=8)
+    axes[0].set_title("loss")
+    axes[1].set_title("accuracy")
+    return fig
+
+
+def confusion_heatmap(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> Figure:
+    """Counts and row-normalised rates (recall per true class) side by side."""
+    counts = np.asarray(matrix, dtype=float)
+    rates = counts / np.clip(counts.sum(axis=1, keepdims=True), 1, None)
+    size = 3 + 0.9 * len(classes)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
+    for ax, data, title, fmt in ((axes[0], counts, "counts", "{:.0f}"), (axes[1], rates, "rate per true class", "{:.2f}")):
+        im = ax.imshow(data, cmap="Blues", vmin=0, vmax=max(data.max(), 1e-9))
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                dark = data[i, j] > data.max() / 2
+                ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", color="white" if dark else "black")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], columns: int = 3, cmap: str | None = None) -> Figure:
+    """Images (``C x H x W`` uint8) in a grid, each with its title."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.9 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        shown = to_display(image)
+        ax.imshow(shown, cmap=cmap or ("gray" if shown.ndim == 2 else None), vmin=0, vmax=255)
+        ax.set_title(title, fontsize=8)
+    return fig
+
+
+def feature_maps(stages: Sequence[tuple[str, np.ndarray]], per_stage: int = 8) -> Figure:
+    """The first ``per_stage`` channels of each convolution block's output (``C x H x W``), one row per block."""
+    fig, axes = plt.subplots(len(stages), per_stage, figsize=(1.6 * per_stage, 1.8 * len(stages)), squeeze=False,
+                             layout="constrained")
+    for row, (name, maps) in enumerate(stages):
+        for col in range(per_stage):
+            ax = axes[row, col]
+            ax.axis("off")
+            if col < maps.shape[0]:
+                ax.imshow(maps[col], cmap="viridis")
+            if col == 0:
+                ax.set_title(name, fontsize=7, loc="left")
+    return fig
+
+
+def cam_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """An ``H x W x 3`` uint8 picture of ``image`` with the heat map ``cam`` (values in [0, 1]) blended over it."""
+    base = to_display(image).astype(np.float32)
+    if base.ndim == 2:
+        base = np.repeat(base[..., None], 3, axis=2)
+    heat = matplotlib.colormaps["jet"](np.clip(cam, 0, 1))[..., :3] * 255.0
+    return np.clip((1 - alpha) * base + alpha * heat, 0, 255).astype(np.uint8)
+
+
+def png_to_array(path: Path) -> np.ndarray:
+    """A saved PNG as ``H x W x 3`` uint8, for TensorBoard."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
