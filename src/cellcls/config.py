@@ -36,6 +36,7 @@ def validate(cfg: DictConfig) -> None:
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ConfigError(f"trainer.device={device!r} is not valid; allowed values: auto, cpu, cuda, cuda:<index>")
     _choice("trainer.precision", t.precision, PRECISIONS)
+    _choice("trainer.strategy", t.get("strategy", "auto"), ("auto", "ddp", "none"))
     _choice("trainer.monitor", t.monitor, METRICS)
     _choice("trainer.monitor_mode", t.monitor_mode, ("auto", "min", "max"))
     _positive_int("trainer.early_stopping.patience", t.early_stopping.patience, minimum=0)

@@ -25,11 +25,14 @@ TAGS = {
 class RunLogger:
     """Writes one ``metrics.csv`` row per epoch and mirrors the values to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, history: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, tensorboard: bool = True, history: list[dict[str, Any]] | None = None, enabled: bool = True
+    ) -> None:
         self.csv_path = run_dir / "metrics.csv"
         self.rows: list[dict[str, Any]] = list(history or [])
+        self.enabled = enabled  # False on non-zero torchrun ranks: they keep the history but write nothing
         self.writer = None
-        if tensorboard:
+        if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
@@ -45,6 +48,8 @@ class RunLogger:
             self.writer.flush()
 
     def _write_csv(self) -> None:
+        if not self.enabled:
+            return
         fields = list(dict.fromkeys(k for row in self.rows for k in row))
         tmp = self.csv_path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as fh:

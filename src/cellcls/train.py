@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import shutil
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +20,8 @@ from cellcls.checkpoint import load_checkpoint
 from cellcls.config import apply_overrides, validate
 from cellcls.errors import ConfigError, DataError
 from cellcls.paths import config_dir
+from cellcls.distributed import rank_run_dir
+from cellcls.sweep import direction, write_result
 from cellcls.trainer import Trainer
 
 log = logging.getLogger("cellcls.train")
@@ -43,19 +49,45 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> floa
         cfg.trainer.resume = str(resume["path"])
     validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    summary = Trainer(cfg, run_dir, resume).fit()
-    log.info("run folder: %s", run_dir)
+    trainer = Trainer(cfg, run_dir, resume)
+    summary = trainer.fit()
+    if trainer.is_main:
+        write_result(run_dir, {"status": "ok", "overrides": list(overrides), "mode": trainer.mode, **summary})
+        log.info("run folder: %s", run_dir)
     return float(summary["best"])
+
+
+def job_device(cfg: DictConfig, job_num: int) -> DictConfig:
+    """With several GPUs and ``trainer.device=auto``, parallel sweep jobs take one GPU each (round-robin)."""
+    count = torch.cuda.device_count()
+    if str(cfg.trainer.device) == "auto" and count > 1:
+        cfg.trainer.device = f"cuda:{job_num % count}"
+    return cfg
+
+
+OmegaConf.register_new_resolver("cellcls_direction", direction, replace=True)
+OmegaConf.register_new_resolver("cellcls_rank_dir", rank_run_dir, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task)
+    if run_dir.name.startswith("cellcls-rank") and str(run_dir) == rank_run_dir(str(run_dir)):
+        atexit.register(shutil.rmtree, run_dir, True)  # a non-zero torchrun rank's throw-away Hydra folder
+    if hc.mode == RunMode.MULTIRUN:
+        # one failing job is recorded and returns NaN (Optuna marks the trial failed); the sweep goes on
+        try:
+            return train(job_device(cfg, hc.job.num), run_dir, overrides)
+        except Exception as exc:  # noqa: BLE001 - any failure of one job must not end the sweep
+            log.exception("job %s failed: %s", hc.job.num, exc)
+            write_result(run_dir, {"status": "failed", "overrides": overrides, "error": f"{type(exc).__name__}: {exc}",
+                                   "traceback": traceback.format_exc()})
+            return float("nan")
     try:
-        return train(cfg, Path(hc.runtime.output_dir), hc.overrides.task)
+        return train(cfg, run_dir, overrides)
     except (ConfigError, DataError, FileNotFoundError) as exc:
-        if hc.mode == RunMode.MULTIRUN:
-            raise  # the launcher records the failed job and the sweep goes on
         log.error("%s", exc)
         print(f"cellcls: error: {exc}", file=sys.stderr)
         sys.exit(2)

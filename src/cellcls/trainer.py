@@ -18,9 +18,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from cellcls import distributed
 from cellcls.callbacks import EarlyStopping, metric_mode
 from cellcls.checkpoint import save_checkpoint
 from cellcls.data.datamodule import DataBundle, build_data
@@ -100,6 +103,12 @@ class Trainer:
         self.seed = int(cfg.seed)
         seed_everything(self.seed)
         self.device = resolve_device(str(t.device))
+        self.dist = distributed.setup(str(t.get("strategy", "auto")), self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        if not self.is_main:
+            logging.getLogger("cellcls").setLevel(logging.WARNING)
         self.amp_dtype = autocast_dtype(str(t.precision), self.device)
         if t.get("deterministic"):
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -107,11 +116,22 @@ class Trainer:
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
+        # rank 0 fills the decoded cache first; the others then read it
+        if not self.is_main:
+            distributed.barrier()
         self.data: DataBundle = build_data(cfg.dataset, cfg.get("augment"), self.seed, self.device)
+        if self.is_main and self.dist.enabled:
+            distributed.barrier()
+        if self.dist.enabled:
+            self._shard_training_data()
         classes = self.data.classes
         prep = self.data.preprocessing
         self.model_spec = OmegaConf.to_container(cfg.model, resolve=True)
-        self.model = build_model(self.model_spec, prep["channels"], len(classes), prep["image_size"]).to(self.device)
+        self.net = build_model(self.model_spec, prep["channels"], len(classes), prep["image_size"]).to(self.device)
+        # self.model is what the training step calls (DDP-wrapped under torchrun); self.net the plain network
+        self.model: nn.Module = self.net
+        if self.dist.enabled:
+            self.model = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.outputs = num_outputs(len(classes), bool(self.model_spec.get("single_logit", False)))
 
         weights = None
@@ -121,7 +141,7 @@ class Trainer:
         self.train_loss = ClassificationLoss(self.outputs, weights).to(self.device)
         self.eval_loss = ClassificationLoss(self.outputs).to(self.device)  # Keras weights only the training loss
 
-        self.optimizer = build_optimizer(self.model.parameters(), OmegaConf.to_container(cfg.optim, resolve=True))
+        self.optimizer = build_optimizer(self.net.parameters(), OmegaConf.to_container(cfg.optim, resolve=True))
         self.mode = metric_mode(str(t.monitor), str(t.monitor_mode))
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, int(t.max_epochs), self.mode)
         es = t.early_stopping
@@ -132,11 +152,25 @@ class Trainer:
         history: list[dict[str, Any]] = []
         if resume is not None:
             history = self._restore(resume)
-        self.logger = RunLogger(run_dir, tensorboard=bool(cfg.logger.tensorboard), history=history)
+        self.logger = RunLogger(run_dir, tensorboard=bool(cfg.logger.tensorboard), history=history, enabled=self.is_main)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run folder (always, unless it is a non-zero torchrun rank)."""
+        return self.dist.is_main
+
+    def _shard_training_data(self) -> None:
+        """Each process trains on its share of every epoch (DistributedSampler, reshuffled per epoch)."""
+        old = self.data.loaders["train"]
+        self.sampler = DistributedSampler(old.dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                          shuffle=bool(self.cfg.dataset.get("shuffle", True)), seed=self.seed)
+        self.data.loaders["train"] = DataLoader(
+            old.dataset, batch_size=old.batch_size, sampler=self.sampler, num_workers=old.num_workers,
+            pin_memory=old.pin_memory, persistent_workers=old.persistent_workers, collate_fn=old.collate_fn)
 
     # ---- state -------------------------------------------------------------------------------------------
     def _restore(self, ckpt: dict[str, Any]) -> list[dict[str, Any]]:
-        self.model.load_state_dict(ckpt["model"])
+        self.net.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt.get("scheduler") is not None:
             self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -145,7 +179,7 @@ class Trainer:
         self.early.load_state_dict(ckpt["early_stopping"])
         self.start_epoch = int(ckpt["epoch"])
         src_best = Path(ckpt["path"]).with_name("best.pt")
-        if src_best.is_file() and src_best.resolve() != (self.ckpt_dir / "best.pt").resolve():
+        if self.is_main and src_best.is_file() and src_best.resolve() != (self.ckpt_dir / "best.pt").resolve():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src_best, self.ckpt_dir / "best.pt")
         log.info("resumed from %s after epoch %d", ckpt["path"], self.start_epoch)
@@ -154,7 +188,7 @@ class Trainer:
     def _payload(self, epoch: int) -> dict[str, Any]:
         return {
             "epoch": epoch,
-            "model": self.model.state_dict(),
+            "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
@@ -178,22 +212,22 @@ class Trainer:
         loader = self.data.loaders["train"]
         total_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{self.cfg.trainer.max_epochs}", leave=False,
-                   disable=not self.cfg.trainer.progress_bar, mininterval=0.5, dynamic_ncols=True)
+                   disable=not (self.cfg.trainer.progress_bar and self.is_main), mininterval=0.5, dynamic_ncols=True)
         for step, (images, targets) in enumerate(bar):
             if targets.numel() == 0:  # every image of the batch failed to decode (uncached mode)
                 continue
-            if epoch == 1 and step == 0:
+            if epoch == 1 and step == 0 and self.is_main:
                 self._log_augmented(images)
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = self.model(images)
-                loss = self.train_loss(logits, targets) + l2_penalty(self.model)
+                loss = self.train_loss(logits, targets) + l2_penalty(self.net)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.cfg.trainer.get("gradient_clip"):
                 self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), float(self.cfg.trainer.gradient_clip))
+                nn.utils.clip_grad_norm_(self.net.parameters(), float(self.cfg.trainer.gradient_clip))
             self.scaler.step(self.optimizer)
             self.scaler.update()
             n = targets.shape[0]
@@ -202,6 +236,7 @@ class Trainer:
             seen += n
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
         bar.close()
+        total_loss, correct, seen = distributed.all_reduce_sum([total_loss, float(correct), float(seen)])
         return total_loss / seen, correct / seen
 
     def _predict_labels(self, logits: torch.Tensor) -> torch.Tensor:
@@ -211,9 +246,9 @@ class Trainer:
 
     def evaluate(self, split: str) -> Scores:
         """Loss (unweighted, with the model's L2 terms as Keras reports it), accuracy and balanced accuracy."""
-        logits, targets = run_inference(self.model, self.data.loaders[split], self.device, self.amp_dtype)
+        logits, targets = run_inference(self.net, self.data.loaders[split], self.device, self.amp_dtype)
         y_pred, y_true = self._predict_labels(logits).numpy(), targets.numpy()
-        loss = mean_loss(self.model, logits, targets)
+        loss = mean_loss(self.net, logits, targets)
         return Scores(loss, float((y_pred == y_true).mean()), float(balanced_accuracy_score(y_true, y_pred)))
 
     def _log_augmented(self, images: torch.Tensor) -> None:
@@ -233,18 +268,27 @@ class Trainer:
         """Train to ``trainer.max_epochs`` or early stop; test the best checkpoint; return a summary."""
         cfg, t = self.cfg, self.cfg.trainer
         classes = self.data.classes
-        write_split_lists(self.run_dir, self.data.splits, self.data.root, classes)
+        try:
+            return self._fit(cfg, t, classes)
+        finally:
+            distributed.teardown()
+
+    def _fit(self, cfg: DictConfig, t: DictConfig, classes: list[str]) -> dict[str, Any]:
+        if self.is_main:
+            write_split_lists(self.run_dir, self.data.splits, self.data.root, classes)
         if self.data.ignored:
             log.warning("ignored %d non-image file(s), e.g. %s", len(self.data.ignored), self.data.ignored[0])
-        if self.data.skipped:
+        if self.data.skipped and self.is_main:
             (self.run_dir / "skipped_files.txt").write_text("".join(f"{p}\t{why}\n" for p, why in self.data.skipped))
             log.warning("skipped %d unreadable image(s); listed in skipped_files.txt", len(self.data.skipped))
         log.info("data %s at %s\n%s", cfg.dataset.name, self.data.root, count_table(self.data.splits, classes))
-        log.info("model %s: %s parameters, device %s, precision %s", self.model_spec["name"],
-                 f"{count_parameters(self.model):,}", self.device, self.amp_dtype or "float32")
+        log.info("model %s: %s parameters, device %s, precision %s%s", self.model_spec["name"],
+                 f"{count_parameters(self.net):,}", self.device, self.amp_dtype or "float32",
+                 f", {self.dist.world_size} processes (DDP)" if self.dist.enabled else "")
         prep = self.data.preprocessing
-        table = summary_table(self.model, (prep["channels"], *prep["image_size"]))
-        (self.run_dir / "model_summary.txt").write_text(table + "\n")
+        table = summary_table(self.net, (prep["channels"], *prep["image_size"]))
+        if self.is_main:
+            (self.run_dir / "model_summary.txt").write_text(table + "\n")
         log.info("model summary\n%s", table)
         if self.resume is None:
             self.logger.log_text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
@@ -255,8 +299,10 @@ class Trainer:
         for epoch in range(self.start_epoch + 1, max_epochs + 1):
             started = time.perf_counter()
             seed = epoch_seed(self.seed, epoch)
-            torch.manual_seed(seed)
+            torch.manual_seed(seed + self.dist.rank)  # each process augments its share differently
             self.data.train_generator.manual_seed(seed)
+            if self.dist.enabled:
+                self.sampler.set_epoch(epoch)
             train_loss, train_acc = self._train_epoch(epoch)
             val = self.evaluate("val")
             metrics = {
@@ -269,16 +315,18 @@ class Trainer:
             }
             monitored = metrics[str(t.monitor)]
             improved, stop = self.early.step(monitored, epoch)
+            stop = distributed.broadcast_flag(stop)
             if isinstance(self.scheduler, ReduceLROnPlateau):
                 self.scheduler.step(monitored)
             elif self.scheduler is not None:
                 self.scheduler.step()
             metrics["epoch_time_s"] = time.perf_counter() - started
             self.logger.log_epoch(epoch, metrics)
-            payload = self._payload(epoch)
-            save_checkpoint(payload, self.ckpt_dir / "last.pt")
-            if improved:
-                save_checkpoint(payload, self.ckpt_dir / "best.pt")
+            if self.is_main:
+                payload = self._payload(epoch)
+                save_checkpoint(payload, self.ckpt_dir / "last.pt")
+                if improved:
+                    save_checkpoint(payload, self.ckpt_dir / "best.pt")
             log.info(
                 "epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  lr %.2g%s  (%.1fs)",
                 epoch, max_epochs, train_loss, train_acc, val.loss, val.accuracy, metrics["lr"],
@@ -299,10 +347,12 @@ class Trainer:
             "epochs_run": len(self.logger.rows),
             "stopped_early": stopped_early,
         }
+        if not self.is_main:
+            return summary
         best_path = self.ckpt_dir / "best.pt"
         if "test" in self.data.loaders and best_path.is_file():
             best = torch.load(best_path, map_location="cpu", weights_only=True)
-            self.model.load_state_dict(best["model"])
+            self.net.load_state_dict(best["model"])
             test = self.evaluate("test")
             result = {
                 "checkpoint": "checkpoints/best.pt",

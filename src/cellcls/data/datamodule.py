@@ -139,7 +139,7 @@ def build_data(ds: DictConfig, augment: DictConfig | None, seed: int, device: to
         loaders[name] = DataLoader(
             dataset,
             batch_size=int(ds.batch_size),
-            shuffle=name == "train",
+            shuffle=name == "train" and bool(ds.get("shuffle", True)),
             generator=generator if name == "train" else None,
             num_workers=workers,
             pin_memory=device.type == "cuda",

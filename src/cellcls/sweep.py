@@ -1,0 +1,89 @@
+"""Sweeps: each job's result record, and the summary table a Hydra callback writes when a sweep ends."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from cellcls.callbacks import metric_mode
+
+log = logging.getLogger(__name__)
+RESULT = "result.json"
+
+
+def write_result(run_dir: Path, record: dict[str, Any]) -> None:
+    """``result.json`` in a run folder: status, overrides, monitored metric, best epoch, test metrics or error."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f"{RESULT}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    tmp.replace(run_dir / RESULT)
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every job record under ``sweep_dir`` (jobs that died before writing one are reported as such)."""
+    records = []
+    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
+        job_dir = overrides_file.parent.parent
+        result = job_dir / RESULT
+        if result.is_file():
+            record = json.loads(result.read_text())
+        else:
+            overrides = OmegaConf.to_container(OmegaConf.load(overrides_file))
+            record = {"status": "failed", "error": "the job ended without a result (killed?)", "overrides": overrides}
+        record["run_dir"] = str(job_dir)
+        records.append(record)
+    return records
+
+
+def _sort_key(record: dict[str, Any]) -> tuple[int, float]:
+    best = record.get("best")
+    if record.get("status") != "ok" or best is None or not math.isfinite(best):
+        return (1, 0.0)
+    return (0, best if record.get("mode", "min") == "min" else -best)
+
+
+def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    """``summary.csv`` and ``summary.md`` in ``sweep_dir``, best monitored value first, failed jobs last."""
+    records = sorted(collect(sweep_dir), key=_sort_key)
+    if not records:
+        return records
+    test_keys = sorted({k for r in records for k in (r.get("test") or {}) if k in ("accuracy", "balanced_accuracy", "loss")})
+    header = ["rank", "status", "overrides", "monitor", "best", "best_epoch", *[f"test_{k}" for k in test_keys], "run_dir", "error"]
+    rows = []
+    for rank, r in enumerate(records, start=1):
+        test = r.get("test") or {}
+        rows.append([rank, r.get("status"), " ".join(r.get("overrides", [])), r.get("monitor", ""),
+                     r.get("best", ""), r.get("best_epoch", ""), *[test.get(k, "") for k in test_keys],
+                     r["run_dir"], r.get("error", "")])
+    with open(sweep_dir / "summary.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([header, *rows])
+
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|")
+
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    (sweep_dir / "summary.md").write_text("\n".join(md) + "\n")
+    return records
+
+
+class SweepSummary(Callback):
+    """Hydra callback: when a multirun ends, write the summary table into the sweep folder."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        records = write_summary(sweep_dir)
+        failed = sum(1 for r in records if r.get("status") != "ok")
+        log.info("sweep summary: %d job(s), %d failed -> %s", len(records), failed, sweep_dir / "summary.md")
+
+
+def direction(monitor: str, mode: str = "auto") -> str:
+    """Optuna's direction for the monitored metric ('minimize' for losses)."""
+    return "minimize" if metric_mode(monitor, mode) == "min" else "maximize"
