@@ -133,3 +133,15 @@ def test_two_process_ddp_on_the_cpu_matches_one_process_with_the_same_global_bat
     for key in w_one:
         torch.testing.assert_close(w_ddp[key], w_one[key], rtol=1e-4, atol=1e-5)
     assert "2 processes (DDP)" in ddp.stdout + ddp.stderr
+
+    # resume under torchrun: continues from epoch 3 with the stored optimiser state, in one folder again
+    resumed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cellcls.train",
+         f"trainer.resume={ddp_dir}", "trainer.max_epochs=4", "hydra.run.dir=resumed"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last = torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)
+    assert last["epoch"] == 4 and len(last["history"]) == 4
+    steps = {int(state["step"]) for state in last["optimizer"]["state"].values()}
+    assert steps == {4 * 2}  # 2 global steps per epoch (64 images, 2 x 16 per step)
