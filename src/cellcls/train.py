@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import shutil
 import sys
 import traceback
@@ -19,14 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from cellcls.checkpoint import load_checkpoint
 from cellcls.config import apply_overrides, validate
 from cellcls.errors import ConfigError, DataError
-from cellcls.paths import config_dir
 from cellcls.distributed import rank_run_dir
+from cellcls.paths import config_dir
 from cellcls.sweep import direction, write_result
 from cellcls.trainer import Trainer
 
 log = logging.getLogger("cellcls.train")
 
-GROUPS = ("dataset", "model", "optim", "scheduler", "augment", "trainer", "logger", "experiment")
+GROUPS = ("dataset", "model", "optim", "scheduler", "augment", "trainer", "logger", "experiment", "hparams_search")
 
 
 def resume_config(stored: dict, overrides: Sequence[str]) -> DictConfig:
@@ -74,7 +75,7 @@ def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
-    if run_dir.name.startswith("cellcls-rank") and str(run_dir) == rank_run_dir(str(run_dir)):
+    if int(os.environ.get("RANK", "0")) > 0 and run_dir.name.startswith("cellcls-rank"):
         atexit.register(shutil.rmtree, run_dir, True)  # a non-zero torchrun rank's throw-away Hydra folder
     if hc.mode == RunMode.MULTIRUN:
         # one failing job is recorded and returns NaN (Optuna marks the trial failed); the sweep goes on

@@ -138,8 +138,8 @@ class Trainer:
         if cfg.class_weights == "balanced":
             weights = balanced_class_weights(self.data.splits["train"].labels, len(classes))
             log.info("class weights (balanced): %s", {c: round(float(w), 3) for c, w in zip(classes, weights)})
+        # Keras weights only the training loss; validation and test use the unweighted mean_loss
         self.train_loss = ClassificationLoss(self.outputs, weights).to(self.device)
-        self.eval_loss = ClassificationLoss(self.outputs).to(self.device)  # Keras weights only the training loss
 
         self.optimizer = build_optimizer(self.net.parameters(), OmegaConf.to_container(cfg.optim, resolve=True))
         self.mode = metric_mode(str(t.monitor), str(t.monitor_mode))
