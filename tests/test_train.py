@@ -195,3 +195,24 @@ def test_the_skin_cnn_l2_penalty_is_part_of_the_training_loss():
     with torch.no_grad():
         assert float(l2_penalty(model)) == pytest.approx(0.5 * float(dense.pow(2).sum()), rel=1e-6)
         assert float(l2_penalty(build_model({"name": "lenet"}, 3, 2, (64, 64)))) == 0.0
+
+
+def test_channels_last_gives_the_same_loss_and_gradients_as_the_default_layout():
+    torch.manual_seed(0)
+    model = build_model({"name": "lenet", "dropout": 0.0}, 3, 2, (64, 64))  # no random masks between the passes
+    images, targets = torch.rand(8, 3, 64, 64), torch.randint(0, 2, (8,))
+    reference = torch.nn.functional.cross_entropy(model(images), targets)
+    reference.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model = model.to(memory_format=torch.channels_last)
+    loss = torch.nn.functional.cross_entropy(model(images.contiguous(memory_format=torch.channels_last)), targets)
+    loss.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    for grad, ref in zip((p.grad for p in model.parameters()), grads):
+        torch.testing.assert_close(grad.contiguous(), ref.contiguous(), rtol=1e-4, atol=1e-6)
+
+
+def test_training_in_the_default_layout_is_still_available(tmp_path):
+    best = train_in_process(tmp_path, "trainer.channels_last=false", "trainer.max_epochs=1", *TINY)
+    assert best == pytest.approx(read_metrics(tmp_path)[0]["val_loss"])

@@ -71,7 +71,11 @@ def load_model(location: str | Path, device: str = "auto") -> LoadedModel:
 
 @torch.inference_mode()
 def run_inference(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, on the CPU) and targets for every batch of ``loader``, in order."""
     model.eval()
@@ -81,7 +85,7 @@ def run_inference(
         if labels.numel() == 0:
             continue
         with autocast:
-            out = model(images.to(device, non_blocking=True))
+            out = model(images.to(device, non_blocking=True, memory_format=memory_format))
         logits.append(out.float().cpu())
         targets.append(labels.cpu())
     return torch.cat(logits), torch.cat(targets)

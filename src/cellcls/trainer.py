@@ -68,6 +68,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[precision]
 
 
+def memory_format(setting: Any) -> torch.memory_format:
+    """``trainer.channels_last``: auto/true use NHWC, which oneDNN and cuDNN convolutions run faster
+    (LeNet training on 2 CPU cores: 321 -> 612 img/s); false keeps NCHW."""
+    value = str(setting).lower()
+    if value not in ("auto", "true", "false"):
+        raise ConfigError(f"trainer.channels_last={setting!r} is not valid; allowed values: auto, true, false")
+    return torch.contiguous_format if value == "false" else torch.channels_last
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -128,6 +137,8 @@ class Trainer:
         prep = self.data.preprocessing
         self.model_spec = OmegaConf.to_container(cfg.model, resolve=True)
         self.net = build_model(self.model_spec, prep["channels"], len(classes), prep["image_size"]).to(self.device)
+        self.memory_format = memory_format(t.get("channels_last", "auto"))
+        self.net = self.net.to(memory_format=self.memory_format)
         # self.model is what the training step calls (DDP-wrapped under torchrun); self.net the plain network
         self.model: nn.Module = self.net
         if self.dist.enabled:
@@ -218,7 +229,7 @@ class Trainer:
                 continue
             if epoch == 1 and step == 0 and self.is_main:
                 self._log_augmented(images)
-            images = images.to(self.device, non_blocking=True)
+            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = self.model(images)
@@ -246,7 +257,7 @@ class Trainer:
 
     def evaluate(self, split: str) -> Scores:
         """Loss (unweighted, with the model's L2 terms as Keras reports it), accuracy and balanced accuracy."""
-        logits, targets = run_inference(self.net, self.data.loaders[split], self.device, self.amp_dtype)
+        logits, targets = run_inference(self.net, self.data.loaders[split], self.device, self.amp_dtype, self.memory_format)
         y_pred, y_true = self._predict_labels(logits).numpy(), targets.numpy()
         loss = mean_loss(self.net, logits, targets)
         return Scores(loss, float((y_pred == y_true).mean()), float(balanced_accuracy_score(y_true, y_pred)))
@@ -353,6 +364,9 @@ class Trainer:
         if "test" in self.data.loaders and best_path.is_file():
             best = torch.load(best_path, map_location="cpu", weights_only=True)
             self.net.load_state_dict(best["model"])
+            # the default layout, as `cellcls.evaluate` runs it, so its numbers reproduce these exactly
+            self.net.to(memory_format=torch.contiguous_format)
+            self.memory_format = torch.contiguous_format
             test = self.evaluate("test")
             result = {
                 "checkpoint": "checkpoints/best.pt",
