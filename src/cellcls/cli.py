@@ -8,6 +8,15 @@ from collections.abc import Sequence
 from cellcls.errors import ConfigError
 
 
+def command_args(argv: Sequence[str] | None, doc: str | None) -> tuple[list[str], int | None]:
+    """The command's arguments, or an exit code after printing its help (0 for --help, 2 for no arguments)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(doc)
+        return args, 0 if args else 2
+    return args, None
+
+
 def parse_key_values(argv: Sequence[str], allowed: Sequence[str], required: Sequence[str] = ()) -> tuple[dict[str, str], list[str]]:
     """Split ``argv`` into the command's own settings and ``dataset.*`` overrides; unknown keys are errors."""
     own: dict[str, str] = {}

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from cellcls import plots
-from cellcls.cli import as_bool, fail, parse_key_values
+from cellcls.cli import as_bool, command_args, fail, parse_key_values
 from cellcls.config import apply_overrides
 from cellcls.data.cache import decode_split
 from cellcls.data.datamodule import build_data
@@ -196,10 +196,9 @@ def _log_tensorboard(loaded: LoadedModel, name: str, result: dict[str, Any], fig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if args else 2
+    args, done = command_args(argv, __doc__)
+    if done is not None:
+        return done
     try:
         own, overrides = parse_key_values(args, SETTINGS, required=("checkpoint",))
         threshold = float(own["threshold"]) if "threshold" in own else None

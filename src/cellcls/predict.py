@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from cellcls import plots
-from cellcls.cli import as_bool, fail, parse_key_values
+from cellcls.cli import as_bool, command_args, fail, parse_key_values
 from cellcls.data.dataset import load_image
 from cellcls.data.layout import IMAGE_EXTENSIONS
 from cellcls.errors import ConfigError, DataError
@@ -88,10 +88,9 @@ def write_csv(path: Path, predictions: Sequence[Prediction], classes: Sequence[s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if args else 2
+    args, done = command_args(argv, __doc__)
+    if done is not None:
+        return done
     try:
         own, overrides = parse_key_values(args, SETTINGS, required=("checkpoint", "input"))
         if overrides:
