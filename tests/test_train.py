@@ -16,8 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
 from cellcls.errors import ConfigError
 from cellcls.hardware import cpu_bf16_works
-from cellcls.models import build_model
-from cellcls.trainer import Trainer, l2_penalty
+from cellcls.models import build_model, l2_penalty
+from cellcls.trainer import Trainer
 from conftest import TINY, compose_config, run_cli, train_in_process
 
 

@@ -6,6 +6,10 @@ import functools
 import subprocess
 import sys
 
+import torch
+
+from cellcls.errors import ConfigError
+
 # A bf16 conv + linear under CPU autocast: the ops a training step uses.
 _BF16_PROBE = """
 import torch
@@ -28,3 +32,12 @@ def cpu_bf16_works() -> bool:
     except subprocess.TimeoutExpired:
         return False
     return result.returncode == 0
+
+
+def resolve_device(name: str, setting: str = "trainer.device") -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error naming ``setting``, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{setting}={name} but no CUDA device is available; use {setting}=auto or cpu")
+    return torch.device(name)

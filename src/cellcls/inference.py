@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from cellcls.checkpoint import load_checkpoint
 from cellcls.losses import ClassificationLoss, probabilities
-from cellcls.models import build_model
+from cellcls.hardware import resolve_device
+from cellcls.models import build_model, l2_penalty
 
 
 @dataclass
@@ -51,16 +52,10 @@ class LoadedModel:
         return probabilities(self.model(self.prepare(images))).cpu().numpy()
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_model(location: str | Path, device: str = "auto") -> LoadedModel:
     """The model of a checkpoint file, or of a run folder's ``checkpoints/best.pt``."""
     ckpt = load_checkpoint(location, name="best.pt")
-    dev = resolve_device(device)
+    dev = resolve_device(device, setting="device")
     prep = ckpt["preprocessing"]
     model = build_model(ckpt["model_spec"], prep["channels"], len(ckpt["classes"]), prep["image_size"])
     model.load_state_dict(ckpt["model"])
@@ -93,8 +88,6 @@ def run_inference(
 
 def mean_loss(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Unweighted loss over all cases plus the model's L2 terms: the val/test loss Keras reports."""
-    from cellcls.trainer import l2_penalty
-
     loss = ClassificationLoss(logits.shape[1])(logits, targets)
     with torch.no_grad():
         return float(loss) + float(l2_penalty(model))

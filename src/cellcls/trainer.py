@@ -30,25 +30,16 @@ from cellcls.data.datamodule import DataBundle, build_data
 from cellcls.data.splits import write_split_lists
 from cellcls.data.summary import count_table
 from cellcls.errors import ConfigError
-from cellcls.hardware import cpu_bf16_works
+from cellcls.hardware import cpu_bf16_works, resolve_device
 from cellcls.inference import mean_loss, run_inference
 from cellcls.loggers import RunLogger
 from cellcls import plots
 from cellcls.losses import ClassificationLoss, balanced_class_weights
 from cellcls.model_summary import summary_table
-from cellcls.models import build_model, count_parameters, num_outputs
+from cellcls.models import build_model, count_parameters, l2_penalty, num_outputs
 from cellcls.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error, not a silent CPU run."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but no CUDA device is available; use trainer.device=auto or cpu")
-    return torch.device(name)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -93,12 +84,6 @@ class Scores:
     loss: float
     accuracy: float
     balanced_accuracy: float
-
-
-def l2_penalty(model: nn.Module) -> torch.Tensor | float:
-    """Keras-style kernel L2 terms the model declares (``coef * sum(w**2)``)."""
-    terms = getattr(model, "l2_terms", None)
-    return sum((coef * p.pow(2).sum() for p, coef in terms()), 0.0) if terms else 0.0
 
 
 class Trainer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from cellcls.models.base import keras_init_
@@ -55,3 +56,9 @@ def build_model(
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameter count, as Keras' ``model.summary()`` reports it."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def l2_penalty(model: nn.Module) -> torch.Tensor | float:
+    """Keras-style kernel L2 terms the model declares (``coef * sum(w**2)``)."""
+    terms = getattr(model, "l2_terms", None)
+    return sum((coef * p.pow(2).sum() for p, coef in terms()), 0.0) if terms else 0.0
