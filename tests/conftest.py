@@ -86,3 +86,61 @@ def trained_run(tmp_path_factory, cache_root) -> Path:
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     train_in_process(run_dir, "trainer.progress_bar=false")
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def malaria_run(tmp_path_factory, cache_root) -> Path:
+    """LeNet trained briefly on the real malaria subset at 64 px, with a normalisation (for deploy tests)."""
+    root = real_dataset("malaria")
+    os.environ["CELLCLS_CACHE"] = str(cache_root)
+    run_dir = tmp_path_factory.mktemp("malaria") / "run"
+    train_in_process(run_dir, "dataset=malaria", f"dataset.root={root}", "dataset.image_size=[64,64]",
+                     "dataset.mean=[0.5,0.5,0.5]", "dataset.std=[0.25,0.25,0.25]", "trainer.max_epochs=6",
+                     "trainer.progress_bar=false")
+    return run_dir
+
+
+def malaria_images(n: int) -> list[Path]:
+    """``n`` real cell images, alternating Parasitized and Uninfected."""
+    root = real_dataset("malaria") / "cell_images"
+    infected = sorted((root / "Parasitized").glob("*.png"))
+    healthy = sorted((root / "Uninfected").glob("*.png"))
+    return [p for pair in zip(infected, healthy) for p in pair][:n]
+
+
+class Server:
+    """``python -m cellcls.serve`` in a subprocess on a free port, stopped by :meth:`stop`."""
+
+    def __init__(self, *args: str, cwd: Path) -> None:
+        import re
+        import time
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "cellcls.serve", *args, "port=0"], cwd=cwd, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            found = re.search(r"open (http://[\w.\[\]:]+/)", line)
+            if found:
+                self.url = found.group(1)
+                return
+        self.stop()
+        raise RuntimeError("the server did not start:\n" + "".join(self.lines))
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if self.proc.stdout:
+            self.proc.stdout.close()

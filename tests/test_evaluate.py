@@ -8,15 +8,15 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cellcls.data.dataset import load_image
 from cellcls.data.datamodule import resolve_root
+from cellcls.data.dataset import load_image
 from cellcls.evaluate import evaluate
 from cellcls.figures import cam_maps
 from cellcls.inference import load_model
-from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import compose_config, real_dataset, run_cli
 
 from cellcls.config import validate
-from conftest import compose_config, real_dataset, run_cli
 
 RECIPES = {
     "s0_blood_224": dict(dataset="blood_cells", size=[224, 224], channels=3, batch=32, model="skin_cnn", optim="adam",

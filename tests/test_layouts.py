@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import compose_config, copy_images, real_dataset
 
 from cellcls.data.datamodule import make_splits, resolve_layout, resolve_root
 from cellcls.errors import DataError
-from conftest import compose_config, copy_images, real_dataset
 
 BLOOD = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 

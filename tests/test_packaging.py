@@ -62,3 +62,10 @@ def test_a_users_own_config_folder_adds_options_to_the_groups(installed_wheel, t
     )
     assert result.returncode == 0, result.stderr
     assert "name: my_cells" in result.stdout and "- healthy" in result.stdout and "batch_size: 32" in result.stdout
+
+
+def test_the_wheel_ships_the_web_apps_page(installed_wheel, tmp_path):
+    code = "from importlib import resources; print(len(resources.files('cellcls.web').joinpath('index.html').read_text()))"
+    result = run_installed(installed_wheel, tmp_path, "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) > 1000

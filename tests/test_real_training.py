@@ -11,9 +11,9 @@ import csv
 import json
 
 import pytest
+from conftest import real_dataset, train_in_process
 
 from cellcls.evaluate import evaluate
-from conftest import real_dataset, train_in_process
 
 pytestmark = pytest.mark.slow
 

@@ -8,15 +8,20 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, compose_config, copy_images, real_dataset, train_in_process
 from PIL import Image
 
 from cellcls.data.cache import decode_split
-from cellcls.data.datamodule import build_data, make_splits, resolve_layout, resolve_root
+from cellcls.data.datamodule import (
+    build_data,
+    make_splits,
+    resolve_layout,
+    resolve_root,
+)
 from cellcls.data.layout import scan_split
 from cellcls.data.transforms import build_augment
 from cellcls.errors import DataError
 from cellcls.paths import cache_dir
-from conftest import TINY, compose_config, copy_images, real_dataset, train_in_process
 
 
 def patient(path, pattern):

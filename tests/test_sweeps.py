@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, compose_config, run_cli, train_in_process
 from sklearn.utils.class_weight import compute_class_weight
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -18,7 +19,6 @@ from cellcls.errors import ConfigError
 from cellcls.hardware import cpu_bf16_works
 from cellcls.models import build_model, l2_penalty
 from cellcls.trainer import Trainer
-from conftest import TINY, compose_config, run_cli, train_in_process
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:

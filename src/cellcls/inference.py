@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cellcls.checkpoint import load_checkpoint
-from cellcls.losses import ClassificationLoss, probabilities
 from cellcls.hardware import resolve_device
+from cellcls.losses import ClassificationLoss, probabilities
 from cellcls.models import build_model, l2_penalty
 
 
@@ -30,6 +31,8 @@ class LoadedModel:
     path: Path
     epoch: int
     device: torch.device
+    metrics: dict[str, Any] = field(default_factory=dict)
+    supports_cam = True
 
     @property
     def run_dir(self) -> Path:
@@ -51,6 +54,21 @@ class LoadedModel:
         """Class probabilities ``N x num_classes`` for uint8 images."""
         return probabilities(self.model(self.prepare(images))).cpu().numpy()
 
+    @property
+    def card(self) -> dict[str, Any]:
+        """What a person or a client needs to know of the model: name, classes, input, metrics (JSON-ready)."""
+        spec = OmegaConf.to_container(self.config.model, resolve=True) if "model" in self.config else {}
+        return {
+            "model": str(spec.get("name", type(self.model).__name__)),
+            "dataset": str(self.config.dataset.name) if "dataset" in self.config else None,
+            "classes": list(self.classes),
+            "input": input_spec(self.preprocessing),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "epoch": self.epoch,
+            "checkpoint": str(self.path),
+            "metrics": self.metrics,
+        }
+
 
 def load_model(location: str | Path, device: str = "auto") -> LoadedModel:
     """The model of a checkpoint file, or of a run folder's ``checkpoints/best.pt``."""
@@ -60,8 +78,41 @@ def load_model(location: str | Path, device: str = "auto") -> LoadedModel:
     model = build_model(ckpt["model_spec"], prep["channels"], len(ckpt["classes"]), prep["image_size"])
     model.load_state_dict(ckpt["model"])
     model.to(dev).eval()
-    return LoadedModel(model, list(ckpt["classes"]), prep, OmegaConf.create(ckpt["config"]), Path(ckpt["path"]),
-                       int(ckpt["epoch"]), dev)
+    path = Path(ckpt["path"])
+    return LoadedModel(model, list(ckpt["classes"]), prep, OmegaConf.create(ckpt["config"]), path,
+                       int(ckpt["epoch"]), dev, checkpoint_metrics(ckpt, path))
+
+
+def input_spec(preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """How images are turned into the model's input, in words a client in another language can follow."""
+    height, width = (int(v) for v in preprocessing["image_size"])
+    channels = int(preprocessing["channels"])
+    return {
+        "channels": channels,
+        "color": "RGB" if channels == 3 else "L (greyscale)",
+        "height": height,
+        "width": width,
+        "resize": "bilinear with antialiasing to height x width (Pillow Image.resize, BILINEAR), EXIF orientation applied",
+        "scale": "pixel / 255",
+        "mean": list(preprocessing["mean"]) if preprocessing.get("mean") is not None else None,
+        "std": list(preprocessing["std"]) if preprocessing.get("std") is not None else None,
+    }
+
+
+def checkpoint_metrics(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Validation metrics of the checkpoint's epoch, and the run's test metrics when they belong to it."""
+    rows = ckpt.get("history") or []
+    row = next((r for r in rows if int(r.get("epoch", -1)) == int(ckpt["epoch"])), {})
+    out: dict[str, Any] = {"monitor": (ckpt.get("monitor") or {}).get("metric")}
+    val = {k.removeprefix("val_"): float(v) for k, v in row.items() if k.startswith("val_")}
+    if val:
+        out["val"] = val
+    test_file = (path.parent.parent if path.parent.name == "checkpoints" else path.parent) / "test_metrics.json"
+    if test_file.is_file():
+        test = json.loads(test_file.read_text())
+        if int(test.get("epoch", -1)) == int(ckpt["epoch"]):
+            out["test"] = {k: test[k] for k in ("accuracy", "balanced_accuracy", "loss", "num_images") if k in test}
+    return out
 
 
 @torch.inference_mode()

@@ -103,7 +103,7 @@ def evaluate_predictions(
     probs = np.asarray(probs, dtype=np.float64)
     y_pred = predict_labels(probs, threshold)
     labels = list(range(len(classes)))
-    result: dict[str, Any] = {"num_images": int(len(y_true)), "classes": list(classes)}
+    result: dict[str, Any] = {"num_images": len(y_true), "classes": list(classes)}
     if threshold is not None and len(classes) == 2:
         result["threshold"] = threshold
     for name, metric in headline_metrics(len(classes)).items():

@@ -1,4 +1,7 @@
-"""``python -m cellcls.predict checkpoint=<checkpoint or run folder> input=<image or folder> [output=<csv>] [cam=true]``
+"""``python -m cellcls.predict checkpoint=<checkpoint, run folder or exported model> input=<image or folder> [output=<csv>] [cam=true]``
+
+checkpoint= also takes a model written by ``python -m cellcls.export`` (``.onnx``, run by onnxruntime, or
+``.torchscript.pt``); it gives the same classes and probabilities as the checkpoint it came from.
 
 Prints "<file>: <class> (xx.xx%)" for each image and, for a folder (searched recursively) or with output=,
 writes a CSV of class probabilities. cam=true saves a Grad-CAM overlay per image in ``<output stem>_cam/``
@@ -23,8 +26,9 @@ from cellcls.cli import as_bool, command_args, fail, parse_key_values
 from cellcls.data.dataset import load_image
 from cellcls.data.layout import IMAGE_EXTENSIONS
 from cellcls.errors import ConfigError, DataError
+from cellcls.exported import Predictor, load_predictor
 from cellcls.figures import cam_maps
-from cellcls.inference import LoadedModel, load_model
+from cellcls.inference import LoadedModel
 
 SETTINGS = ("checkpoint", "input", "output", "cam", "cam_layer", "device", "batch_size")
 
@@ -51,7 +55,7 @@ def list_inputs(location: Path) -> list[Path]:
 
 
 def predict_files(
-    loaded: LoadedModel, files: Sequence[Path], batch_size: int = 64, cam_dir: Path | None = None, cam_layer: str | None = None
+    loaded: Predictor, files: Sequence[Path], batch_size: int = 64, cam_dir: Path | None = None, cam_layer: str | None = None
 ) -> tuple[list[Prediction], list[tuple[Path, str]]]:
     """Probabilities for each readable file (decoded exactly as in training), and the files skipped with why."""
     prep = loaded.preprocessing
@@ -72,6 +76,7 @@ def predict_files(
         results += [Prediction(p, pr) for p, pr in zip(chunk, probs)]
         if cam_dir is not None:
             cam_dir.mkdir(parents=True, exist_ok=True)
+            assert isinstance(loaded, LoadedModel), "Grad-CAM needs a PyTorch checkpoint"
             maps = cam_maps(loaded, batch.numpy(), cam_layer)
             for path, image, cam in zip(chunk, batch.numpy(), maps):
                 Image.fromarray(plots.cam_overlay(image, cam)).save(cam_dir / f"{path.stem}_cam.png")
@@ -103,7 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cam_dir = None
         if as_bool("cam", own.get("cam", "false")):
             cam_dir = output.with_name(f"{output.stem}_cam") if output else Path("cam")
-        loaded = load_model(own["checkpoint"], own.get("device", "auto"))
+        loaded = load_predictor(own["checkpoint"], own.get("device", "auto"))
+        if cam_dir is not None and not loaded.supports_cam:
+            raise ConfigError(f"cam=true needs the PyTorch checkpoint (Grad-CAM takes gradients); {loaded.path} is an exported model")
         predictions, skipped = predict_files(loaded, files, int(own.get("batch_size", 64)), cam_dir, own.get("cam_layer"))
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         return fail(exc)

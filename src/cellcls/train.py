@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cellcls.checkpoint import load_checkpoint
 from cellcls.config import apply_overrides, validate
-from cellcls.errors import ConfigError, DataError
 from cellcls.distributed import rank_run_dir
+from cellcls.errors import ConfigError, DataError
 from cellcls.paths import config_dir
 from cellcls.sweep import direction, write_result
 from cellcls.trainer import Trainer
@@ -81,7 +81,7 @@ def main(cfg: DictConfig) -> float:
         # one failing job is recorded and returns NaN (Optuna marks the trial failed); the sweep goes on
         try:
             return train(job_device(cfg, hc.job.num), run_dir, overrides)
-        except Exception as exc:  # noqa: BLE001 - any failure of one job must not end the sweep
+        except Exception as exc:
             log.exception("job %s failed: %s", hc.job.num, exc)
             write_result(run_dir, {"status": "failed", "overrides": overrides, "error": f"{type(exc).__name__}: {exc}",
                                    "traceback": traceback.format_exc()})

@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from cellcls import distributed
+from cellcls import distributed, plots
 from cellcls.callbacks import EarlyStopping, metric_mode
 from cellcls.checkpoint import save_checkpoint
 from cellcls.data.datamodule import DataBundle, build_data
@@ -33,7 +33,6 @@ from cellcls.errors import ConfigError
 from cellcls.hardware import cpu_bf16_works, resolve_device
 from cellcls.inference import mean_loss, run_inference
 from cellcls.loggers import RunLogger
-from cellcls import plots
 from cellcls.losses import ClassificationLoss, balanced_class_weights
 from cellcls.model_summary import summary_table
 from cellcls.models import build_model, count_parameters, l2_penalty, num_outputs

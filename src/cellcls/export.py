@@ -1,0 +1,60 @@
+"""``python -m cellcls.export checkpoint=<checkpoint or run folder> format=onnx|torchscript [output=<file>]``
+
+Writes the model with its normalisation inside and its model card (classes, input recipe, metrics) embedded and
+beside it as ``<output>.json``; the batch axis is dynamic. Default output: ``<run>/export/model.onnx`` or
+``<run>/export/model.torchscript.pt``. Other settings: opset=<ONNX opset, default 18>, check=true|false (run the
+exported model on random inputs and compare it with PyTorch, default true).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from cellcls.cli import as_bool, command_args, fail, parse_key_values
+from cellcls.errors import ConfigError
+from cellcls.exported import FORMATS, default_output, export_model, load_exported
+from cellcls.inference import LoadedModel, load_model
+
+SETTINGS = ("checkpoint", "format", "output", "opset", "check")
+
+
+def max_difference(loaded: LoadedModel, exported_path: Path, batch: int = 3) -> float:
+    """Largest absolute difference of class probabilities between the checkpoint and the exported file."""
+    prep = loaded.preprocessing
+    images = torch.randint(0, 256, (batch, int(prep["channels"]), *(int(v) for v in prep["image_size"])), dtype=torch.uint8)
+    exported = load_exported(exported_path, device="cpu")
+    return float(abs(loaded.predict(images) - exported.predict(images)).max())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, done = command_args(argv, __doc__)
+    if done is not None:
+        return done
+    try:
+        own, overrides = parse_key_values(args, SETTINGS, required=("checkpoint", "format"))
+        if overrides:
+            raise ConfigError(f"export takes no dataset settings, got {overrides}")
+        fmt = own["format"].lower()
+        if fmt not in FORMATS:
+            raise ConfigError(f"format={own['format']!r} is not valid; allowed values: {', '.join(FORMATS)}")
+        loaded = load_model(own["checkpoint"], device="cpu")
+        output = Path(own["output"]).expanduser() if "output" in own else default_output(loaded, fmt)
+        path = export_model(loaded, fmt, output, opset=int(own.get("opset", 18)))
+        diff = max_difference(loaded, path) if as_bool("check", own.get("check", "true")) else None
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        return fail(exc)
+    print(f"exported {loaded.card['model']} ({', '.join(loaded.classes)}) to {path}; model card {path.name}.json")
+    if diff is not None:
+        print(f"check: largest probability difference from PyTorch on random inputs {diff:.2e}")
+        if diff > 1e-4:
+            print("cellcls: error: the exported model disagrees with the checkpoint by more than 1e-4", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The web app's page (index.html), served by cellcls.serve."""

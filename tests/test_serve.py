@@ -1,0 +1,192 @@
+"""The web app's JSON API, served for real by ``python -m cellcls.serve`` in a subprocess."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import Server, malaria_images
+from PIL import Image
+
+from cellcls.exported import export_model
+from cellcls.inference import load_model
+from cellcls.predict import predict_files
+
+
+def call(url: str, body: dict | None = None, raw: bytes | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def upload(name: str, data: bytes) -> dict[str, str]:
+    return {"name": name, "data": base64.b64encode(data).decode()}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve-cwd")
+
+
+@pytest.fixture(scope="module")
+def server(malaria_run, workdir):
+    srv = Server(f"checkpoint={malaria_run}", "max_image_mb=0.5", "max_pixels=4000000", cwd=workdir)
+    yield srv
+    srv.stop()
+
+
+def test_info_shows_the_model_its_classes_input_size_and_validation_metrics(server):
+    status, info = call(server.url + "api/info")
+    assert status == 200
+    assert info["model"] == "lenet" and info["classes"] == ["Uninfected", "Parasitized"]
+    assert (info["input"]["height"], info["input"]["width"]) == (64, 64)
+    assert 0 <= info["metrics"]["val"]["accuracy"] <= 1 and info["gradcam"] is True
+    assert info["limits"] == {"max_image_mb": 0.5, "max_pixels": 4000000, "max_images": 32}
+
+
+def test_predict_endpoint_gives_the_predict_commands_answer_on_real_cells(server, malaria_run):
+    files = malaria_images(6)
+    status, out = call(server.url + "api/predict", {"images": [upload(p.name, p.read_bytes()) for p in files]})
+    assert status == 200
+    expected, _ = predict_files(load_model(malaria_run, device="cpu"), files)
+    for result, pred in zip(out["results"], expected):
+        assert result["ok"] and result["name"] == pred.file.name
+        assert result["label"] == pred.label(["Uninfected", "Parasitized"])
+        assert abs(result["probabilities"]["Parasitized"] - float(pred.probabilities[1])) < 1e-5
+        cam = Image.open(io.BytesIO(base64.b64decode(result["cam_png"])))
+        assert cam.size == (64, 64) and cam.mode == "RGB"
+
+
+def bomb_png() -> bytes:
+    # 3000 x 3000 of one colour: ~9 megapixels that compress to a few kilobytes
+    buf = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("name", "data", "message"), [
+    ("empty.png", b"", "empty.png is empty (0 bytes)"),
+    ("notes.png", b"these are notes, not pixels", "cannot decode image notes.png: not an image file"),
+    ("huge.png", b"\x89PNG" + bytes(600 * 1024), "huge.png is 0.6 MB; the limit is 0.5 MB per image"),
+    ("bomb.png", bomb_png(), "bomb.png: 3000x3000 pixels is over the limit of 4,000,000 pixels"),
+    ("cut.png", b"\x89PNG\r\n\x1a\n" + bytes(64), "cannot decode image cut.png"),
+])
+def test_a_bad_upload_gets_its_reason_and_the_others_still_get_answers(server, name, data, message):
+    good = malaria_images(1)[0]
+    status, out = call(server.url + "api/predict", {"images": [upload(name, data), upload(good.name, good.read_bytes())]})
+    assert status == 200
+    bad, ok = out["results"]
+    assert not bad["ok"] and message in bad["error"] and bad["label"] is None
+    assert ok["ok"] and ok["label"] in ("Uninfected", "Parasitized")
+    assert call(server.url + "health") == (200, {"status": "ok"})
+
+
+def test_malformed_requests_get_4xx_with_a_reason_and_the_server_stays_up(server):
+    assert call(server.url + "api/predict", {"images": []})[0] == 422
+    status, out = call(server.url + "api/predict", {"images": [{"name": "x.png", "data": "not base64!"}]})
+    assert status == 200 and out["results"][0]["error"] == "x.png: data is not valid base64"
+    assert call(server.url + "api/predict", raw=b"{not json")[0] == 422
+    status, out = announce_body(server.url, server_body_limit() + 1)
+    assert status == 413 and "request body is" in out["detail"]
+    assert call(server.url + "health") == (200, {"status": "ok"}) and server.alive()
+
+
+def announce_body(url: str, length: int) -> tuple[int, dict]:
+    """A POST whose Content-Length announces ``length`` bytes; the server must answer before any is sent."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.putrequest("POST", "/api/predict")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(length))
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, json.load(resp)
+    finally:
+        conn.close()
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_streams():
+    import asyncio
+
+    from starlette.responses import PlainTextResponse
+
+    from cellcls.webapp import BodyLimit
+
+    async def echo(scope, receive, send):
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await PlainTextResponse(f"{len(body)} bytes")(scope, receive, send)
+
+    def run(chunks: list[bytes]) -> list[dict]:
+        sent: list[dict] = []
+        queue = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+        async def receive():
+            return queue.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"transfer-encoding", b"chunked")]}
+        from starlette.exceptions import HTTPException
+
+        try:
+            asyncio.run(BodyLimit(echo, limit=10)(scope, receive, send))
+        except HTTPException as exc:
+            sent.append({"type": "refused", "status": exc.status_code})
+        return sent
+
+    assert run([b"12345", b"12345"])[0]["status"] == 200
+    outcome = run([b"12345", b"123456", b"1"])
+    assert outcome[-1] == {"type": "refused", "status": 413} and len(outcome) == 1
+
+
+def server_body_limit() -> int:
+    from cellcls.serve import Limits
+
+    return Limits(max_image_mb=0.5, max_pixels=4000000).max_body_bytes
+
+
+def test_uploads_are_never_written_to_disk(server, workdir, malaria_run):
+    before = sorted(p for p in malaria_run.rglob("*") if "export" not in p.parts)
+    good = malaria_images(1)[0]
+    call(server.url + "api/predict", {"images": [upload("a.png", good.read_bytes()), upload("b.png", b"junk")]})
+    assert list(workdir.iterdir()) == []
+    assert sorted(p for p in malaria_run.rglob("*") if "export" not in p.parts) == before
+
+
+def test_the_server_binds_to_localhost_unless_told(server):
+    assert server.url.startswith("http://127.0.0.1:")
+
+
+def test_an_exported_onnx_model_is_served_without_grad_cam(malaria_run, tmp_path):
+    path = export_model(load_model(malaria_run, device="cpu"), "onnx", tmp_path / "m.onnx")
+    srv = Server(f"checkpoint={path}", cwd=tmp_path)
+    try:
+        assert call(srv.url + "api/info")[1]["gradcam"] is False
+        good = malaria_images(1)[0]
+        status, out = call(srv.url + "api/predict", {"images": [upload(good.name, good.read_bytes())]})
+        assert status == 200 and out["results"][0]["ok"] and out["results"][0]["cam_png"] is None
+    finally:
+        srv.stop()
+
+
+def test_serve_names_a_missing_checkpoint(tmp_path):
+    with pytest.raises(RuntimeError, match="no checkpoint|not found|No such|does not exist"):
+        Server(f"checkpoint={tmp_path / 'nothing'}", cwd=tmp_path)
