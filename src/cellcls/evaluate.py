@@ -33,6 +33,7 @@ from cellcls.data.layout import Samples, scan_split
 from cellcls.data.transforms import build_augment, build_transform
 from cellcls.errors import ConfigError, DataError
 from cellcls.figures import cam_grid, feature_map_figure, mistakes_grid, prediction_grid
+from cellcls.hardware import eval_batch_size
 from cellcls.inference import LoadedModel, load_model, mean_loss, run_inference
 from cellcls.losses import probabilities
 from cellcls.metrics import evaluate_predictions
@@ -118,10 +119,14 @@ def evaluate(
     train_samples = None
     if data is not None:
         folder = Path(data).expanduser().resolve()
-        samples, loader, skipped = _folder_data(loaded, folder, int(cfg.dataset.batch_size))
+        t = cfg.get("trainer", {})
+        samples, loader, skipped = _folder_data(
+            loaded, folder, eval_batch_size(t.get("eval_batch_size", "auto"), int(cfg.dataset.batch_size), loaded.device))
         name, root = folder.name, folder
     else:
-        bundle = build_data(cfg.dataset, None, int(cfg.seed), loaded.device)
+        t = cfg.get("trainer", {})
+        bundle = build_data(cfg.dataset, None, int(cfg.seed), loaded.device, str(t.get("pipeline", "auto")),
+                            eval_batch_size(t.get("eval_batch_size", "auto"), int(cfg.dataset.batch_size), loaded.device))
         if split not in bundle.loaders:
             raise ConfigError(f"split={split!r} is not in this data set; available: {', '.join(bundle.loaders)}")
         samples, loader, skipped, name, root = bundle.splits[split], bundle.loaders[split], bundle.skipped, split, bundle.root

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -27,10 +28,16 @@ from cellcls import distributed, plots
 from cellcls.callbacks import EarlyStopping, metric_mode
 from cellcls.checkpoint import save_checkpoint
 from cellcls.data.datamodule import DataBundle, build_data
+from cellcls.data.device_loader import DeviceBatches
 from cellcls.data.splits import write_split_lists
 from cellcls.data.summary import count_table
 from cellcls.errors import ConfigError
-from cellcls.hardware import cpu_bf16_works, resolve_device
+from cellcls.hardware import (
+    cpu_bf16_works,
+    eval_batch_size,
+    resolve_device,
+    set_cpu_threads,
+)
 from cellcls.inference import mean_loss, run_inference
 from cellcls.loggers import RunLogger
 from cellcls.losses import ClassificationLoss, balanced_class_weights
@@ -65,6 +72,15 @@ def memory_format(setting: Any) -> torch.memory_format:
     if value not in ("auto", "true", "false"):
         raise ConfigError(f"trainer.channels_last={setting!r} is not valid; allowed values: auto, true, false")
     return torch.contiguous_format if value == "false" else torch.channels_last
+
+
+def as_flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text not in ("true", "false"):
+        raise ConfigError(f"{name}={value!r} is not valid; allowed values: true, false")
+    return text == "true"
 
 
 def seed_everything(seed: int) -> None:
@@ -102,6 +118,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if not self.is_main:
             logging.getLogger("cellcls").setLevel(logging.WARNING)
+        if self.device.type == "cpu":
+            set_cpu_threads(t.get("num_threads", "auto"), int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.dist.enabled else 1)
         self.amp_dtype = autocast_dtype(str(t.precision), self.device)
         if t.get("deterministic"):
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -112,7 +130,9 @@ class Trainer:
         # rank 0 fills the decoded cache first; the others then read it
         if not self.is_main:
             distributed.barrier()
-        self.data: DataBundle = build_data(cfg.dataset, cfg.get("augment"), self.seed, self.device)
+        self.data: DataBundle = build_data(
+            cfg.dataset, cfg.get("augment"), self.seed, self.device, str(t.get("pipeline", "auto")),
+            eval_batch_size(t.get("eval_batch_size", "auto"), int(cfg.dataset.batch_size), self.device))
         if self.is_main and self.dist.enabled:
             distributed.barrier()
         if self.dist.enabled:
@@ -127,6 +147,9 @@ class Trainer:
         self.model: nn.Module = self.net
         if self.dist.enabled:
             self.model = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if as_flag(t.get("compile", False), "trainer.compile"):
+            # the training step only: evaluation and checkpoints use the plain network (self.net)
+            self.model = torch.compile(self.model)
         self.outputs = num_outputs(len(classes), bool(self.model_spec.get("single_logit", False)))
 
         weights = None
@@ -159,6 +182,9 @@ class Trainer:
         old = self.data.loaders["train"]
         self.sampler = DistributedSampler(old.dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
                                           shuffle=bool(self.cfg.dataset.get("shuffle", True)), seed=self.seed)
+        if isinstance(old, DeviceBatches):
+            old.use_sampler(self.sampler)
+            return
         self.data.loaders["train"] = DataLoader(
             old.dataset, batch_size=old.batch_size, sampler=self.sampler, num_workers=old.num_workers,
             pin_memory=old.pin_memory, persistent_workers=old.persistent_workers, collate_fn=old.collate_fn)
@@ -205,9 +231,13 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> tuple[float, float]:
         self.model.train()
         loader = self.data.loaders["train"]
-        total_loss, correct, seen = 0.0, 0, 0
+        # running sums stay on the device: reading them every step would stall the GPU's queue of work
+        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen = 0
+        show = bool(self.cfg.trainer.progress_bar and self.is_main)
         bar = tqdm(loader, desc=f"epoch {epoch}/{self.cfg.trainer.max_epochs}", leave=False,
-                   disable=not (self.cfg.trainer.progress_bar and self.is_main), mininterval=0.5, dynamic_ncols=True)
+                   disable=not show, mininterval=0.5, dynamic_ncols=True)
         for step, (images, targets) in enumerate(bar):
             if targets.numel() == 0:  # every image of the batch failed to decode (uncached mode)
                 continue
@@ -226,13 +256,14 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             n = targets.shape[0]
-            total_loss += float(loss.detach()) * n
-            correct += int((self._predict_labels(logits) == targets).sum())
+            total_loss += loss.detach().double() * n
+            correct += (self._predict_labels(logits.detach()) == targets).sum()
             seen += n
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
+            if show and step % 20 == 0:
+                bar.set_postfix(loss=f"{float(total_loss) / seen:.4f}", acc=f"{int(correct) / seen:.4f}", refresh=False)
         bar.close()
-        total_loss, correct, seen = distributed.all_reduce_sum([total_loss, float(correct), float(seen)])
-        return total_loss / seen, correct / seen
+        total, right, count = distributed.all_reduce_sum([float(total_loss), float(correct), float(seen)])
+        return total / count, right / count
 
     def _predict_labels(self, logits: torch.Tensor) -> torch.Tensor:
         if logits.shape[1] == 1:
@@ -248,7 +279,7 @@ class Trainer:
 
     def _log_augmented(self, images: torch.Tensor) -> None:
         prep = self.data.preprocessing
-        shown = images[:32].float()
+        shown = images[:32].detach().float().cpu()
         if prep["mean"] is not None:
             mean = torch.tensor(prep["mean"]).view(1, -1, 1, 1)
             std = torch.tensor(prep["std"]).view(1, -1, 1, 1)

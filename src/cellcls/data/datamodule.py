@@ -12,8 +12,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from cellcls.data.batch_augment import BatchAugment
 from cellcls.data.cache import decode_split
 from cellcls.data.dataset import CachedImages, ImageFiles, skip_none_collate
+from cellcls.data.device_loader import DeviceBatches
 from cellcls.data.layout import Samples, discover_classes, locate_splits, scan_split
 from cellcls.data.splits import group_ids, stratified_holdout
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
@@ -32,7 +34,7 @@ class DataBundle:
     root: Path
     classes: list[str]
     splits: dict[str, Samples]
-    loaders: dict[str, DataLoader]
+    loaders: dict[str, DataLoader | DeviceBatches]
     preprocessing: dict[str, Any]
     train_generator: torch.Generator
     ignored: list[Path] = field(default_factory=list)
@@ -110,16 +112,42 @@ def _require_every_class(samples: Samples, classes: list[str], split: str) -> No
         raise DataError(f"the {split} split has no readable images of class(es) {empty}")
 
 
-def build_data(ds: DictConfig, augment: DictConfig | None, seed: int, device: torch.device) -> DataBundle:
-    """Locate, split, decode (once, cached) and wrap the data set ``ds``; only the training split is augmented."""
+PIPELINES = ("auto", "device", "loader")
+
+
+def resolve_pipeline(setting: str, cached: bool) -> str:
+    """``trainer.pipeline``: auto means the device pipeline for cached data, the DataLoader otherwise."""
+    if setting not in PIPELINES:
+        raise ConfigError(f"trainer.pipeline={setting!r} is not valid; allowed values: {', '.join(PIPELINES)}")
+    if setting == "device" and not cached:
+        raise ConfigError("trainer.pipeline=device reads the decoded cache: it needs dataset.cache=true")
+    return "device" if setting == "auto" and cached else ("loader" if setting == "auto" else setting)
+
+
+def build_data(
+    ds: DictConfig,
+    augment: DictConfig | None,
+    seed: int,
+    device: torch.device,
+    pipeline: str = "auto",
+    eval_batch_size: int | None = None,
+) -> DataBundle:
+    """Locate, split, decode (once, cached) and wrap the data set ``ds``; only the training split is augmented.
+
+    ``pipeline`` (``trainer.pipeline``) picks how batches reach ``device``: ``device`` gathers uint8 rows of the
+    cache and converts, augments and normalises them there in batches; ``loader`` is a DataLoader applying
+    torchvision transforms image by image (the only choice for uncached data). Validation and test batches hold
+    ``eval_batch_size`` images (default: ``dataset.batch_size``).
+    """
     root = resolve_root(ds)
     classes, folders = resolve_layout(ds, root)
     splits, ignored = make_splits(ds, folders, classes, seed)
     prep = preprocessing_of(ds)
     use_cache = bool(ds.get("cache", True))
+    mode = resolve_pipeline(str(pipeline), use_cache)
     workers = int(ds.get("num_workers", 0))
     generator = torch.Generator().manual_seed(seed)
-    loaders: dict[str, DataLoader] = {}
+    loaders: dict[str, DataLoader | DeviceBatches] = {}
     skipped: list[tuple[str, str]] = []
     for name, samples in splits.items():
         aug = OmegaConf.to_container(augment) if (name == "train" and augment is not None) else None
@@ -136,9 +164,18 @@ def build_data(ds: DictConfig, augment: DictConfig | None, seed: int, device: to
         else:
             dataset = ImageFiles(samples, prep["channels"], prep["image_size"], transform)
         _require_every_class(samples, classes, name)
+        batch_size = int(ds.batch_size) if name == "train" or not eval_batch_size else int(eval_batch_size)
+        if mode == "device":
+            loaders[name] = DeviceBatches(
+                decoded.file, decoded.kept, samples.labels, batch_size, device,
+                augment=BatchAugment(aug) if aug else None, mean=prep["mean"], std=prep["std"],
+                shuffle=name == "train" and bool(ds.get("shuffle", True)),
+                generator=generator if name == "train" else None,
+            )
+            continue
         loaders[name] = DataLoader(
             dataset,
-            batch_size=int(ds.batch_size),
+            batch_size=batch_size,
             shuffle=name == "train" and bool(ds.get("shuffle", True)),
             generator=generator if name == "train" else None,
             num_workers=workers,

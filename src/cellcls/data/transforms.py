@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,8 +20,29 @@ from cellcls.errors import ConfigError
 AUGMENT_KEYS = ("rotation", "shift", "shear", "zoom", "hflip", "vflip", "fill")
 
 
-def build_augment(cfg: Mapping[str, Any]) -> list[v2.Transform]:
-    """The random transforms an ``augment`` config asks for, acting on uint8 image tensors."""
+@dataclass(frozen=True)
+class AugmentSettings:
+    """An ``augment`` config, validated: the one reading shared by the per-image and the batched paths."""
+
+    rotation: float = 0.0  # degrees, uniform in [-rotation, rotation]
+    shift: float = 0.0  # fraction of width/height, uniform in [-shift, shift], rounded to whole pixels
+    shear: float = 0.0  # degrees (converted from Keras' radians), x-shear uniform in [-shear, shear]
+    zoom: float = 0.0  # scale uniform in [1 - zoom, 1 + zoom]
+    hflip: bool = False
+    vflip: bool = False
+    fill: tuple[float, ...] = (0.0,)  # border fill, 0-255, one value or one per channel
+
+    @property
+    def affine(self) -> bool:
+        return bool(self.rotation or self.shift or self.shear or self.zoom)
+
+    @property
+    def any(self) -> bool:
+        return self.affine or self.hflip or self.vflip
+
+
+def parse_augment(cfg: Mapping[str, Any]) -> AugmentSettings:
+    """Validate an ``augment`` config (unknown keys and out-of-range values are errors naming the setting)."""
     unknown = set(cfg) - set(AUGMENT_KEYS) - {"name"}
     if unknown:
         raise ConfigError(f"augment: unknown setting(s) {sorted(unknown)}; allowed: {list(AUGMENT_KEYS)}")
@@ -32,22 +54,30 @@ def build_augment(cfg: Mapping[str, Any]) -> list[v2.Transform]:
     for key, (value, hi) in limits.items():
         if not 0 <= value <= hi:
             raise ConfigError(f"augment.{key} must be between 0 and {hi:g}, got {value:g}")
+    fill = cfg.get("fill", 0)
+    fill_values = (float(fill),) if isinstance(fill, (int, float)) else tuple(float(v) for v in fill)
+    return AugmentSettings(rotation, shift, math.degrees(shear), zoom, bool(cfg.get("hflip")), bool(cfg.get("vflip")),
+                           fill_values)
+
+
+def build_augment(cfg: Mapping[str, Any]) -> list[v2.Transform]:
+    """The random transforms an ``augment`` config asks for, acting on uint8 image tensors."""
+    a = parse_augment(cfg)
     transforms: list[v2.Transform] = []
-    if rotation or shift or shear or zoom:
-        fill = cfg.get("fill", 0)
+    if a.affine:
         transforms.append(
             v2.RandomAffine(
-                degrees=rotation,
-                translate=(shift, shift) if shift else None,
-                scale=(1 - zoom, 1 + zoom) if zoom else None,
-                shear=math.degrees(shear) if shear else None,
+                degrees=a.rotation,
+                translate=(a.shift, a.shift) if a.shift else None,
+                scale=(1 - a.zoom, 1 + a.zoom) if a.zoom else None,
+                shear=a.shear if a.shear else None,
                 interpolation=v2.InterpolationMode.BILINEAR,
-                fill=fill if isinstance(fill, (int, float)) else list(fill),
+                fill=a.fill[0] if len(a.fill) == 1 else list(a.fill),
             )
         )
-    if cfg.get("hflip"):
+    if a.hflip:
         transforms.append(v2.RandomHorizontalFlip(0.5))
-    if cfg.get("vflip"):
+    if a.vflip:
         transforms.append(v2.RandomVerticalFlip(0.5))
     return transforms
 
