@@ -135,16 +135,17 @@ def test_a_split_left_without_a_class_after_skipping_is_an_error(tmp_path):
         build_data(cfg.dataset, cfg.augment, 0, torch.device("cpu"))
 
 
-def test_only_the_training_split_is_augmented():
-    cfg = compose_config(*TINY, "augment=s1_malaria")
-    data = build_data(cfg.dataset, cfg.augment, 0, torch.device("cpu"))
+@pytest.mark.parametrize("pipeline", ["device", "loader"])
+def test_only_the_training_split_is_augmented(pipeline):
+    cfg = compose_config(*TINY, "augment=s1_malaria", "dataset.shuffle=false")
+    data = build_data(cfg.dataset, cfg.augment, 0, torch.device("cpu"), pipeline)
+
+    def epoch(split: str) -> torch.Tensor:
+        return torch.cat([x for x, _ in data.loaders[split]])
+
     for split in ("val", "test"):
-        dataset = data.loaders[split].dataset
-        first = torch.stack([dataset[i][0] for i in range(8)])
-        again = torch.stack([dataset[i][0] for i in range(8)])
-        assert torch.equal(first, again)
-    train = data.loaders["train"].dataset
-    assert not torch.equal(torch.stack([train[i][0] for i in range(8)]), torch.stack([train[i][0] for i in range(8)]))
+        assert torch.equal(epoch(split), epoch(split))
+    assert not torch.equal(epoch("train"), epoch("train"))
 
 
 @pytest.mark.parametrize(
@@ -179,3 +180,19 @@ def test_rotation_really_rotates_an_image():
     # a rotated bar leaves the middle row and lights pixels off it
     assert any(o[0, 16, :].float().mean() < 200 and o[0, :16, :].float().sum() > 0 for o in outputs)
     assert all(o[0, 16, 16] > 100 for o in outputs)  # the centre stays on the bar
+
+
+def test_worker_processes_and_threads_decode_the_same_pixels_and_skip_the_same_files(tmp_path, monkeypatch):
+    from cellcls.data import cache
+    from cellcls.data.layout import Samples
+
+    files = copy_images(real_dataset("malaria") / "cell_images" / "Parasitized", tmp_path / "imgs", 40)
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
+    samples = Samples([*files[:20], tmp_path / "imgs" / "broken.png", *files[20:]], [0] * 41)
+    results = {}
+    for mode, threshold in (("threads", 10**9), ("processes", 1)):
+        monkeypatch.setattr(cache, "PROCESS_POOL_MIN_IMAGES", threshold)
+        out = decode_split(samples, 3, (48, 48), tmp_path / mode, workers=2, progress=False)
+        results[mode] = (np.load(out.file)[out.kept], out.kept, [p for p, _ in out.skipped])
+    assert np.array_equal(results["threads"][0], results["processes"][0])
+    assert results["threads"][1:] == results["processes"][1:] and results["threads"][2] == [str(tmp_path / "imgs" / "broken.png")]

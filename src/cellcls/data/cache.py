@@ -11,18 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from cellcls.data.dataset import load_image
+from cellcls.data.decode import decode_image, decode_rows
 from cellcls.data.layout import Samples
 from cellcls.errors import DataError
 
@@ -48,11 +50,39 @@ def cache_key(samples: Samples, channels: int, size: Sequence[int]) -> str:
     return digest.hexdigest()[:20]
 
 
-def _decode(path: Path, channels: int, size: Sequence[int]) -> np.ndarray | str:
+# Below this many images threads are enough; above it, worker processes (Pillow's PNG reader parses chunks in
+# Python and holds the GIL for part of every image, so threads stop scaling at about 1.4 cores).
+PROCESS_POOL_MIN_IMAGES = 256
+CHUNK = 64
+
+
+def _decode_all(
+    file: Path, pixels: np.ndarray, samples: Samples, channels: int, size: Sequence[int], workers: int
+) -> Iterator[tuple[int, str | None]]:
+    """Decode every sample into its row of ``pixels`` (the memmap of ``file``), yielding (row, error or None)
+    in order as rows finish."""
+    n = len(samples)
+    if workers > 1 and n >= PROCESS_POOL_MIN_IMAGES and "fork" in mp.get_all_start_methods():
+        pixels.flush()
+        # fork: a spawned worker would re-import the caller's __main__ (torch, Hydra) before decoding anything;
+        # the workers only run Pillow and NumPy, which are safe after fork
+        jobs = [[(i, str(samples.paths[i])) for i in range(start, min(start + CHUNK, n))] for start in range(0, n, CHUNK)]
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+            for done in pool.map(decode_rows, repeat(str(file)), jobs, repeat(channels), repeat(list(size))):
+                yield from done
+        return
+    # Pillow releases the GIL while decoding and resizing; each thread writes its row itself
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        yield from zip(range(n), pool.map(lambda i: _decode_into(pixels, i, samples.paths[i], channels, size), range(n)))
+
+
+def _decode_into(pixels: np.ndarray, i: int, path: Path, channels: int, size: Sequence[int]) -> str | None:
+    """Decode image ``i`` straight into its row of the cache; the reason when it cannot be read."""
     try:
-        return load_image(path, channels, size).numpy()
+        pixels[i] = decode_image(path, channels, size)
     except DataError as exc:
         return str(exc.__cause__ or exc)
+    return None
 
 
 def decode_split(
@@ -82,17 +112,13 @@ def decode_split(
         )
         kept: list[int] = []
         skipped: list[tuple[str, str]] = []
-        # Pillow releases the GIL while decoding and resizing, so threads scale without pickling pixels
-        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-            results = pool.map(lambda p: _decode(p, channels, size), samples.paths, chunksize=16)
-            for i, result in enumerate(tqdm(results, total=len(samples), desc=desc, disable=not progress,
-                                            mininterval=1.0, leave=False)):
-                if isinstance(result, str):
-                    skipped.append((str(samples.paths[i]), result))
-                    log.warning("skipping unreadable image %s: %s", samples.paths[i], result)
-                else:
-                    pixels[i] = result
-                    kept.append(i)
+        rows = _decode_all(tmp / "images.npy", pixels, samples, channels, size, workers or os.cpu_count() or 1)
+        for i, error in tqdm(rows, total=len(samples), desc=desc, disable=not progress, mininterval=1.0, leave=False):
+            if error is not None:
+                skipped.append((str(samples.paths[i]), error))
+                log.warning("skipping unreadable image %s: %s", samples.paths[i], error)
+            else:
+                kept.append(i)
         pixels.flush()
         del pixels
         meta = {"version": CACHE_VERSION, "count": len(samples), "channels": channels, "size": [height, width],

@@ -9,10 +9,9 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
-from torchvision.transforms.v2 import functional as F
 
+from cellcls.data.decode import decode_image
 from cellcls.data.layout import Samples
 from cellcls.errors import DataError
 
@@ -20,40 +19,8 @@ from cellcls.errors import DataError
 def load_image(
     source: Path | BinaryIO, channels: int, size: Sequence[int], name: str | None = None, max_pixels: int | None = None
 ) -> torch.Tensor:
-    """Decode a file (or an open binary stream) to a ``channels x H x W`` uint8 tensor: EXIF orientation applied,
-    any Pillow mode converted to L or RGB, resized with antialiasing to ``size`` (height, width).
-
-    ``max_pixels`` refuses larger images before their pixels are decoded (decompression bombs); ``name`` is what
-    error messages call a stream.
-    """
-    label = name or str(source)
-    try:
-        with Image.open(source) as im:
-            if max_pixels is not None and im.width * im.height > max_pixels:
-                raise DataError(f"{label}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,} pixels")
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                # 16/32-bit greyscale (X-rays): Pillow's convert("L") would clip, so rescale the range instead
-                im = _to_l(im)
-            im = im.convert("RGB" if channels == 3 else "L")
-            im = im.resize((int(size[1]), int(size[0])), Image.Resampling.BILINEAR, reducing_gap=None)
-            return F.pil_to_tensor(im)
-    except DataError:
-        raise
-    except UnidentifiedImageError as exc:
-        raise DataError(f"cannot decode image {label}: not an image file Pillow can read (PNG, JPEG, TIFF, BMP, ...)") from exc
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"{label}: refused as a possible decompression bomb ({exc})") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot decode image {label}: {exc}") from exc
-
-
-def _to_l(im: Image.Image) -> Image.Image:
-    """High-bit-depth greyscale to 8-bit L, scaling the full range of the image."""
-    arr = np.asarray(im, dtype=np.float64)
-    lo, hi = float(arr.min()), float(arr.max())
-    scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-    return Image.fromarray(scaled.astype(np.uint8))
+    """:func:`cellcls.data.decode.decode_image` as a ``channels x H x W`` uint8 tensor."""
+    return torch.from_numpy(decode_image(source, channels, size, name, max_pixels))
 
 
 class CachedImages(Dataset):

@@ -1,0 +1,75 @@
+"""Decoding one image file into the model's uint8 pixels (Pillow and NumPy only: cheap to import in a worker)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cellcls.errors import DataError
+
+
+def decode_image(
+    source: Path | BinaryIO, channels: int, size: Sequence[int], name: str | None = None, max_pixels: int | None = None
+) -> np.ndarray:
+    """Decode a file (or an open binary stream) to a ``channels x H x W`` uint8 array: EXIF orientation applied,
+    any Pillow mode converted to L or RGB, resized with antialiasing to ``size`` (height, width).
+
+    ``max_pixels`` refuses larger images before their pixels are decoded (decompression bombs); ``name`` is what
+    error messages call a stream.
+    """
+    label = name or str(source)
+    try:
+        with Image.open(source) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise DataError(f"{label}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,} pixels")
+            im = ImageOps.exif_transpose(im) if _has_orientation(im) else im
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                # 16/32-bit greyscale (X-rays): Pillow's convert("L") would clip, so rescale the range instead
+                im = _to_l(im)
+            mode = "RGB" if channels == 3 else "L"
+            im = im if im.mode == mode else im.convert(mode)
+            im = im.resize((int(size[1]), int(size[0])), Image.Resampling.BILINEAR, reducing_gap=None)
+            return np.asarray(im).reshape(im.height, im.width, -1).transpose(2, 0, 1).copy()  # writable, C order
+    except DataError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise DataError(f"cannot decode image {label}: not an image file Pillow can read (PNG, JPEG, TIFF, BMP, ...)") from exc
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{label}: refused as a possible decompression bomb ({exc})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot decode image {label}: {exc}") from exc
+
+
+def _has_orientation(im: Image.Image) -> bool:
+    """Whether the image carries an EXIF orientation other than 'normal'. A PNG is asked only when its EXIF chunk
+    came before the pixels: otherwise Pillow would decode the whole file just to look for one at the end."""
+    if im.format in ("JPEG", "MPO", "TIFF", "WEBP") or "exif" in im.info:
+        return im.getexif().get(0x0112, 1) != 1
+    return False
+
+
+def _to_l(im: Image.Image) -> Image.Image:
+    """High-bit-depth greyscale to 8-bit L, scaling the full range of the image."""
+    arr = np.asarray(im, dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(scaled.astype(np.uint8))
+
+
+def decode_rows(file: str, jobs: Sequence[tuple[int, str]], channels: int, size: Sequence[int]) -> list[tuple[int, str | None]]:
+    """Decode ``(row, path)`` jobs straight into the rows of the ``.npy`` cache ``file`` (a worker process's
+    task); returns each row with the reason it could not be read, or None."""
+    pixels = np.load(file, mmap_mode="r+")
+    done: list[tuple[int, str | None]] = []
+    for row, path in jobs:
+        try:
+            pixels[row] = decode_image(Path(path), channels, size)
+            done.append((row, None))
+        except DataError as exc:
+            done.append((row, str(exc.__cause__ or exc)))
+    pixels.flush()
+    return done
