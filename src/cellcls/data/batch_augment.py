@@ -79,19 +79,19 @@ class BatchAugment:
             if a.vflip:
                 out = torch.where((p.flip_y < 0).to(images.device).view(-1, 1, 1, 1), out.flip(-2), out)
             return out
-        n, c, h, w = images.shape
+        h, w = images.shape[-2:]
         theta = inverse_affine(p).to(device=images.device, dtype=images.dtype)
         # flipping the output is flipping the grid's x (y) coordinates: scale the matrix's first (second) column
         theta[:, :, 0] *= p.flip_x.to(theta)[:, None]
         theta[:, :, 1] *= p.flip_y.to(theta)[:, None]
         grid = pixel_grid(theta, h, w)
-        mask = torch.ones((n, 1, h, w), dtype=images.dtype, device=images.device)
-        sampled = F.grid_sample(torch.cat((images, mask), dim=1), grid, mode="bilinear", padding_mode="zeros",
-                                align_corners=False)
-        out, mask = sampled[:, :c], sampled[:, c:]
+        out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        mask = coverage(grid, h, w).unsqueeze(1)
+        # torchvision's blend: mask * (img - fill) + fill, which is img * mask for a black fill
+        if not any(a.fill):
+            return out.mul_(mask)
         fill = torch.tensor(a.fill, dtype=images.dtype, device=images.device).div_(255.0)
         fill = fill.view(1, -1, 1, 1) if fill.numel() > 1 else fill.view(1, 1, 1, 1)
-        # torchvision's blend: mask * (img - fill) + fill
         return out.sub_(fill).mul_(mask).add_(fill)
 
 
@@ -109,10 +109,18 @@ def inverse_affine(p: AffineParams) -> torch.Tensor:
     return torch.stack([torch.stack([m00, m01, m02], 1), torch.stack([m10, m11, m12], 1)], 1)
 
 
+def coverage(grid: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """What bilinear ``grid_sample`` of an all-ones image with zero padding returns (torchvision samples such a
+    mask channel to blend in the fill colour), computed from the grid directly. Per axis it is the in-bounds share
+    of the two neighbours' weights, ``clamp(min(u + 1, size - u), 0, 1)`` at input pixel coordinate ``u``; in the
+    grid's normalised coordinate ``g`` that is ``clamp(0.5 + size / 2 * (1 - |g|), 0, 1)``."""
+    half = grid.new_tensor([w * 0.5, h * 0.5])
+    per_axis = grid.abs().mul_(-half).add_(half + 0.5).clamp_(0, 1)
+    return per_axis[..., 0] * per_axis[..., 1]
+
+
 def pixel_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The ``grid_sample`` grid for matrices in centred pixel units (torchvision's ``_affine_grid``)."""
-    xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w, device=theta.device, dtype=theta.dtype)
-    ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h, device=theta.device, dtype=theta.dtype)
-    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, dtype=theta.dtype, device=theta.device)], -1)
-    scaled = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], dtype=theta.dtype, device=theta.device)
-    return base.view(1, h * w, 3).expand(theta.shape[0], -1, -1).bmm(scaled).view(-1, h, w, 2)
+    """The ``grid_sample`` grid for matrices in centred pixel units, as torchvision's ``_affine_grid`` builds it,
+    through ``F.affine_grid`` (whose normalised coordinates are the centred pixel ones scaled by 2 / size)."""
+    scale = theta.new_tensor([[1.0, h / w, 2.0 / w], [w / h, 1.0, 2.0 / h]])
+    return F.affine_grid(theta * scale, [theta.shape[0], 1, h, w], align_corners=False)

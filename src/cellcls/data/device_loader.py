@@ -115,19 +115,23 @@ class DeviceBatches:
                 except queue.Empty:
                     worker.join(timeout=0.05)
 
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+    def prepare(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 on the device -> the model's float input (ToDtype(scale=True), augmentation, Normalize)."""
         x = images.to(torch.float32).mul_(1.0 / 255)
         if self.augment is not None:
-            x = self.augment(x)
+            x = self.augment(x, generator)
         if self.mean is not None:
             x = x.sub_(self.mean).div_(self.std)
         return x
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # the epoch's augmentation stream, seeded from torch's global generator (which the trainer seeds per
+        # epoch): reproducible, and independent of whichever thread draws from it
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
         if self.device.type != "cuda":
+            # finished here, not in the gathering thread: on the CPU both would compete for the same cores
             for images, labels in self._host_batches():
-                yield self.prepare(images), labels
+                yield self.prepare(images, generator), labels
             return
         # CUDA: copy batch i+1 on a side stream while batch i computes on the current stream
         stream = torch.cuda.Stream(self.device)
@@ -139,14 +143,14 @@ class DeviceBatches:
                 event = torch.cuda.Event()
                 event.record(stream)
             if pending is not None:
-                yield self._ready(*pending, current)
+                yield self._ready(*pending, current, generator)
             pending = (*copied, event)
         if pending is not None:
-            yield self._ready(*pending, current)
+            yield self._ready(*pending, current, generator)
 
-    def _ready(self, images: torch.Tensor, labels: torch.Tensor, copied: torch.cuda.Event,
-               current: torch.cuda.Stream) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ready(self, images: torch.Tensor, labels: torch.Tensor, copied: torch.cuda.Event, current: torch.cuda.Stream,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         current.wait_event(copied)  # this batch's copy only, not the next one's
         images.record_stream(current)
         labels.record_stream(current)
-        return self.prepare(images), labels
+        return self.prepare(images, generator), labels
