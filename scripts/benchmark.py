@@ -81,6 +81,16 @@ def peak_rss_mb() -> float:
     return (own + kids) / 1024
 
 
+def rss_parts_mb() -> dict[str, float]:
+    """Resident memory now, split into anonymous (the process' own) and file-backed pages (here: the memory-mapped
+    cache, which the kernel can drop and re-read at will), from /proc/self/status (Linux only)."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return {}
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+    return {f"{key.lower()}_mb": int(fields[key].split()[0]) / 1024 for key in ("RssAnon", "RssFile") if key in fields}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -334,8 +344,9 @@ def scaling_child(size: int, own: dict[str, str], overrides: list[str]) -> None:
         sync(trainer.device)
         seconds = time.perf_counter() - start
         images = len(trainer.data.splits["train"])
+        memory = rss_parts_mb()
     print(json.dumps({"size": size, "train_images": images, "epoch_s": seconds, "rss_before_training_mb": rss_before,
-                      "peak_rss_mb": peak_rss_mb()}))
+                      "peak_rss_mb": peak_rss_mb(), **memory}))
 
 
 def main_scaling(own: dict[str, str], overrides: list[str]) -> None:
@@ -349,9 +360,12 @@ def main_scaling(own: dict[str, str], overrides: list[str]) -> None:
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
         r = rows[-1]
         print(f"{r['train_images']:>7} training images: epoch {r['epoch_s']:.1f} s "
-              f"({r['train_images'] / r['epoch_s']:.0f} img/s), peak RSS {r['peak_rss_mb']:.0f} MB")
+              f"({r['train_images'] / r['epoch_s']:.0f} img/s), peak RSS {r['peak_rss_mb']:.0f} MB; after the epoch "
+              f"anonymous {r.get('rssanon_mb', float('nan')):.0f} MB + file-backed {r.get('rssfile_mb', float('nan')):.0f} MB")
     device = resolve_device(own.get("device", "auto"), setting="device")
-    cells = " / ".join(f"{r['train_images']}: {r['epoch_s']:.1f} s, {r['peak_rss_mb']:.0f} MB" for r in rows)
+    cells = " / ".join(f"{r['train_images']}: {r['epoch_s']:.1f} s, peak {r['peak_rss_mb']:.0f} MB "
+                       f"(anon {r.get('rssanon_mb', float('nan')):.0f} + file {r.get('rssfile_mb', float('nan')):.0f})"
+                       for r in rows)
     row = f"| {datetime.now(timezone.utc):%Y-%m-%d} | {machine(device)} | {versions()} | {cells} | `{command_line()}` |"
     append_row(own.get("output", str(REPO / "docs" / "BENCHMARKS.md")), "results:scaling", row)
 
