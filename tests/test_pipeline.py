@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +25,6 @@ from cellcls.data.dataset import load_image
 from cellcls.data.device_loader import DeviceBatches
 from cellcls.data.transforms import build_transform
 from cellcls.errors import ConfigError
-from cellcls.hardware import cpu_bf16_works
 from cellcls.losses import ClassificationLoss
 from cellcls.models import build_model
 
@@ -178,24 +175,10 @@ def test_torch_compile_path_trains_on_the_cpu(tmp_path):
     assert np.isfinite(float(row[1]))
 
 
-def test_bf16_autocast_path_trains_on_the_cpu(tmp_path):
-    env = dict(os.environ)
-    if not cpu_bf16_works():
-        # this VM advertises AMX that does not run; keeping oneDNN below AMX is the documented way round it
-        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-        if "avx512_bf16" not in flags:
-            pytest.skip("this CPU has no bf16 instructions (no avx512_bf16 / AMX): CPU bf16 autocast cannot run here")
-        env["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"
-    done = subprocess.run([sys.executable, "-m", "cellcls.train", *TINY, "trainer.max_epochs=1", "trainer.precision=bf16",
-                           f"hydra.run.dir={tmp_path}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "checkpoints" / "best.pt").is_file()
-
-
 def test_the_benchmark_script_runs_end_to_end_on_a_tiny_synthetic_set(tmp_path):
     results = tmp_path / "BENCHMARKS.md"
     results.write_text((REPO / "docs" / "BENCHMARKS.md").read_text())
+    before = results.read_text().splitlines()
     done = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "benchmark.py"), "dataset.render.train_per_class=48",
          "dataset.render.test_per_class=16", "dataset.render.size=32", "dataset.image_size=[32,32]", "epochs=1",
@@ -203,8 +186,8 @@ def test_the_benchmark_script_runs_end_to_end_on_a_tiny_synthetic_set(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "a/b" in done.stdout and "a/c" in done.stdout
-    rows = [line for line in results.read_text().splitlines() if line.startswith("| 20")]
-    assert len(rows) == 1 and "scripts/benchmark.py" in rows[0]
+    added = [line for line in results.read_text().splitlines() if line not in before]
+    assert len(added) == 1 and added[0].startswith("| 20") and "scripts/benchmark.py" in added[0]
 
 
 def test_the_benchmark_scaling_run_reports_each_size(tmp_path):
