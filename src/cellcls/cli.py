@@ -37,6 +37,14 @@ def parse_key_values(argv: Sequence[str], allowed: Sequence[str], required: Sequ
     return own, overrides
 
 
+def own_settings(argv: Sequence[str], allowed: Sequence[str], command: str, required: Sequence[str] = ()) -> dict[str, str]:
+    """:func:`parse_key_values` for a command that takes no ``dataset.*`` overrides."""
+    own, overrides = parse_key_values(argv, allowed, required)
+    if overrides:
+        raise ConfigError(f"{command} takes no dataset settings, got {overrides}")
+    return own
+
+
 def as_bool(name: str, value: str) -> bool:
     if value.lower() in ("1", "true", "yes", "on"):
         return True

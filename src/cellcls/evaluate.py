@@ -117,16 +117,14 @@ def evaluate(
     cfg = loaded.config
     apply_overrides(cfg, overrides)
     train_samples = None
+    t = cfg.get("trainer", {})
+    batch = eval_batch_size(t.get("eval_batch_size", "auto"), int(cfg.dataset.batch_size), loaded.device)
     if data is not None:
         folder = Path(data).expanduser().resolve()
-        t = cfg.get("trainer", {})
-        samples, loader, skipped = _folder_data(
-            loaded, folder, eval_batch_size(t.get("eval_batch_size", "auto"), int(cfg.dataset.batch_size), loaded.device))
+        samples, loader, skipped = _folder_data(loaded, folder, batch)
         name, root = folder.name, folder
     else:
-        t = cfg.get("trainer", {})
-        bundle = build_data(cfg.dataset, None, int(cfg.seed), loaded.device, str(t.get("pipeline", "auto")),
-                            eval_batch_size(t.get("eval_batch_size", "auto"), int(cfg.dataset.batch_size), loaded.device))
+        bundle = build_data(cfg.dataset, None, int(cfg.seed), loaded.device, str(t.get("pipeline", "auto")), batch)
         if split not in bundle.loaders:
             raise ConfigError(f"split={split!r} is not in this data set; available: {', '.join(bundle.loaders)}")
         samples, loader, skipped, name, root = bundle.splits[split], bundle.loaders[split], bundle.skipped, split, bundle.root

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cellcls.cli import as_bool, command_args, fail, parse_key_values
+from cellcls.cli import as_bool, command_args, fail, own_settings
 from cellcls.errors import ConfigError
 from cellcls.exported import FORMATS, default_output, export_model, load_exported
 from cellcls.inference import LoadedModel, load_model
@@ -35,9 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if done is not None:
         return done
     try:
-        own, overrides = parse_key_values(args, SETTINGS, required=("checkpoint", "format"))
-        if overrides:
-            raise ConfigError(f"export takes no dataset settings, got {overrides}")
+        own = own_settings(args, SETTINGS, "export", required=("checkpoint", "format"))
         fmt = own["format"].lower()
         if fmt not in FORMATS:
             raise ConfigError(f"format={own['format']!r} is not valid; allowed values: {', '.join(FORMATS)}")

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from cellcls import plots
-from cellcls.cli import as_bool, command_args, fail, parse_key_values
+from cellcls.cli import as_bool, command_args, fail, own_settings
 from cellcls.data.dataset import load_image
 from cellcls.data.layout import IMAGE_EXTENSIONS
 from cellcls.errors import ConfigError, DataError
@@ -97,9 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if done is not None:
         return done
     try:
-        own, overrides = parse_key_values(args, SETTINGS, required=("checkpoint", "input"))
-        if overrides:
-            raise ConfigError(f"predict takes no dataset settings, got {overrides}")
+        own = own_settings(args, SETTINGS, "predict", required=("checkpoint", "input"))
         location = Path(own["input"]).expanduser()
         files = list_inputs(location)
         if not files:

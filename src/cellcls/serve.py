@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from cellcls import plots
-from cellcls.cli import command_args, fail, parse_key_values
+from cellcls.cli import command_args, fail, own_settings
 from cellcls.data.dataset import load_image
 from cellcls.errors import ConfigError, DataError
 from cellcls.exported import Predictor, load_predictor
@@ -124,9 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if done is not None:
         return done
     try:
-        own, overrides = parse_key_values(args, SETTINGS, required=("checkpoint",))
-        if overrides:
-            raise ConfigError(f"serve takes no dataset settings, got {overrides}")
+        own = own_settings(args, SETTINGS, "serve", required=("checkpoint",))
         limits = Limits(float(own.get("max_image_mb", 20)), int(float(own.get("max_pixels", 50_000_000))),
                         int(own.get("max_images", 32)))
         if limits.max_image_mb <= 0 or limits.max_pixels <= 0 or limits.max_images <= 0:

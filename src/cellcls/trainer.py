@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from cellcls import distributed, plots
 from cellcls.callbacks import EarlyStopping, metric_mode
 from cellcls.checkpoint import save_checkpoint
+from cellcls.cli import as_bool
 from cellcls.data.datamodule import DataBundle, build_data
 from cellcls.data.device_loader import DeviceBatches
 from cellcls.data.splits import write_split_lists
@@ -72,15 +73,6 @@ def memory_format(setting: Any) -> torch.memory_format:
     if value not in ("auto", "true", "false"):
         raise ConfigError(f"trainer.channels_last={setting!r} is not valid; allowed values: auto, true, false")
     return torch.contiguous_format if value == "false" else torch.channels_last
-
-
-def as_flag(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).lower()
-    if text not in ("true", "false"):
-        raise ConfigError(f"{name}={value!r} is not valid; allowed values: true, false")
-    return text == "true"
 
 
 def seed_everything(seed: int) -> None:
@@ -147,7 +139,7 @@ class Trainer:
         self.model: nn.Module = self.net
         if self.dist.enabled:
             self.model = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if as_flag(t.get("compile", False), "trainer.compile"):
+        if as_bool("trainer.compile", str(t.get("compile", False))):
             # the training step only: evaluation and checkpoints use the plain network (self.net)
             self.model = torch.compile(self.model)
         self.outputs = num_outputs(len(classes), bool(self.model_spec.get("single_logit", False)))
