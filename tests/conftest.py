@@ -49,6 +49,16 @@ def train_in_process(run_dir: Path, *overrides: str) -> float:
     return train(compose_config(*overrides), run_dir, overrides)
 
 
+@pytest.fixture(scope="session")
+def one_epoch_run(tmp_path_factory: pytest.TempPathFactory, cache_root: Path) -> Path:
+    """A run folder of one epoch on the tiny synthetic set (default settings), shared by tests that only read it."""
+    run = tmp_path_factory.mktemp("one_epoch_run")
+    with pytest.MonkeyPatch.context() as mp:  # the autouse cache fixture is per test, not yet active here
+        mp.setenv("CELLCLS_CACHE", str(cache_root))
+        train_in_process(run, "trainer.max_epochs=1", "logger.tensorboard=false", *TINY)
+    return run
+
+
 def run_cli(module: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     """``python -m <module> <args>`` as a user runs it, from ``cwd``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

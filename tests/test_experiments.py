@@ -15,7 +15,7 @@ RECIPES = {
     "s2_blood_80": dict(dataset="blood_cells", size=[80, 80], channels=3, batch=32, model="blood_cnn", optim="adadelta",
                         augment="s2_blood_80", epochs=30, weights="none", early=False, scheduler="none"),
     "s3_skin_cnn": dict(dataset="skin_cancer", size=[240, 240], channels=3, batch=32, model="skin_cnn", optim="adam",
-                        augment="none", epochs=5, weights="none", early=False, scheduler="none"),
+                        augment="none", epochs=50, weights="none", early=False, scheduler="none"),
     "s4_pneumonia_xray": dict(dataset="pneumonia", size=[500, 500], channels=1, batch=16, model="xray_cnn",
                               optim="adam", augment="s4_pneumonia", epochs=25, weights="balanced", early=True,
                               scheduler="plateau"),

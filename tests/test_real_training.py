@@ -1,14 +1,15 @@
-"""One short real training run per data set on its real subset (../shared/data): each beats chance clearly.
+"""Real training runs on the real subsets (../shared/data): each beats chance clearly.
 
-Settings are chosen to learn within CPU minutes on a few hundred images: inputs are zero-centred
-(``dataset.mean/std``), Adam, batch 16, and no LR cuts or early stopping that would end the run during the first
-plateau that these small CNNs show from Keras' initialisation.
+S1 is checked at its own settings (LeNet, 128 px, batch 32) over three seeds, against the floor that issue 11's fix
+clears with margin. The others are shortened to learn within CPU minutes on a few hundred images: Adam, batch 16,
+smaller inputs, and no LR cuts or early stopping. Their explicit ``dataset.mean/std`` predate ``auto``.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import statistics
 
 import pytest
 from conftest import real_dataset, train_in_process
@@ -32,12 +33,20 @@ def rows(run_dir):
         return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
 
 
-def test_malaria_lenet_reaches_85_percent_validation_accuracy_on_unseen_patients(tmp_path):
+def test_s1_lenet_with_adam_learns_as_well_as_a_plain_pytorch_loop_over_three_seeds(tmp_path):
+    # Issue 11's guard. The mean over three seeds of one fixed patient split (92 test cells from unseen patients)
+    # must clear 0.85. Measured on this split (docs/QUALITY.md): the current defaults give 0.95-0.99 per seed; the
+    # defaults before the fix (pixels / 255 and Keras' initialisation) gave 0.58-0.80 (mean 0.68), as did the
+    # plain-PyTorch loop on unnormalised pixels, while the same loop on standardised pixels gives 0.96-0.99.
     root = real_dataset("malaria")
-    train_in_process(tmp_path, "dataset=malaria", f"dataset.root={root}", "augment=s1_malaria",
-                     "trainer.max_epochs=30", *FAST)
-    assert max(r["val_accuracy"] for r in rows(tmp_path)) >= 0.85
-    assert json.loads((tmp_path / "test_metrics.json").read_text())["accuracy"] >= 0.80
+    accuracies = []
+    for seed in (0, 1, 2):
+        run = tmp_path / f"seed{seed}"
+        train_in_process(run, "experiment=s1_malaria_lenet", f"dataset.root={root}", "dataset.split_seed=42",
+                         f"seed={seed}", "optim=adam", "trainer.max_epochs=15", "trainer.progress_bar=false",
+                         "logger.tensorboard=false")
+        accuracies.append(json.loads((run / "test_metrics.json").read_text())["accuracy"])
+    assert statistics.fmean(accuracies) >= 0.85, accuracies
 
 
 def test_pneumonia_xrays_train_in_grayscale_with_balanced_class_weights(tmp_path):

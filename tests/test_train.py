@@ -45,7 +45,8 @@ def cli_run(tmp_path_factory) -> Path:
 
 def test_a_run_folder_holds_config_metrics_events_checkpoints_and_test_metrics(cli_run):
     for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.csv", "test_metrics.json",
-                 "checkpoints/best.pt", "checkpoints/last.pt", "splits/train.csv", "splits/val.csv", "splits/test.csv"):
+                 "checkpoints/best.pt", "checkpoints/last.pt", "splits/train.csv", "splits/val.csv", "splits/test.csv",
+                 "config.yaml"):
         assert (cli_run / name).is_file(), name
     rows = read_metrics(cli_run)
     assert [r["epoch"] for r in rows] == [1, 2, 3]

@@ -8,6 +8,7 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cellcls.data.normalization import check_normalization
 from cellcls.errors import ConfigError
 from cellcls.models import MODELS
 from cellcls.optim import OPTIMIZERS, SCHEDULERS
@@ -53,6 +54,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.image_size must be [height, width] in pixels, got {size!r}")
     if ds.get("classes") is not None and len(ds.classes) < 2:
         raise ConfigError(f"dataset.classes must name at least 2 classes, got {list(ds.classes)!r}")
+    check_normalization(ds.get("mean"), ds.get("std"), int(ds.channels))
     _choice("dataset.split_by", ds.get("split_by", "image"), ("image", "patient"))
     if ds.get("split_by") == "patient" and not ds.get("group_pattern"):
         raise ConfigError("dataset.split_by=patient needs dataset.group_pattern, a regex whose first group is the patient id")

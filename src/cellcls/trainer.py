@@ -41,7 +41,8 @@ from cellcls.hardware import (
 )
 from cellcls.inference import mean_loss, run_inference
 from cellcls.loggers import RunLogger
-from cellcls.losses import ClassificationLoss, balanced_class_weights
+from cellcls.losses import ClassificationLoss, balanced_class_weights, probabilities
+from cellcls.metrics import roc_auc
 from cellcls.model_summary import summary_table
 from cellcls.models import build_model, count_parameters, l2_penalty, num_outputs
 from cellcls.optim import build_optimizer, build_scheduler
@@ -91,6 +92,7 @@ class Scores:
     loss: float
     accuracy: float
     balanced_accuracy: float
+    roc_auc: float
 
 
 class Trainer:
@@ -127,6 +129,11 @@ class Trainer:
             eval_batch_size(t.get("eval_batch_size", "auto"), int(cfg.dataset.batch_size), self.device))
         if self.is_main and self.dist.enabled:
             distributed.barrier()
+        # `auto` normalisation is now numbers, and a real data set's root an absolute path: the run's config,
+        # checkpoints and config.yaml keep those, so every later reader sees what this run trained on
+        cfg.dataset.mean, cfg.dataset.std = self.data.preprocessing["mean"], self.data.preprocessing["std"]
+        if cfg.dataset.get("render") is None:
+            cfg.dataset.root = str(self.data.root)
         if self.dist.enabled:
             self._shard_training_data()
         classes = self.data.classes
@@ -263,11 +270,12 @@ class Trainer:
         return logits.argmax(dim=1)
 
     def evaluate(self, split: str) -> Scores:
-        """Loss (unweighted, with the model's L2 terms as Keras reports it), accuracy and balanced accuracy."""
+        """Loss (unweighted, with the model's L2 terms as Keras reports it), accuracy, balanced accuracy, ROC-AUC."""
         logits, targets = run_inference(self.net, self.data.loaders[split], self.device, self.amp_dtype, self.memory_format)
         y_pred, y_true = self._predict_labels(logits).numpy(), targets.numpy()
         loss = mean_loss(self.net, logits, targets)
-        return Scores(loss, float((y_pred == y_true).mean()), float(balanced_accuracy_score(y_true, y_pred)))
+        return Scores(loss, float((y_pred == y_true).mean()), float(balanced_accuracy_score(y_true, y_pred)),
+                      roc_auc(y_true, probabilities(logits).numpy()))
 
     def _log_augmented(self, images: torch.Tensor) -> None:
         prep = self.data.preprocessing
@@ -294,6 +302,8 @@ class Trainer:
     def _fit(self, cfg: DictConfig, t: DictConfig, classes: list[str]) -> dict[str, Any]:
         if self.is_main:
             write_split_lists(self.run_dir, self.data.splits, self.data.root, classes)
+            # the resolved config beside the splits: what `scripts/reference.py` and a reader of the folder need
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         if self.data.ignored:
             log.warning("ignored %d non-image file(s), e.g. %s", len(self.data.ignored), self.data.ignored[0])
         if self.data.skipped and self.is_main:
@@ -383,12 +393,13 @@ class Trainer:
                 "loss": test.loss,
                 "accuracy": test.accuracy,
                 "balanced_accuracy": test.balanced_accuracy,
+                "roc_auc": test.roc_auc if math.isfinite(test.roc_auc) else None,  # undefined with one class
             }
             tmp = self.run_dir / "test_metrics.json.tmp"
             tmp.write_text(json.dumps(result, indent=2) + "\n")
             tmp.replace(self.run_dir / "test_metrics.json")
-            log.info("test (best epoch %d): loss %.4f  acc %.4f  balanced acc %.4f",
-                     result["epoch"], test.loss, test.accuracy, test.balanced_accuracy)
+            log.info("test (best epoch %d): loss %.4f  acc %.4f  balanced acc %.4f  ROC-AUC %.4f",
+                     result["epoch"], test.loss, test.accuracy, test.balanced_accuracy, test.roc_auc)
             summary["test"] = result
         hparams = {
             "dataset": str(self.cfg.dataset.name),

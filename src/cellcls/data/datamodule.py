@@ -8,15 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from cellcls.data.batch_augment import BatchAugment
-from cellcls.data.cache import decode_split
+from cellcls.data.cache import DecodedSplit, decode_split
 from cellcls.data.dataset import CachedImages, ImageFiles, skip_none_collate
+from cellcls.data.decode import decode_image
 from cellcls.data.device_loader import DeviceBatches
 from cellcls.data.layout import Samples, discover_classes, locate_splits, scan_split
+from cellcls.data.normalization import channel_statistics, describe, is_auto, sample_rows
 from cellcls.data.splits import group_ids, stratified_holdout
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
 from cellcls.data.transforms import build_transform
@@ -57,12 +60,18 @@ def resolve_root(ds: DictConfig) -> Path:
 
 
 def preprocessing_of(ds: DictConfig) -> dict[str, Any]:
-    """What a model trained on ``ds`` expects of an input image; stored in checkpoints."""
+    """What a model trained on ``ds`` expects of an input image; stored in checkpoints. ``mean``/``std`` are
+    ``"auto"`` until :func:`build_data` has measured the training split."""
+
+    def numbers(key: str) -> list[float] | str | None:
+        value = ds.get(key)
+        return value if value is None or isinstance(value, str) else [float(v) for v in value]
+
     return {
         "image_size": [int(s) for s in ds.image_size],
         "channels": int(ds.channels),
-        "mean": list(ds.mean) if ds.get("mean") is not None else None,
-        "std": list(ds.std) if ds.get("std") is not None else None,
+        "mean": numbers("mean"),
+        "std": numbers("std"),
         "resize": "bilinear",
         "scale": "1/255",
     }
@@ -112,6 +121,23 @@ def _require_every_class(samples: Samples, classes: list[str], split: str) -> No
         raise DataError(f"the {split} split has no readable images of class(es) {empty}")
 
 
+def _training_statistics(
+    train: Samples, decoded: DecodedSplit | None, prep: dict[str, Any]
+) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training images: all of them from the cache, else a decoded sample."""
+    if decoded is not None:
+        return channel_statistics(np.load(decoded.file, mmap_mode="r"), decoded.kept)
+    pixels = []
+    for i in sample_rows(len(train)):
+        try:
+            pixels.append(decode_image(train.paths[i], prep["channels"], prep["image_size"]))
+        except DataError:
+            continue  # reported when training reaches it
+    if not pixels:
+        raise DataError("dataset.mean=auto: no training image could be decoded")
+    return channel_statistics(np.stack(pixels), range(len(pixels)))
+
+
 PIPELINES = ("auto", "device", "loader")
 
 
@@ -141,7 +167,8 @@ def build_data(
     """
     root = resolve_root(ds)
     classes, folders = resolve_layout(ds, root)
-    splits, ignored = make_splits(ds, folders, classes, seed)
+    split_seed = ds.get("split_seed")
+    splits, ignored = make_splits(ds, folders, classes, seed if split_seed is None else int(split_seed))
     prep = preprocessing_of(ds)
     use_cache = bool(ds.get("cache", True))
     mode = resolve_pipeline(str(pipeline), use_cache)
@@ -149,25 +176,31 @@ def build_data(
     generator = torch.Generator().manual_seed(seed)
     loaders: dict[str, DataLoader | DeviceBatches] = {}
     skipped: list[tuple[str, str]] = []
+    decoded: dict[str, DecodedSplit] = {}
+    if use_cache:  # every split first: `auto` normalisation needs the training split's pixels
+        for name, samples in splits.items():
+            decoded[name] = decode_split(samples, prep["channels"], prep["image_size"], cache_dir(),
+                                         desc=f"decoding {name} (first use)")
+            if decoded[name].decoded:
+                log.info("decoded %d %s images into the cache %s", decoded[name].decoded, name, decoded[name].file.parent)
+            skipped += decoded[name].skipped
+            splits[name] = samples.subset(decoded[name].kept)
+    if is_auto(prep["mean"]):
+        prep["mean"], prep["std"] = _training_statistics(splits["train"], decoded.get("train"), prep)
+        log.info("input normalisation (training split statistics): %s", describe(prep["mean"], prep["std"]))
     for name, samples in splits.items():
         aug = OmegaConf.to_container(augment) if (name == "train" and augment is not None) else None
         transform = build_transform(aug, prep["mean"], prep["std"])
         dataset: Dataset
         if use_cache:
-            decoded = decode_split(samples, prep["channels"], prep["image_size"], cache_dir(),
-                                   desc=f"decoding {name} (first use)")
-            if decoded.decoded:
-                log.info("decoded %d %s images into the cache %s", decoded.decoded, name, decoded.file.parent)
-            skipped += decoded.skipped
-            samples = splits[name] = samples.subset(decoded.kept)
-            dataset = CachedImages(decoded.file, decoded.kept, samples.labels, transform)
+            dataset = CachedImages(decoded[name].file, decoded[name].kept, samples.labels, transform)
         else:
             dataset = ImageFiles(samples, prep["channels"], prep["image_size"], transform)
         _require_every_class(samples, classes, name)
         batch_size = int(ds.batch_size) if name == "train" or not eval_batch_size else int(eval_batch_size)
         if mode == "device":
             loaders[name] = DeviceBatches(
-                decoded.file, decoded.kept, samples.labels, batch_size, device,
+                decoded[name].file, decoded[name].kept, samples.labels, batch_size, device,
                 augment=BatchAugment(aug) if aug else None, mean=prep["mean"], std=prep["std"],
                 shuffle=name == "train" and bool(ds.get("shuffle", True)),
                 generator=generator if name == "train" else None,

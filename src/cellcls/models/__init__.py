@@ -24,9 +24,6 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-SEED_MODELS = ("lenet", "blood_cnn", "skin_cnn", "xray_cnn")
-
-
 def num_outputs(num_classes: int, single_logit: bool) -> int:
     """Logits the model emits: one for a binary task with a sigmoid head, else one per class."""
     if single_logit and num_classes != 2:
@@ -46,9 +43,11 @@ def build_model(
     if name not in MODELS:
         raise ValueError(f"model.name={name!r} is not a known model; choose one of {sorted(MODELS)}")
     outputs = num_outputs(num_classes, bool(spec.pop("single_logit", False)))
-    init = spec.pop("init", "keras" if name in SEED_MODELS else "torch")
+    init = spec.pop("init", "torch")
     if init not in ("keras", "torch"):
         raise ValueError(f"model.init={init!r} is not valid; allowed values: keras, torch")
+    if init == "keras" and spec.get("weights"):
+        raise ValueError("model.init=keras would overwrite the weights loaded from model.weights; use model.init=torch")
     model = MODELS[name](in_channels, outputs, list(image_size), **spec)
     return keras_init_(model) if init == "keras" else model
 

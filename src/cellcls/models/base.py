@@ -27,8 +27,9 @@ def conv_pool_blocks(in_ch: int, filters: Sequence[int], padding: str | Sequence
 def keras_init_(module: nn.Module) -> nn.Module:
     """Keras' default initialisation: Glorot-uniform kernels and zero biases for every conv and dense layer.
 
-    The seed tutorials were trained from this start; torch's default (Kaiming-uniform with a=sqrt(5)) gives
-    smaller weights that, with slow optimisers such as Adagrad, leave small CNNs stuck near chance for many epochs.
+    The seed tutorials were trained from this start (``model.init=keras``). It is not the default: on the malaria
+    subset LeNet with Adam leaves its near-chance plateau later from it than from PyTorch's own initialisation
+    (docs/QUALITY.md).
     """
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
