@@ -2,7 +2,7 @@
 
 ``auto`` (the default) standardises each channel with the training split's own mean and standard deviation. It is
 what lets the seed CNNs learn on small data sets: from inputs in [0, 1] (mean ~0.5, every channel positive) LeNet
-with Adam sits near chance for a seed-dependent number of epochs on the malaria subset (test accuracy 0.68 +- 0.09
+with Adam sits near chance for a seed-dependent number of epochs on the malaria subset (test accuracy 0.68 +- 0.10
 over 5 seeds after 15 epochs), with standardised inputs it does not (0.95 +- 0.02); see docs/QUALITY.md.
 The statistics are computed once, when a run starts, and written into the run's config and checkpoint as numbers,
 so evaluation, export and serving use exactly the values the model was trained with.
