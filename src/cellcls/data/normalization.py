@@ -71,7 +71,6 @@ def sample_rows(n: int, limit: int = UNCACHED_SAMPLE) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n - 1, num=min(n, limit))}) if n else []
 
 
-def describe(mean: Sequence[float] | None, std: Sequence[float] | None) -> str:
-    if mean is None:
-        return "none (pixels / 255)"
+def describe(mean: Sequence[float], std: Sequence[float]) -> str:
+    """The measured statistics, for the run's log."""
     return "mean " + ", ".join(f"{m:.3f}" for m in mean) + "; std " + ", ".join(f"{s:.3f}" for s in std)
