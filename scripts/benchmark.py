@@ -6,11 +6,11 @@
 The first form measures, on the same data, model, batch size and augmentation (any ``key=value`` Hydra override
 is passed on to the recipe):
 
-  (a) cellcls: the real Trainer's training epoch (decoded cache, device-side batches and augmentation);
+  (a) cellcls: cellcls.training.loop.train_one_epoch, as fit runs it (decoded cache, device-side batches and augmentation);
   (b) naive: torchvision ImageFolder + PIL + transforms v2 + DataLoader(num_workers=<cores>, shuffle=True), NCHW;
   (c) ceiling: pre-decoded float batches already on the device, no augmentation, channels_last: the model alone;
 
-plus evaluation throughput (the Trainer's validation pass), the time to build the decoded cache (into a fresh
+plus evaluation throughput (cellcls.training.loop.evaluate on the validation split), the time to build the decoded cache (into a fresh
 folder), peak RSS and peak GPU memory, and prints the ratios a/b and a/c. The second form trains cellcls on the
 synthetic set at each size, each in its own process, and reports epoch time and peak RSS (which should stay flat:
 the cache is memory-mapped). Both append a row to docs/BENCHMARKS.md (``output=<file>``, or ``output=none``).
@@ -34,15 +34,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cellcls.config import compose_config
 from cellcls.data.cache import decode_split
 from cellcls.data.datamodule import make_splits, resolve_layout, resolve_root
 from cellcls.data.transforms import build_augment
-from cellcls.hardware import resolve_device
-from cellcls.paths import config_dir
-from cellcls.trainer import Trainer
+from cellcls.training.build import Job, build_job
+from cellcls.training.loop import evaluate, train_one_epoch
+from cellcls.training.runtime import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 OWN = ("recipe", "device", "epochs", "warmup", "output", "scaling", "naive_workers", "profile", "_scaling_child")
@@ -61,12 +61,10 @@ def parse(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
 
 def load_config(recipe: str | None, overrides: Sequence[str], device: str) -> DictConfig:
     extra = [f"experiment={recipe}"] if recipe else []
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*extra, *overrides])
+    cfg = compose_config([*extra, *overrides])
     with open_dict(cfg):
         cfg.trainer.device = device
         cfg.trainer.progress_bar = False
-        cfg.logger.tensorboard = False
     return cfg
 
 
@@ -96,27 +94,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def train_epoch(job: Job) -> None:
+    """One epoch of cellcls' training, the call fit makes."""
+    train_one_epoch(job.model, job.net, job.data.loaders["train"], job.loss_fn, job.optimizer, job.scaler, job.runtime)
+
+
 # ---- (a) cellcls ---------------------------------------------------------------------------------------------
 def measure_cellcls(cfg: DictConfig, epochs: int, warmup: int, run_dir: Path) -> dict[str, float]:
-    trainer = Trainer(cfg, run_dir)
-    device = trainer.device
+    trainer = build_job(cfg, run_dir)
+    device = trainer.runtime.device
     n_train = len(trainer.data.splits["train"])
     n_val = len(trainer.data.splits["val"])
     for epoch in range(1, warmup + 1):
-        trainer._train_epoch(epoch + 1)  # epoch > 1: no augmented-sample figure
+        train_epoch(trainer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     start = time.perf_counter()
     for epoch in range(epochs):
-        trainer._train_epoch(warmup + epoch + 2)
+        train_epoch(trainer)
     sync(device)
     train_s = time.perf_counter() - start
-    trainer.evaluate("val")
+    evaluate(trainer.net, trainer.data.loaders["val"], trainer.runtime)
     sync(device)
     start = time.perf_counter()
     for _ in range(epochs):
-        trainer.evaluate("val")
+        evaluate(trainer.net, trainer.data.loaders["val"], trainer.runtime)
     sync(device)
     eval_s = time.perf_counter() - start
     return {
@@ -129,15 +132,15 @@ def measure_cellcls(cfg: DictConfig, epochs: int, warmup: int, run_dir: Path) ->
 
 
 # ---- shared by (b) and (c) -------------------------------------------------------------------------------
-def step_fn(trainer: Trainer, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+def step_fn(trainer: Job, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     """One optimisation step with the trainer's loss, autocast and grad scaling, on a fresh model."""
     from cellcls.models import l2_penalty
 
-    scaler = torch.amp.GradScaler(trainer.device.type, enabled=trainer.amp_dtype is torch.float16)
+    scaler = torch.amp.GradScaler(trainer.runtime.device.type, enabled=trainer.runtime.amp_dtype is torch.float16)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with trainer._autocast():
-            loss = trainer.train_loss(model(x), y) + l2_penalty(model)
+        with trainer.runtime.autocast():
+            loss = trainer.loss_fn(model(x), y) + l2_penalty(model)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -146,19 +149,19 @@ def step_fn(trainer: Trainer, model: torch.nn.Module, optimizer: torch.optim.Opt
     return step
 
 
-def fresh_model(trainer: Trainer, cfg: DictConfig, layout: torch.memory_format):
+def fresh_model(trainer: Job, cfg: DictConfig, layout: torch.memory_format):
     from cellcls.models import build_model
-    from cellcls.optim import build_optimizer
+    from cellcls.training.optim import build_optimizer
 
     prep = trainer.data.preprocessing
     model = build_model(OmegaConf.to_container(cfg.model, resolve=True), prep["channels"], len(trainer.data.classes),
-                        prep["image_size"]).to(trainer.device, memory_format=layout).train()
+                        prep["image_size"]).to(trainer.runtime.device, memory_format=layout).train()
     optimizer = build_optimizer(model.parameters(), OmegaConf.to_container(cfg.optim, resolve=True))
     return model, optimizer
 
 
 # ---- (b) naive -----------------------------------------------------------------------------------------------
-def measure_naive(trainer: Trainer, cfg: DictConfig, epochs: int, warmup: int, workers: int) -> float:
+def measure_naive(trainer: Job, cfg: DictConfig, epochs: int, warmup: int, workers: int) -> float:
     from torch.utils.data import DataLoader
     from torchvision import datasets
     from torchvision.transforms import v2
@@ -184,10 +187,10 @@ def measure_naive(trainer: Trainer, cfg: DictConfig, epochs: int, warmup: int, w
         steps.append(v2.Normalize(prep["mean"], prep["std"]))
     data = Folder(str(folders["train"]), transform=v2.Compose(steps))
     loader = DataLoader(data, batch_size=int(cfg.dataset.batch_size), shuffle=True, num_workers=workers,
-                        pin_memory=trainer.device.type == "cuda")
+                        pin_memory=trainer.runtime.device.type == "cuda")
     model, optimizer = fresh_model(trainer, cfg, torch.contiguous_format)
     step = step_fn(trainer, model, optimizer)
-    device = trainer.device
+    device = trainer.runtime.device
 
     def epoch() -> int:
         seen = 0
@@ -206,7 +209,7 @@ def measure_naive(trainer: Trainer, cfg: DictConfig, epochs: int, warmup: int, w
 
 
 # ---- (c) ceiling ---------------------------------------------------------------------------------------------
-def measure_ceiling(trainer: Trainer, cfg: DictConfig, epochs: int, warmup: int) -> float:
+def measure_ceiling(trainer: Job, cfg: DictConfig, epochs: int, warmup: int) -> float:
     loader = trainer.data.loaders["train"]
     augment, loader.augment = getattr(loader, "augment", None), None
     batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in loader]  # on the device already
@@ -216,23 +219,23 @@ def measure_ceiling(trainer: Trainer, cfg: DictConfig, epochs: int, warmup: int)
     for _ in range(warmup):
         for x, y in batches:
             step(x, y)
-    sync(trainer.device)
+    sync(trainer.runtime.device)
     start = time.perf_counter()
     for _ in range(epochs):
         for x, y in batches:
             step(x, y)
-    sync(trainer.device)
+    sync(trainer.runtime.device)
     return sum(len(y) for _, y in batches) * epochs / (time.perf_counter() - start)
 
 
-def profile_cellcls(trainer: Trainer, cfg: DictConfig) -> str:
+def profile_cellcls(trainer: Job, cfg: DictConfig) -> str:
     """One epoch of cellcls's batches through the training step under the PyTorch profiler: the top operators
     and the share of wall time the loop waits for its next batch (gather, copy, augmentation)."""
     from torch.profiler import ProfilerActivity, profile
 
-    model, optimizer = fresh_model(trainer, cfg, trainer.memory_format)
+    model, optimizer = fresh_model(trainer, cfg, trainer.runtime.memory_format)
     step = step_fn(trainer, model, optimizer)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.runtime.device.type == "cuda" else [])
     waited = 0.0
     with profile(activities=activities) as prof:
         start = time.perf_counter()
@@ -245,9 +248,9 @@ def profile_cellcls(trainer: Trainer, cfg: DictConfig) -> str:
                 break
             waited += time.perf_counter() - t0
             step(x, y)
-        sync(trainer.device)
+        sync(trainer.runtime.device)
         total = time.perf_counter() - start
-    key = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+    key = "self_cuda_time_total" if trainer.runtime.device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=12)
     return f"{table}\nwaiting for the next batch: {100 * waited / total:.1f}% of {total:.2f} s (profiled epoch)"
 
@@ -335,13 +338,13 @@ def scaling_child(size: int, own: dict[str, str], overrides: list[str]) -> None:
     cfg = load_config(None, [f"dataset.render.train_per_class={per_class}", "dataset.render.test_per_class=50",
                              *overrides], str(device))
     with tempfile.TemporaryDirectory(prefix="cellcls-bench-run-") as run_dir:
-        trainer = Trainer(cfg, Path(run_dir))
+        trainer = build_job(cfg, Path(run_dir))
         rss_before = peak_rss_mb()
-        trainer._train_epoch(2)
-        sync(trainer.device)
+        train_epoch(trainer)
+        sync(trainer.runtime.device)
         start = time.perf_counter()
-        trainer._train_epoch(3)
-        sync(trainer.device)
+        train_epoch(trainer)
+        sync(trainer.runtime.device)
         seconds = time.perf_counter() - start
         images = len(trainer.data.splits["train"])
         memory = rss_parts_mb()

@@ -184,8 +184,9 @@ def train_reference(run: Path, seed: int = 0, epochs: int | None = None, device:
     if cfg.get("class_weights") == "balanced":
         counts = np.bincount(sets["train"].labels, minlength=len(classes))
         weights = torch.tensor(len(sets["train"]) / (len(classes) * counts), dtype=torch.float32, device=dev)
-    es = t.get("early_stopping", {})
-    patience = int(es.get("patience", 3)) if es.get("enabled") else None
+    # cellcls >= 0.2: callbacks.early_stopping (null when off); 0.1: trainer.early_stopping with `enabled`
+    es = (cfg.get("callbacks") or {}).get("early_stopping") if "callbacks" in cfg else t.get("early_stopping", {})
+    patience = int(es["patience"]) if es and es.get("enabled", True) else None
     max_epochs = int(epochs or t["max_epochs"])
     best, best_state, wait, history = math.inf, None, 0, []
     started = time.perf_counter()

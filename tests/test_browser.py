@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import Server, malaria_images
 
-from cellcls.inference import load_model
-from cellcls.predict import predict_files
+from cellcls.deploy.predict import predict_files
+from cellcls.models.trained import load_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

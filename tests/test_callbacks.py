@@ -7,41 +7,52 @@ import math
 import pytest
 import torch
 
-from cellcls.callbacks import EarlyStopping
-from cellcls.optim import build_scheduler
+from cellcls.training.callbacks import EarlyStopping
+from cellcls.training.fit import Monitor
+from cellcls.training.optim import build_scheduler
 
 
 def test_early_stopping_fires_after_patience_epochs_without_improvement():
-    stopper = EarlyStopping("val_loss", patience=3)
-    losses = [1.0, 0.8, 0.7, 0.71, 0.70, 0.75, 0.6]
-    stops = [stopper.step(v, e)[1] for e, v in enumerate(losses[:6], start=1)]
-    assert stops == [False, False, False, False, False, True]
-    assert stopper.best == 0.7 and stopper.best_epoch == 3
+    stopper = EarlyStopping(patience=3, min_delta=0.0)
+    losses = [1.0, 0.8, 0.7, 0.71, 0.70, 0.75]
+    assert [stopper.step(v, "min") for v in losses] == [False, False, False, False, False, True]
+    assert stopper.best == 0.7
 
 
 def test_early_stopping_on_accuracy_maximises():
-    stopper = EarlyStopping("val_accuracy", patience=1)
-    assert stopper.step(0.5, 1) == (True, False)
-    assert stopper.step(0.6, 2) == (True, False)
-    assert stopper.step(0.55, 3) == (False, True)
+    stopper = EarlyStopping(patience=1, min_delta=0.0)
+    assert [stopper.step(v, "max") for v in (0.5, 0.6, 0.55)] == [False, False, True]
 
 
 def test_min_delta_ignores_tiny_improvements():
-    stopper = EarlyStopping("val_loss", patience=2, min_delta=0.01)
-    stopper.step(1.0, 1)
-    assert stopper.step(0.995, 2) == (False, False)
-    assert stopper.step(0.995, 3) == (False, True)
+    stopper = EarlyStopping(patience=2, min_delta=0.01)
+    assert [stopper.step(v, "min") for v in (1.0, 0.995, 0.995)] == [False, False, True]
 
 
-def test_nan_metric_stops_with_a_clear_error():
+def test_early_stopping_state_survives_a_checkpoint():
+    stopper = EarlyStopping(patience=3, min_delta=0.0)
+    for v in (1.0, 1.1, 1.2):
+        stopper.step(v, "min")
+    resumed = EarlyStopping(patience=3, min_delta=0.0)
+    resumed.load_state_dict(stopper.state_dict())
+    assert resumed.step(1.3, "min") is True
+
+
+def test_the_monitor_tracks_the_best_epoch_without_a_margin():
+    monitor = Monitor("val_loss", "min")
+    assert [monitor.update(v, e) for e, v in enumerate([1.0, 0.8, 0.8, 0.79], start=1)] == [True, True, False, True]
+    assert (monitor.best, monitor.best_epoch) == (0.79, 4)
+
+
+def test_a_nan_monitored_metric_stops_with_a_clear_error():
     with pytest.raises(FloatingPointError, match="val_loss is NaN"):
-        EarlyStopping("val_loss").step(math.nan, 4)
+        Monitor("val_loss", "min").update(math.nan, 4)
 
 
 def test_plateau_scheduler_with_s4_settings_drops_lr_by_factor_after_two_flat_epochs():
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.Adam([param], lr=1e-3)
-    scheduler = build_scheduler(optimizer, {"name": "plateau", "factor": 0.3, "patience": 2, "min_lr": 1e-6}, 25, "min")
+    scheduler = build_scheduler(optimizer, {"name": "plateau", "factor": 0.3, "patience": 2, "min_lr": 1e-6, "threshold": 1e-4, "cooldown": 0}, 25, "min")
     lrs = []
     for value in [1.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]:
         scheduler.step(value)
@@ -56,7 +67,7 @@ def test_plateau_scheduler_with_s4_settings_drops_lr_by_factor_after_two_flat_ep
 def test_plateau_scheduler_never_goes_below_min_lr():
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=2e-6)
-    scheduler = build_scheduler(optimizer, {"name": "plateau", "factor": 0.3, "patience": 0, "min_lr": 1e-6}, 25, "min")
+    scheduler = build_scheduler(optimizer, {"name": "plateau", "factor": 0.3, "patience": 0, "min_lr": 1e-6, "threshold": 1e-4, "cooldown": 0}, 25, "min")
     for _ in range(5):
         scheduler.step(1.0)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-6)

@@ -6,33 +6,39 @@ import pytest
 import torch
 
 from cellcls import checkpoint as ckpt
+from cellcls.checkpoint import Checkpoint
+
+
+def make(epoch: int) -> Checkpoint:
+    return Checkpoint(epoch=epoch, model={"w": torch.ones(3)}, model_spec={"name": "lenet"}, classes=["a", "b"],
+                      preprocessing={}, config={})
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     path = tmp_path / "checkpoints" / "last.pt"
-    ckpt.save_checkpoint({"epoch": 1, "model": {"w": torch.ones(3)}}, path)
+    ckpt.save_checkpoint(make(1), path)
     before = path.read_bytes()
 
     def crash(obj, fh):
         fh.write(b"half a checkpoint")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt.torch, "save", crash)
+    monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_checkpoint({"epoch": 2}, path)
+        ckpt.save_checkpoint(make(2), path)
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
-    assert ckpt.load_checkpoint(path)["epoch"] == 1
+    assert ckpt.load_checkpoint(path).epoch == 1
 
 
 def test_a_run_folder_resolves_to_its_last_checkpoint(tmp_path):
-    ckpt.save_checkpoint({"epoch": 3}, tmp_path / "checkpoints" / "last.pt")
-    assert ckpt.load_checkpoint(tmp_path)["epoch"] == 3
+    ckpt.save_checkpoint(make(3), tmp_path / "checkpoints" / "last.pt")
+    assert ckpt.load_checkpoint(tmp_path).epoch == 3
 
 
 def test_loading_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
-    torch.save({"format": ckpt.FORMAT, "payload": object()}, path)
+    torch.save({"format": f"{ckpt.FORMAT}/{ckpt.VERSION}", "payload": object()}, path)
     with pytest.raises(Exception, match="(?i)weights_only|unsupported"):
         ckpt.load_checkpoint(path)
 
@@ -47,3 +53,22 @@ def test_a_file_that_is_not_a_cellcls_checkpoint_is_named(tmp_path):
 def test_a_missing_checkpoint_says_what_was_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"checkpoints/last.pt"):
         ckpt.load_checkpoint(tmp_path)
+
+
+def test_a_version_1_checkpoint_still_loads_for_evaluation_but_not_for_resume(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"format": "cellcls-checkpoint/1", "epoch": 4, "model": {}, "model_spec": {"name": "lenet"},
+                "classes": ["a", "b"], "preprocessing": {}, "config": {}, "optimizer": {"state": {}},
+                "early_stopping": {"best": 0.5, "best_epoch": 2, "wait": 2}}, path)
+    old = ckpt.load_checkpoint(path)
+    assert old.version == 1 and old.epoch == 4
+    assert old.training["callbacks"]["early_stopping"]["wait"] == 2
+    with pytest.raises(ValueError, match="version-1 checkpoint .* not resumed"):
+        ckpt.require_resumable(old)
+
+
+def test_a_checkpoint_from_a_newer_cellcls_is_refused_by_name(tmp_path):
+    path = tmp_path / "new.pt"
+    torch.save({"format": f"{ckpt.FORMAT}/{ckpt.VERSION + 1}"}, path)
+    with pytest.raises(ValueError, match="newer cellcls"):
+        ckpt.load_checkpoint(path)

@@ -14,9 +14,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cellcls.data.datamodule import resolve_root
 from cellcls.data.dataset import load_image
-from cellcls.evaluate import evaluate
-from cellcls.figures import cam_maps
-from cellcls.inference import load_model
+from cellcls.evaluation.evaluate import evaluate
+from cellcls.evaluation.figures import cam_maps
+from cellcls.models.trained import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import compose_config, real_dataset, run_cli
 
-from cellcls.config import validate
+from cellcls.config.checks import validate
 
 RECIPES = {
     "s0_blood_224": dict(dataset="blood_cells", size=[224, 224], channels=3, batch=32, model="skin_cnn", optim="adam",
@@ -32,12 +32,12 @@ def test_each_recipe_sets_its_tutorials_settings(recipe):
     assert cfg.dataset.batch_size == want["batch"]
     assert cfg.model.name == want["model"] and cfg.optim.name == want["optim"] and cfg.augment.name == want["augment"]
     assert cfg.trainer.max_epochs == want["epochs"] and cfg.class_weights == want["weights"]
-    assert cfg.trainer.early_stopping.enabled == want["early"] and cfg.scheduler.name == want["scheduler"]
+    assert (cfg.callbacks.early_stopping is not None) == want["early"] and cfg.scheduler.name == want["scheduler"]
 
 
 def test_s4_uses_the_tutorials_callbacks_and_a_single_sigmoid_logit():
     cfg = compose_config("experiment=s4_pneumonia_xray")
-    assert cfg.trainer.monitor == "val_loss" and cfg.trainer.early_stopping.patience == 3
+    assert cfg.trainer.monitor == "val_loss" and cfg.callbacks.early_stopping.patience == 3
     assert (cfg.scheduler.patience, cfg.scheduler.factor, cfg.scheduler.min_lr) == (2, 0.3, 1e-6)
     assert cfg.model.single_logit is True
 
@@ -52,13 +52,40 @@ def test_command_line_overrides_beat_the_recipe():
     assert cfg.class_weights == "none" and cfg.trainer.max_epochs == 3
 
 
-def test_recipe_files_only_override_defaults():
+def _leaves(node, prefix=""):
+    """Every (dotted key, value) an experiment file sets, below its defaults list."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key != "defaults":
+                yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), node
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_recipe_files_only_override_defaults(recipe):
+    """Each key an experiment sets exists in the composed defaults (with the recipe's group choices) and changes
+    its value there; each group choice differs from the primary config's."""
+    from omegaconf import OmegaConf
+
     from cellcls.paths import config_dir
 
-    for path in (config_dir() / "experiment").glob("*.yaml"):
-        text = path.read_text()
-        assert text.startswith("# @package _global_"), path.name
-        assert "override /dataset:" in text and "override /model:" in text, path.name
+    raw = OmegaConf.to_container(OmegaConf.load(config_dir() / "experiment" / f"{recipe}.yaml"))
+    primary = OmegaConf.to_container(OmegaConf.load(config_dir() / "train.yaml"))["defaults"]
+    chosen = {next(iter(d)): d[next(iter(d))] for d in primary if isinstance(d, dict)}
+    choices = []
+    for entry in raw["defaults"]:
+        (key, value), = entry.items()
+        group = key.removeprefix("override /")
+        assert chosen.get(group) != value, f"{recipe} restates the default {group}={value}"
+        choices.append(f"{group}={value}")
+    base = OmegaConf.to_container(compose_config(*choices), resolve=True)
+    for key, value in _leaves(raw):
+        default = base
+        for part in key.split("."):
+            assert isinstance(default, dict) and part in default, f"{recipe} sets {key}, which no default has"
+            default = default[part]
+        assert default != value, f"{recipe} restates the default {key}={value!r}"
 
 
 def test_inspect_prints_counts_balance_sizes_and_class_weights(tmp_path):

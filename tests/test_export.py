@@ -14,9 +14,11 @@ from conftest import malaria_images, run_cli
 from omegaconf import OmegaConf
 
 from cellcls.data.dataset import load_image
-from cellcls.exported import export_model, load_exported, load_predictor
-from cellcls.inference import LoadedModel, load_model
+from cellcls.deploy.export import export_model
+from cellcls.deploy.predictor import load_predictor
+from cellcls.deploy.runtimes import load_exported
 from cellcls.models import build_model
+from cellcls.models.trained import LoadedModel, load_model
 
 
 def real_batch(loaded: LoadedModel, n: int = 12) -> torch.Tensor:

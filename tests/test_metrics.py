@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellcls.metrics import bootstrap_ci, evaluate_predictions, headline_metrics
+from cellcls.evaluation.metrics import (
+    bootstrap_ci,
+    evaluate_predictions,
+    headline_metrics,
+)
 
 # five cases: true 0,0,1,1,1 with P(class 1) = .1 .6 .8 .4 .9  ->  predicted 0,1,1,0,1
 Y = [0, 0, 1, 1, 1]

@@ -14,7 +14,7 @@ from conftest import TINY, compose_config, train_in_process
 from PIL import Image
 from torch import nn
 
-from cellcls.config import validate
+from cellcls.config.checks import validate
 from cellcls.data.datamodule import resolve_root
 from cellcls.data.normalization import channel_statistics
 from cellcls.errors import ConfigError
@@ -40,13 +40,13 @@ def test_auto_normalisation_standardises_each_channel_with_the_training_split_st
 
 
 def test_null_normalisation_keeps_the_tutorials_rescale_to_unit_range(tmp_path):
-    train_in_process(tmp_path, "trainer.max_epochs=1", "logger.tensorboard=false", "dataset.mean=null", "dataset.std=null", *TINY)
+    train_in_process(tmp_path, "trainer.max_epochs=1", "logger=csv", "dataset.mean=null", "dataset.std=null", *TINY)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["preprocessing"]["mean"] is None and ckpt["preprocessing"]["std"] is None
 
 
 def test_uncached_data_gets_the_same_statistics_as_the_cache(one_epoch_run, tmp_path):
-    train_in_process(tmp_path, "trainer.max_epochs=1", "logger.tensorboard=false", "dataset.cache=false", *TINY)
+    train_in_process(tmp_path, "trainer.max_epochs=1", "logger=csv", "dataset.cache=false", *TINY)
     cached = yaml.safe_load((one_epoch_run / "config.yaml").read_text())["dataset"]
     uncached = yaml.safe_load((tmp_path / "config.yaml").read_text())["dataset"]
     assert (uncached["mean"], uncached["std"]) == (cached["mean"], cached["std"])
@@ -76,7 +76,7 @@ def test_split_seed_fixes_the_split_while_the_seed_changes_the_training(tmp_path
     runs = {}
     for name, seed, split_seed in (("a", 1, 7), ("b", 2, 7), ("c", 1, 8)):
         runs[name] = tmp_path / name
-        train_in_process(runs[name], "trainer.max_epochs=1", "logger.tensorboard=false", f"seed={seed}",
+        train_in_process(runs[name], "trainer.max_epochs=1", "logger=csv", f"seed={seed}",
                          f"dataset.split_seed={split_seed}", *TINY)
     assert split_files(runs["a"], "val") == split_files(runs["b"], "val")
     assert split_files(runs["a"], "val") != split_files(runs["c"], "val")

@@ -40,7 +40,7 @@ def test_the_wheel_ships_the_configs_inside_the_package(installed_wheel, tmp_pat
     result = run_installed(installed_wheel, tmp_path, "-c", "import cellcls.paths as p; print(p.config_dir())")
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()) == installed_wheel / "cellcls" / "configs"
-    for group in ("dataset", "model", "optim", "scheduler", "augment", "trainer", "logger"):
+    for group in ("dataset", "model", "optim", "scheduler", "augment", "callbacks", "logger"):  # trainer: the schema
         assert any((installed_wheel / "cellcls" / "configs" / group).glob("*.yaml")), group
 
 
@@ -48,6 +48,7 @@ def test_the_installed_command_composes_its_config_from_any_folder(installed_whe
     result = run_installed(installed_wheel, tmp_path, "-m", "cellcls.train", "model=xray_cnn", "--cfg", "job")
     assert result.returncode == 0, result.stderr
     assert "name: xray_cnn" in result.stdout and "name: synthetic" in result.stdout
+    assert "max_epochs: 15" in result.stdout  # the trainer schema, from the ConfigStore
 
 
 def test_a_users_own_config_folder_adds_options_to_the_groups(installed_wheel, tmp_path):
@@ -65,7 +66,7 @@ def test_a_users_own_config_folder_adds_options_to_the_groups(installed_wheel, t
 
 
 def test_the_wheel_ships_the_web_apps_page(installed_wheel, tmp_path):
-    code = "from importlib import resources; print(len(resources.files('cellcls.web').joinpath('index.html').read_text()))"
+    code = "from importlib import resources; print(len(resources.files('cellcls.deploy.web').joinpath('index.html').read_text()))"
     result = run_installed(installed_wheel, tmp_path, "-c", code)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) > 1000

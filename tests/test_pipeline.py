@@ -16,7 +16,6 @@ from conftest import (
     train_in_process,
 )
 from scipy.stats import ks_2samp
-from torch.utils.data import DistributedSampler
 from torchvision.transforms.v2 import functional as TF
 
 from cellcls.data.batch_augment import BatchAugment
@@ -25,16 +24,16 @@ from cellcls.data.dataset import load_image
 from cellcls.data.device_loader import DeviceBatches
 from cellcls.data.transforms import build_transform
 from cellcls.errors import ConfigError
-from cellcls.losses import ClassificationLoss
 from cellcls.models import build_model
+from cellcls.training.losses import ClassificationLoss
 
 S1 = {"rotation": 20, "shift": 0.0, "shear": 0.2, "zoom": 0.2, "hflip": True, "vflip": False, "fill": 0}
 EVERYTHING = {"rotation": 30, "shift": 0.15, "shear": 0.3, "zoom": 0.25, "hflip": True, "vflip": True, "fill": 40}
 
 
-def bundle(pipeline: str, *extra: str):
+def bundle(pipeline: str, *extra: str, shard: tuple[int, int] | None = None):
     cfg = compose_config(*TINY, "dataset.mean=[0.5,0.4,0.3]", "dataset.std=[0.2,0.25,0.3]", *extra)
-    return build_data(cfg.dataset, None, 7, torch.device("cpu"), pipeline)
+    return build_data(cfg.dataset, None, 7, torch.device("cpu"), pipeline, shard=shard)
 
 
 def test_device_batches_equal_the_per_image_loaders_bit_for_bit_without_augmentation():
@@ -143,13 +142,10 @@ def test_the_prefetch_thread_ends_when_a_loop_breaks_early():
     assert sum(t.name == "cellcls-gather" for t in threading.enumerate()) == before
 
 
-def test_under_torchrun_each_rank_gets_its_share_of_the_device_batches():
-    shares = []
-    for rank in range(2):
-        loader = bundle("device").loaders["train"]
-        loader.use_sampler(DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=0))
-        shares.append(torch.cat([y for _, y in loader]))
-    total = len(bundle("device").splits["train"])
+@pytest.mark.parametrize("pipeline", ["device", "loader"])
+def test_under_torchrun_each_rank_gets_its_share_of_the_training_batches(pipeline):
+    shares = [torch.cat([y for _, y in bundle(pipeline, shard=(2, rank)).loaders["train"]]) for rank in range(2)]
+    total = len(bundle(pipeline).splits["train"])
     assert len(shares[0]) == len(shares[1]) == (total + 1) // 2
 
 

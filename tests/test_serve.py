@@ -15,9 +15,9 @@ import pytest
 from conftest import Server, malaria_images
 from PIL import Image
 
-from cellcls.exported import export_model
-from cellcls.inference import load_model
-from cellcls.predict import predict_files
+from cellcls.deploy.export import export_model
+from cellcls.deploy.predict import predict_files
+from cellcls.models.trained import load_model
 
 
 def call(url: str, body: dict | None = None, raw: bytes | None = None) -> tuple[int, dict]:
@@ -122,7 +122,7 @@ def test_a_chunked_body_over_the_limit_is_refused_while_it_streams():
 
     from starlette.responses import PlainTextResponse
 
-    from cellcls.webapp import BodyLimit
+    from cellcls.deploy.webapp import BodyLimit
 
     async def echo(scope, receive, send):
         body = b""
@@ -158,7 +158,7 @@ def test_a_chunked_body_over_the_limit_is_refused_while_it_streams():
 
 
 def server_body_limit() -> int:
-    from cellcls.serve import Limits
+    from cellcls.deploy.server import Limits
 
     return Limits(max_image_mb=0.5, max_pixels=4000000).max_body_bytes
 

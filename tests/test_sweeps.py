@@ -145,5 +145,5 @@ def test_two_process_ddp_on_the_cpu_matches_one_process_with_the_same_global_bat
     assert last["epoch"] == 4 and len(last["history"]) == 4
     with open(tmp_path / "resumed" / "metrics.csv") as fh:
         assert list(csv.DictReader(fh))[:3] == rows_ddp  # the first three epochs carried over unchanged
-    state = last["optimizer"]["state"]
+    state = last["training"]["optimizer"]["state"]
     assert len(state) == len(w_one) and all("momentum_buffer" in s for s in state.values())

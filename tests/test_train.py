@@ -16,9 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
 from cellcls.errors import ConfigError
-from cellcls.hardware import cpu_bf16_works
 from cellcls.models import build_model, l2_penalty
-from cellcls.trainer import Trainer
+from cellcls.training.build import build_job
+from cellcls.training.runtime import cpu_bf16_works
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
@@ -61,7 +61,9 @@ def test_checkpoints_hold_everything_needed_to_rebuild_and_resume(cli_run):
     assert last["classes"] == ["uninfected", "parasitized"]
     assert last["preprocessing"]["image_size"] == [32, 32] and last["preprocessing"]["channels"] == 3
     assert last["config"]["model"]["name"] == "lenet"
-    assert {"model", "optimizer", "scheduler", "early_stopping", "history"} <= set(last)
+    assert {"model", "training", "history", "monitor"} <= set(last) and last["format"] == "cellcls-checkpoint/2"
+    assert {"optimizer", "scheduler", "callbacks"} <= set(last["training"])
+    assert "wait" in last["training"]["callbacks"]["early_stopping"]
     best = torch.load(cli_run / "checkpoints/best.pt", weights_only=True)
     rows = read_metrics(cli_run)
     assert best["epoch"] == min(rows, key=lambda r: r["val_loss"])["epoch"]
@@ -95,8 +97,8 @@ def test_resume_continues_from_the_stored_epoch_and_optimizer_state(tmp_path):
     assert resumed["epoch"] == 3
     for key, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, msg=key)
-    steps = [s["step"] for s in resumed["optimizer"]["state"].values()]
-    assert all(int(s) == int(straight["optimizer"]["state"][0]["step"]) for s in steps)
+    steps = [s["step"] for s in resumed["training"]["optimizer"]["state"].values()]
+    assert all(int(s) == int(straight["training"]["optimizer"]["state"][0]["step"]) for s in steps)
     assert [r["epoch"] for r in read_metrics(tmp_path / "resumed")] == [1, 2, 3]
     assert read_metrics(tmp_path / "resumed")[:2] == read_metrics(tmp_path / "first")
 
@@ -120,10 +122,10 @@ def test_balanced_class_weights_equal_sklearns_for_the_training_split(tmp_path):
             for f in sorted((source / split / name).glob("*.png"))[:n]:
                 shutil.copy(f, tmp_path / "data" / split / name)
     cfg = compose_config(f"dataset.root={tmp_path / 'data'}", "class_weights=balanced", *TINY)
-    trainer = Trainer(cfg, tmp_path / "run")
-    labels = trainer.data.splits["train"].labels
+    job = build_job(cfg, tmp_path / "run")
+    labels = job.data.splits["train"].labels
     expected = compute_class_weight("balanced", classes=np.array([0, 1]), y=np.array(labels))
-    torch.testing.assert_close(trainer.train_loss.class_weights, torch.tensor(expected, dtype=torch.float32))
+    torch.testing.assert_close(job.loss_fn.class_weights, torch.tensor(expected, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("model", ["lenet", "blood_cnn", "skin_cnn", "xray_cnn", "resnet18"])

@@ -1,50 +1,93 @@
-"""Checkpoints: written atomically, read back with ``weights_only=True``."""
+"""The checkpoint schema: one writer, one reader, versioned.
+
+A checkpoint holds what a later reader needs without the code that wrote it: the model's weights and spec, the
+class names, the preprocessing, the resolved config, the epoch history and the monitored metric; and, for resuming,
+the optimiser, scheduler, grad-scaler and callback states. It is read with ``weights_only=True`` (tensors and
+plain containers only: no pickled code runs).
+
+Versions: 1 (cellcls 0.1, early stopping's state at the top level) loads for evaluation, prediction and export;
+resuming needs version 2, because the config layout changed with it.
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-FORMAT = "cellcls-checkpoint/1"
+from cellcls.run_folder import LAST, RunFolder, atomic_write
+
+FORMAT = "cellcls-checkpoint"
+VERSION = 2
 
 
-def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    """Write ``payload`` to ``path`` through a temp file and a rename, so a crash never leaves a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from the user's group
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"format": FORMAT, **payload}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+@dataclass
+class Checkpoint:
+    epoch: int
+    model: dict[str, Any]  # the network's state dict
+    model_spec: dict[str, Any]  # the `model` config section: name, head and architecture options
+    classes: list[str]
+    preprocessing: dict[str, Any]  # see cellcls.data.preprocessing.Preprocessing
+    config: dict[str, Any]  # the run's resolved config
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row of metrics per epoch
+    monitor: dict[str, Any] = field(default_factory=dict)  # metric, mode, best, best_epoch
+    training: dict[str, Any] = field(default_factory=dict)  # optimizer, scheduler, scaler, callbacks (resume)
+    version: int = VERSION
+    path: Path | None = None  # where it was read from
+
+    @property
+    def run(self) -> RunFolder:
+        assert self.path is not None, "a checkpoint built in memory has no run folder"
+        return RunFolder.of_checkpoint(self.path)
 
 
-def resolve_checkpoint(location: str | Path, name: str = "last.pt") -> Path:
+def save_checkpoint(ckpt: Checkpoint, path: Path) -> Path:
+    """Write ``ckpt`` to ``path`` atomically: a crash never leaves a torn file or replaces the last good one."""
+    payload = {k: v for k, v in asdict(ckpt).items() if k not in ("path", "version")}
+    payload["format"] = f"{FORMAT}/{VERSION}"
+    return atomic_write(path, lambda fh: torch.save(payload, fh))
+
+
+def resolve_checkpoint(location: str | Path, name: str = LAST) -> Path:
     """A checkpoint file from a file path or a run folder (``<run>/checkpoints/<name>``)."""
     path = Path(location).expanduser()
     if path.is_dir():
-        path = path / "checkpoints" / name
+        path = RunFolder(path).checkpoints / name
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (give a .pt file or a run folder holding checkpoints/{name})")
     return path
 
 
-def load_checkpoint(location: str | Path, name: str = "last.pt") -> dict[str, Any]:
-    """Load a cellcls checkpoint safely (tensors and plain containers only, no pickled code)."""
+def load_checkpoint(location: str | Path, name: str = LAST) -> Checkpoint:
+    """Read a cellcls checkpoint of any known version, safely."""
     path = resolve_checkpoint(location, name)
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a cellcls checkpoint (expected format {FORMAT})")
-    payload["path"] = str(path)
-    return payload
+    fmt = payload.get("format", "") if isinstance(payload, dict) else ""
+    kind, _, version = str(fmt).partition("/")
+    if kind != FORMAT or not version.isdigit():
+        raise ValueError(f"{path} is not a cellcls checkpoint (expected format {FORMAT}/<version>)")
+    if int(version) > VERSION:
+        raise ValueError(f"{path} was written by a newer cellcls (checkpoint version {version}; this one reads up to "
+                         f"{VERSION}): upgrade cellcls")
+    if int(version) == 1:
+        payload = _from_version_1(payload)
+    fields = {k: payload[k] for k in Checkpoint.__dataclass_fields__ if k in payload and k not in ("path", "version")}
+    return Checkpoint(**fields, version=int(version), path=path)
+
+
+def _from_version_1(old: dict[str, Any]) -> dict[str, Any]:
+    new = dict(old)
+    new["training"] = {
+        "optimizer": old.get("optimizer"), "scheduler": old.get("scheduler"), "scaler": old.get("scaler"),
+        "callbacks": {"early_stopping": {"wait": int((old.get("early_stopping") or {}).get("wait", 0))}},
+    }
+    return new
+
+
+def require_resumable(ckpt: Checkpoint) -> None:
+    """Resuming continues the run with its own config, which must be in the current layout."""
+    if ckpt.version < VERSION:
+        raise ValueError(f"{ckpt.path} is a version-{ckpt.version} checkpoint (cellcls 0.1): it can be evaluated, "
+                         "exported and served, but not resumed; start a new run")

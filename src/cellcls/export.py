@@ -12,22 +12,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from cellcls.cli import as_bool, command_args, fail, own_settings
+from cellcls.deploy.export import FORMATS, default_output, export_model, max_difference
 from cellcls.errors import ConfigError
-from cellcls.exported import FORMATS, default_output, export_model, load_exported
-from cellcls.inference import LoadedModel, load_model
+from cellcls.models.trained import load_model
 
 SETTINGS = ("checkpoint", "format", "output", "opset", "check")
-
-
-def max_difference(loaded: LoadedModel, exported_path: Path, batch: int = 3) -> float:
-    """Largest absolute difference of class probabilities between the checkpoint and the exported file."""
-    prep = loaded.preprocessing
-    images = torch.randint(0, 256, (batch, int(prep["channels"]), *(int(v) for v in prep["image_size"])), dtype=torch.uint8)
-    exported = load_exported(exported_path, device="cpu")
-    return float(abs(loaded.predict(images) - exported.predict(images)).max())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

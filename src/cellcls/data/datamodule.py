@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cellcls.data.batch_augment import BatchAugment
 from cellcls.data.cache import DecodedSplit, decode_split
@@ -19,7 +19,13 @@ from cellcls.data.dataset import CachedImages, ImageFiles, skip_none_collate
 from cellcls.data.decode import decode_image
 from cellcls.data.device_loader import DeviceBatches
 from cellcls.data.layout import Samples, discover_classes, locate_splits, scan_split
-from cellcls.data.normalization import channel_statistics, describe, is_auto, sample_rows
+from cellcls.data.normalization import (
+    channel_statistics,
+    describe,
+    is_auto,
+    sample_rows,
+)
+from cellcls.data.preprocessing import preprocessing_of
 from cellcls.data.splits import group_ids, stratified_holdout
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
 from cellcls.data.transforms import build_transform
@@ -42,13 +48,14 @@ class DataBundle:
     train_generator: torch.Generator
     ignored: list[Path] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    train_sampler: DistributedSampler | None = None  # under torchrun: set its epoch before each epoch
 
 
 def resolve_root(ds: DictConfig) -> Path:
     """The data set's root folder; the synthetic set is rendered into the cache when no root is given."""
-    if ds.get("render") is not None and not ds.get("root"):
+    if ds.render is not None and not ds.root:
         return ensure_synthetic(SyntheticSpec(**OmegaConf.to_container(ds.render)))
-    if not ds.get("root"):
+    if not ds.root:
         raise ConfigError(
             f"dataset.root is not set: give the folder you unzipped the {ds.name} download to, "
             f"e.g. dataset.root=/data/{ds.name}"
@@ -59,43 +66,24 @@ def resolve_root(ds: DictConfig) -> Path:
     return root.resolve()
 
 
-def preprocessing_of(ds: DictConfig) -> dict[str, Any]:
-    """What a model trained on ``ds`` expects of an input image; stored in checkpoints. ``mean``/``std`` are
-    ``"auto"`` until :func:`build_data` has measured the training split."""
-
-    def numbers(key: str) -> list[float] | str | None:
-        value = ds.get(key)
-        return value if value is None or isinstance(value, str) else [float(v) for v in value]
-
-    return {
-        "image_size": [int(s) for s in ds.image_size],
-        "channels": int(ds.channels),
-        "mean": numbers("mean"),
-        "std": numbers("std"),
-        "resize": "bilinear",
-        "scale": "1/255",
-    }
-
-
 def _split_names(ds: DictConfig) -> dict[str, list[str]]:
-    names = OmegaConf.to_container(ds.splits, resolve=True) if ds.get("splits") else {}
+    names = OmegaConf.to_container(ds.splits, resolve=True)
     return {k: [str(n) for n in ([v] if isinstance(v, str) else (v or []))] for k, v in names.items()}
 
 
 def resolve_layout(ds: DictConfig, root: Path) -> tuple[list[str], dict[str, Path]]:
     """Class names and the folder of each split present in the download."""
     names = _split_names(ds)
-    aliases = OmegaConf.to_container(ds.class_aliases) if ds.get("class_aliases") else None
-    classes = list(ds.classes) if ds.get("classes") else None
+    aliases = OmegaConf.to_container(ds.class_aliases)
+    classes = list(ds.classes) if ds.classes else None
     if classes is None:  # a user's own data set: the training folder's sub-folders are the classes
         train = next((root / n for n in names.get("train", []) if (root / n).is_dir()), root)
         classes = discover_classes(train)
-    return classes, locate_splits(root, classes, names, aliases, int(ds.get("search_depth", 4)))
+    return classes, locate_splits(root, classes, names, aliases, int(ds.search_depth))
 
 
 def _holdout(ds: DictConfig, samples: Samples, fraction: float, seed: int) -> tuple[Samples, Samples]:
-    by = str(ds.get("split_by", "image"))
-    groups = group_ids(samples, str(ds.group_pattern)) if by == "patient" else None
+    groups = group_ids(samples, str(ds.group_pattern)) if ds.split_by == "patient" else None
     return stratified_holdout(samples, fraction, seed, groups)
 
 
@@ -104,10 +92,10 @@ def make_splits(
 ) -> tuple[dict[str, Samples], list[Path]]:
     """Train/val/test samples: a download's own split folders where present, else seeded stratified hold-outs
     from the training folder (``test_fraction`` first, then ``val_fraction``), by patient if ``split_by=patient``."""
-    aliases = OmegaConf.to_container(ds.class_aliases) if ds.get("class_aliases") else None
+    aliases = OmegaConf.to_container(ds.class_aliases)
     scanned = {name: scan_split(folders[name], classes, aliases) for name in SPLITS if name in folders}
     ignored = [p for s in scanned.values() for p in s.ignored]
-    if "test" not in scanned and float(ds.get("test_fraction", 0) or 0) > 0:
+    if "test" not in scanned and ds.test_fraction > 0:
         scanned["train"], scanned["test"] = _holdout(ds, scanned["train"], float(ds.test_fraction), seed)
     if "val" not in scanned:
         scanned["train"], scanned["val"] = _holdout(ds, scanned["train"], float(ds.val_fraction), seed + 1)
@@ -157,25 +145,27 @@ def build_data(
     device: torch.device,
     pipeline: str = "auto",
     eval_batch_size: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> DataBundle:
     """Locate, split, decode (once, cached) and wrap the data set ``ds``; only the training split is augmented.
 
     ``pipeline`` (``trainer.pipeline``) picks how batches reach ``device``: ``device`` gathers uint8 rows of the
     cache and converts, augments and normalises them there in batches; ``loader`` is a DataLoader applying
     torchvision transforms image by image (the only choice for uncached data). Validation and test batches hold
-    ``eval_batch_size`` images (default: ``dataset.batch_size``).
+    ``eval_batch_size`` images (default: ``dataset.batch_size``). With ``shard=(world_size, rank)`` (torchrun) the
+    training split is drawn through a DistributedSampler: each process trains on its share of every epoch.
     """
     root = resolve_root(ds)
     classes, folders = resolve_layout(ds, root)
-    split_seed = ds.get("split_seed")
-    splits, ignored = make_splits(ds, folders, classes, seed if split_seed is None else int(split_seed))
+    splits, ignored = make_splits(ds, folders, classes, seed if ds.split_seed is None else int(ds.split_seed))
     prep = preprocessing_of(ds)
-    use_cache = bool(ds.get("cache", True))
+    use_cache = bool(ds.cache)
     mode = resolve_pipeline(str(pipeline), use_cache)
-    workers = int(ds.get("num_workers", 0))
+    workers = int(ds.num_workers)
     generator = torch.Generator().manual_seed(seed)
     loaders: dict[str, DataLoader | DeviceBatches] = {}
     skipped: list[tuple[str, str]] = []
+    train_sampler: DistributedSampler | None = None
     decoded: dict[str, DecodedSplit] = {}
     if use_cache:  # every split first: `auto` normalisation needs the training split's pixels
         for name, samples in splits.items():
@@ -198,22 +188,27 @@ def build_data(
             dataset = ImageFiles(samples, prep["channels"], prep["image_size"], transform)
         _require_every_class(samples, classes, name)
         batch_size = int(ds.batch_size) if name == "train" or not eval_batch_size else int(eval_batch_size)
+        sampler = None
+        if name == "train" and shard is not None:
+            sampler = train_sampler = DistributedSampler(range(len(samples)), num_replicas=shard[0], rank=shard[1],
+                                                         shuffle=bool(ds.shuffle), seed=seed)
         if mode == "device":
             loaders[name] = DeviceBatches(
                 decoded[name].file, decoded[name].kept, samples.labels, batch_size, device,
                 augment=BatchAugment(aug) if aug else None, mean=prep["mean"], std=prep["std"],
-                shuffle=name == "train" and bool(ds.get("shuffle", True)),
-                generator=generator if name == "train" else None,
+                shuffle=name == "train" and bool(ds.shuffle),
+                generator=generator if name == "train" else None, sampler=sampler,
             )
             continue
         loaders[name] = DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=name == "train" and bool(ds.get("shuffle", True)),
-            generator=generator if name == "train" else None,
+            shuffle=name == "train" and bool(ds.shuffle) and sampler is None,
+            generator=generator if name == "train" and sampler is None else None,
+            sampler=sampler,
             num_workers=workers,
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
             collate_fn=None if use_cache else skip_none_collate,
         )
-    return DataBundle(root, classes, splits, loaders, prep, generator, ignored, skipped)
+    return DataBundle(root, classes, splits, loaders, prep, generator, ignored, skipped, train_sampler)

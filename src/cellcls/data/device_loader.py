@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import BatchSampler, RandomSampler, Sampler, SequentialSampler
 
 from cellcls.data.batch_augment import BatchAugment
+from cellcls.data.preprocessing import Normalize, to_unit
 
 
 class DeviceBatches:
@@ -37,6 +38,7 @@ class DeviceBatches:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         prefetch: int = 2,
+        sampler: Sampler[int] | None = None,
     ) -> None:
         self.file = file
         self.rows = np.asarray(rows, dtype=np.int64)
@@ -44,21 +46,12 @@ class DeviceBatches:
         self.batch_size = batch_size
         self.device = device
         self.augment = augment if augment is not None and augment.settings.any else None
-        self.mean = None if mean is None else torch.tensor(list(mean), dtype=torch.float32, device=device).view(-1, 1, 1)
-        self.std = None if std is None else torch.tensor(list(std), dtype=torch.float32, device=device).view(-1, 1, 1)
+        self.normalize = Normalize(mean, std).to(device)
         self.prefetch = prefetch
-        self.sampler: Sampler[int] = (RandomSampler(range(len(self.rows)), generator=generator) if shuffle
-                                      else SequentialSampler(range(len(self.rows))))
+        # a given sampler (a DistributedSampler under torchrun) decides the order, else shuffle does
+        self.sampler: Sampler[int] = sampler or (RandomSampler(range(len(self.rows)), generator=generator) if shuffle
+                                                 else SequentialSampler(range(len(self.rows))))
         self._pixels: np.ndarray | None = None
-
-    @property
-    def dataset(self) -> Sequence[int]:
-        """What a :class:`~torch.utils.data.DistributedSampler` shards: one entry per image."""
-        return range(len(self.rows))
-
-    def use_sampler(self, sampler: Sampler[int]) -> None:
-        """Draw indices from ``sampler`` (a DistributedSampler under torchrun) instead."""
-        self.sampler = sampler
 
     def __len__(self) -> int:
         return len(BatchSampler(self.sampler, self.batch_size, drop_last=False))
@@ -117,12 +110,10 @@ class DeviceBatches:
 
     def prepare(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 on the device -> the model's float input (ToDtype(scale=True), augmentation, Normalize)."""
-        x = images.to(torch.float32).mul_(1.0 / 255)
+        x = to_unit(images)
         if self.augment is not None:
             x = self.augment(x, generator)
-        if self.mean is not None:
-            x = x.sub_(self.mean).div_(self.std)
-        return x
+        return self.normalize(x)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # the epoch's augmentation stream, seeded from torch's global generator (which the trainer seeds per

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from cellcls.config import validate
+from cellcls.config.checks import validate
 from cellcls.data.datamodule import make_splits, resolve_layout, resolve_root
 from cellcls.data.summary import count_table, image_properties
 from cellcls.errors import ConfigError, DataError
-from cellcls.losses import balanced_class_weights
 from cellcls.paths import config_dir
+from cellcls.training.losses import balanced_class_weights
 
 
 def describe(cfg: DictConfig) -> str:
@@ -30,7 +30,7 @@ def describe(cfg: DictConfig) -> str:
     lines += [f"  {name:<5} folder: {path}" for name, path in folders.items()]
     held = [s for s in ("val", "test") if s in splits and s not in folders]
     if held:
-        lines.append(f"  held out of train: {', '.join(held)} (split_by={ds.get('split_by', 'image')}, seed={cfg.seed})")
+        lines.append(f"  held out of train: {', '.join(held)} (split_by={ds.split_by}, seed={cfg.seed})")
     lines += ["", "images per class:", count_table(splits, classes), "", "class balance:"]
     for name, samples in splits.items():
         shares = ", ".join(f"{c} {samples.labels.count(i) / len(samples):.1%}" for i, c in enumerate(classes))

@@ -11,6 +11,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from cellcls.data.layout import Samples
 from cellcls.errors import ConfigError, DataError
+from cellcls.run_folder import RunFolder, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,8 @@ def stratified_holdout(
     return samples.subset(sorted(kept)), samples.subset(sorted(held))
 
 
-def write_split_lists(run_dir: Path, splits: dict[str, Samples], root: Path, classes: list[str]) -> None:
+def write_split_lists(run: RunFolder, splits: dict[str, Samples], root: Path, classes: list[str]) -> None:
     """Write ``splits/<split>.csv`` (file relative to the data root, class) so a split can be audited and reused."""
-    out = run_dir / "splits"
-    out.mkdir(parents=True, exist_ok=True)
     for name, samples in splits.items():
         lines = ["file,class"]
         for path, label in zip(samples.paths, samples.labels, strict=True):
@@ -72,4 +71,4 @@ def write_split_lists(run_dir: Path, splits: dict[str, Samples], root: Path, cla
             except ValueError:
                 rel = path
             lines.append(f"{rel.as_posix()},{classes[label]}")
-        (out / f"{name}.csv").write_text("\n".join(lines) + "\n")
+        atomic_write(run.split_list(name), "\n".join(lines) + "\n")

@@ -20,20 +20,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from cellcls.config.schema import RenderConfig
 from cellcls.paths import cache_dir
 
 RENDERER_VERSION = 1
 CLASSES = ("uninfected", "parasitized")
 
 
-@dataclass(frozen=True)
-class SyntheticSpec:
-    """What to render; any change gives a new cache folder."""
-
-    train_per_class: int = 500
-    test_per_class: int = 100
-    size: int = 64
-    seed: int = 0
+@dataclass
+class SyntheticSpec(RenderConfig):
+    """What to render (the ``dataset.render`` settings); any change gives a new cache folder."""
 
     def key(self) -> str:
         blob = json.dumps({"v": RENDERER_VERSION, **asdict(self)}, sort_keys=True)

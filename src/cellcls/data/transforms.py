@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torchvision.transforms import v2
 
-from cellcls.errors import ConfigError
-
-AUGMENT_KEYS = ("rotation", "shift", "shear", "zoom", "hflip", "vflip", "fill")
+from cellcls.config.schema import AugmentConfig
+from cellcls.data.preprocessing import Normalize, to_unit
+from cellcls.errors import ConfigError, nearest
 
 
 @dataclass(frozen=True)
@@ -42,22 +42,20 @@ class AugmentSettings:
 
 
 def parse_augment(cfg: Mapping[str, Any]) -> AugmentSettings:
-    """Validate an ``augment`` config (unknown keys and out-of-range values are errors naming the setting)."""
-    unknown = set(cfg) - set(AUGMENT_KEYS) - {"name"}
-    if unknown:
-        raise ConfigError(f"augment: unknown setting(s) {sorted(unknown)}; allowed: {list(AUGMENT_KEYS)}")
-    rotation = float(cfg.get("rotation", 0) or 0)
-    shift = float(cfg.get("shift", 0) or 0)
-    shear = float(cfg.get("shear", 0) or 0)
-    zoom = float(cfg.get("zoom", 0) or 0)
-    limits = {"rotation": (rotation, 180.0), "shift": (shift, 1.0), "shear": (shear, math.pi / 2), "zoom": (zoom, 0.99)}
+    """Validate an ``augment`` config: unknown keys and out-of-range values are errors naming the setting;
+    missing keys take the schema's defaults (:class:`cellcls.config.schema.AugmentConfig`)."""
+    known = [f.name for f in fields(AugmentConfig)]
+    for key in cfg:
+        if key not in known:
+            raise ConfigError(f"augment: unknown setting {key!r}{nearest(key, known)} (allowed: {', '.join(known)})")
+    a = AugmentConfig(**cfg)
+    limits = {"rotation": (a.rotation, 180.0), "shift": (a.shift, 1.0), "shear": (a.shear, math.pi / 2), "zoom": (a.zoom, 0.99)}
     for key, (value, hi) in limits.items():
-        if not 0 <= value <= hi:
+        if not 0 <= float(value) <= hi:
             raise ConfigError(f"augment.{key} must be between 0 and {hi:g}, got {value:g}")
-    fill = cfg.get("fill", 0)
-    fill_values = (float(fill),) if isinstance(fill, (int, float)) else tuple(float(v) for v in fill)
-    return AugmentSettings(rotation, shift, math.degrees(shear), zoom, bool(cfg.get("hflip")), bool(cfg.get("vflip")),
-                           fill_values)
+    fill = (float(a.fill),) if isinstance(a.fill, (int, float)) else tuple(float(v) for v in a.fill)
+    return AugmentSettings(float(a.rotation), float(a.shift), math.degrees(float(a.shear)), float(a.zoom),
+                           bool(a.hflip), bool(a.vflip), fill)
 
 
 def build_augment(cfg: Mapping[str, Any]) -> list[v2.Transform]:
@@ -86,8 +84,6 @@ def build_transform(
     augment: Mapping[str, Any] | None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 image -> float model input: optional augmentation, rescale to [0, 1], optional normalisation."""
-    steps: list[v2.Transform] = build_augment(augment) if augment else []
-    steps.append(v2.ToDtype(torch.float32, scale=True))
-    if mean is not None and std is not None:
-        steps.append(v2.Normalize(list(mean), list(std)))
+    steps: list[Callable[[torch.Tensor], torch.Tensor]] = list(build_augment(augment)) if augment else []
+    steps += [to_unit, Normalize(mean, std)]
     return v2.Compose(steps)

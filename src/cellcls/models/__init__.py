@@ -10,6 +10,7 @@ from torch import nn
 
 from cellcls.models.base import keras_init_
 from cellcls.models.blood_cnn import blood_cnn
+from cellcls.models.heads import num_outputs
 from cellcls.models.lenet import lenet
 from cellcls.models.resnet import resnet18
 from cellcls.models.skin_cnn import skin_cnn
@@ -24,11 +25,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def num_outputs(num_classes: int, single_logit: bool) -> int:
-    """Logits the model emits: one for a binary task with a sigmoid head, else one per class."""
-    if single_logit and num_classes != 2:
-        raise ValueError(f"model.single_logit=true needs exactly 2 classes, the dataset has {num_classes}")
-    return 1 if single_logit else num_classes
+# keys every `model` config has; the rest are the architecture function's keyword arguments
+MODEL_KEYS = ("name", "single_logit", "init")
 
 
 def build_model(

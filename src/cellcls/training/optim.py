@@ -18,7 +18,8 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "rmsprop": torch.optim.RMSprop,
 }
-SCHEDULERS = ("plateau", "cosine", "none")
+# each scheduler option and its settings (configs/scheduler/<name>.yaml holds their values)
+SCHEDULERS = {"plateau": ("factor", "patience", "min_lr", "threshold", "cooldown"), "cosine": ("min_lr",), "none": ()}
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -44,20 +45,20 @@ def build_scheduler(
     improved by more than ``threshold`` (absolute). torch counts one more bad epoch than Keras before it
     acts (``num_bad_epochs > patience`` against Keras' ``wait >= patience``), hence ``patience - 1``.
     """
-    name = cfg.get("name", "none")
+    name = cfg["name"]
     if name == "none":
         return None
     if name == "plateau":
         return ReduceLROnPlateau(
             optimizer,
             mode=mode,
-            factor=float(cfg.get("factor", 0.1)),
-            patience=max(int(cfg.get("patience", 10)) - 1, 0),
-            threshold=float(cfg.get("threshold", 1e-4)),
+            factor=float(cfg["factor"]),
+            patience=max(int(cfg["patience"]) - 1, 0),
+            threshold=float(cfg["threshold"]),
             threshold_mode="abs",
-            min_lr=float(cfg.get("min_lr", 0.0)),
-            cooldown=int(cfg.get("cooldown", 0)),
+            min_lr=float(cfg["min_lr"]),
+            cooldown=int(cfg["cooldown"]),
         )
     if name == "cosine":
-        return CosineAnnealingLR(optimizer, T_max=max_epochs, eta_min=float(cfg.get("min_lr", 0.0)))
+        return CosineAnnealingLR(optimizer, T_max=max_epochs, eta_min=float(cfg["min_lr"]))
     raise ConfigError(f"scheduler.name={name!r} is not supported; choose one of {list(SCHEDULERS)}")

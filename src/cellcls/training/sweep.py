@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -12,18 +13,15 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls.callbacks import metric_mode
+from cellcls.evaluation.metrics import TEST_METRICS, metric_mode
+from cellcls.run_folder import RunFolder, atomic_write, write_json
 
 log = logging.getLogger(__name__)
-RESULT = "result.json"
 
 
-def write_result(run_dir: Path, record: dict[str, Any]) -> None:
-    """``result.json`` in a run folder: status, overrides, monitored metric, best epoch, test metrics or error."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f"{RESULT}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    tmp.replace(run_dir / RESULT)
+def write_failure(run_dir: Path, overrides: list[str], error: str, traceback: str) -> None:
+    """``result.json`` of a job that failed (a finished job's is written by the RunRecord callback)."""
+    write_json(RunFolder(run_dir).result, {"status": "failed", "overrides": overrides, "error": error, "traceback": traceback})
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -31,7 +29,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     records = []
     for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
         job_dir = overrides_file.parent.parent
-        result = job_dir / RESULT
+        result = RunFolder(job_dir).result
         if result.is_file():
             record = json.loads(result.read_text())
         else:
@@ -54,7 +52,7 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     records = sorted(collect(sweep_dir), key=_sort_key)
     if not records:
         return records
-    test_keys = sorted({k for r in records for k in (r.get("test") or {}) if k in ("accuracy", "balanced_accuracy", "loss")})
+    test_keys = sorted({k for r in records for k in (r.get("test") or {}) if k in TEST_METRICS})
     header = ["rank", "status", "overrides", "monitor", "best", "best_epoch", *[f"test_{k}" for k in test_keys], "run_dir", "error"]
     rows = []
     for rank, r in enumerate(records, start=1):
@@ -62,15 +60,16 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
         rows.append([rank, r.get("status"), " ".join(r.get("overrides", [])), r.get("monitor", ""),
                      r.get("best", ""), r.get("best_epoch", ""), *[test.get(k, "") for k in test_keys],
                      r["run_dir"], r.get("error", "")])
-    with open(sweep_dir / "summary.csv", "w", newline="") as fh:
-        csv.writer(fh).writerows([header, *rows])
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *rows])
+    atomic_write(sweep_dir / "summary.csv", buf.getvalue())
 
     def cell(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|")
 
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    (sweep_dir / "summary.md").write_text("\n".join(md) + "\n")
+    atomic_write(sweep_dir / "summary.md", "\n".join(md) + "\n")
     return records
 
 

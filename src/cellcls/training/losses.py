@@ -1,4 +1,4 @@
-"""Classification loss with Keras-style class weights, and logits-to-probabilities."""
+"""The training loss: cross-entropy with Keras-style class weights, and the val/test loss Keras reports."""
 
 from __future__ import annotations
 
@@ -39,11 +39,3 @@ class ClassificationLoss(nn.Module):
             per_sample = per_sample * self.class_weights[targets]
         return per_sample.mean()
 
-
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities ``N x C`` from either head: softmax over C logits, or [1 - p, p] for one logit."""
-    logits = logits.float()
-    if logits.shape[1] == 1:
-        p = torch.sigmoid(logits[:, 0])
-        return torch.stack([1 - p, p], dim=1)
-    return torch.softmax(logits, dim=1)

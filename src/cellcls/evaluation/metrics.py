@@ -15,14 +15,24 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from cellcls.models.heads import labels_of
+
 Metric = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 
+# The one list of metric names. Each epoch logs these (metrics.csv columns, logger keys, trainer.monitor choices):
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy")
+EPOCH_EXTRAS = ("lr", "epoch_time_s")  # logged beside them, not monitorable
+# the training run's final test of best.pt (test_metrics.json):
+TEST_METRICS = ("loss", "accuracy", "balanced_accuracy", "roc_auc")
+# `evaluate` reports these with a bootstrap interval (sensitivity/specificity for two classes only):
+HEADLINE = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity")
 
-def predict_labels(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
-    """Arg-max labels; for two classes with ``threshold``, class 1 when its probability is at least the threshold."""
-    if threshold is not None and probs.shape[1] == 2:
-        return (probs[:, 1] >= threshold).astype(int)
-    return probs.argmax(axis=1)
+
+def metric_mode(metric: str, mode: str = "auto") -> str:
+    """'min' for losses, 'max' for everything else, unless ``mode`` says otherwise."""
+    if mode != "auto":
+        return mode
+    return "min" if "loss" in metric else "max"
 
 
 def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
@@ -51,15 +61,15 @@ def specificity(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def headline_metrics(num_classes: int) -> dict[str, Metric]:
     """The metrics reported with a confidence interval: f(y_true, y_pred, probs) -> value."""
-    metrics: dict[str, Metric] = {
+    every: dict[str, Metric] = {
         "accuracy": lambda t, p, _: float(accuracy_score(t, p)),
         "balanced_accuracy": lambda t, p, _: float(balanced_accuracy_score(t, p)) if len(np.unique(t)) > 1 else float("nan"),
         "roc_auc": lambda t, _, pr: roc_auc(t, pr),
+        "sensitivity": lambda t, p, _: sensitivity(t, p),
+        "specificity": lambda t, p, _: specificity(t, p),
     }
-    if num_classes == 2:
-        metrics["sensitivity"] = lambda t, p, _: sensitivity(t, p)
-        metrics["specificity"] = lambda t, p, _: specificity(t, p)
-    return metrics
+    binary_only = ("sensitivity", "specificity")
+    return {k: every[k] for k in HEADLINE if num_classes == 2 or k not in binary_only}
 
 
 def bootstrap_ci(
@@ -101,7 +111,7 @@ def evaluate_predictions(
     """All metrics for one split: headline metrics with 95% CIs, the per-class report and the confusion matrix."""
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)
-    y_pred = predict_labels(probs, threshold)
+    y_pred = labels_of(probs, threshold)
     labels = list(range(len(classes)))
     result: dict[str, Any] = {"num_images": len(y_true), "classes": list(classes)}
     if threshold is not None and len(classes) == 2:

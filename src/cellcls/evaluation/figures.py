@@ -9,14 +9,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellcls import plots
-from cellcls.gradcam import find_layer, grad_cam
-from cellcls.inference import LoadedModel
+from cellcls.evaluation import plots
+from cellcls.evaluation.gradcam import find_layer, grad_cam
+from cellcls.models.heads import labels_of
+from cellcls.models.trained import LoadedModel
 
 
 def probability_title(probs: np.ndarray, classes: Sequence[str], truth: int | None = None) -> str:
     """'pred / truth' and 'xx.xx% probability of being <class>' as the tutorials title their grids."""
-    pred = int(probs.argmax())
+    pred = int(labels_of(probs[None])[0])
     head = f"{classes[pred]} / {classes[truth]}" if truth is not None else classes[pred]
     return f"{head}\n{100 * probs[pred]:.2f}% probability of being {classes[pred]}"
 
@@ -42,7 +43,7 @@ def prediction_grid(images: Sequence[np.ndarray], probs: np.ndarray, labels: Seq
 def mistakes_grid(images: Sequence[np.ndarray], probs: np.ndarray, labels: Sequence[int], classes: Sequence[str], path: Path) -> Path | None:
     """The most confident wrong predictions; None when there are none."""
     labels = np.asarray(labels)
-    wrong = np.flatnonzero(probs.argmax(axis=1) != labels)
+    wrong = np.flatnonzero(labels_of(probs) != labels)
     if len(wrong) == 0:
         return None
     worst = wrong[np.argsort(-probs[wrong].max(axis=1))][:9]

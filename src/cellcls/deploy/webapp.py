@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from cellcls.serve import Classifier
+from cellcls.deploy.server import Classifier
 
 
 class Upload(BaseModel):
@@ -63,7 +63,7 @@ class BodyLimit:
 def create_app(classifier: Classifier) -> FastAPI:
     """The FastAPI application: the page at ``/`` and the JSON API under ``/api``."""
     app = FastAPI(title="cellcls", summary=f"{classifier.predictor.card['model']} on {', '.join(classifier.predictor.classes)}")
-    page = resources.files("cellcls.web").joinpath("index.html").read_text(encoding="utf-8")
+    page = resources.files("cellcls.deploy.web").joinpath("index.html").read_text(encoding="utf-8")
 
     app.add_middleware(BodyLimit, limit=classifier.limits.max_body_bytes)
 

@@ -1,0 +1,98 @@
+"""The Python API for notebooks and scripts: train a model with the same overrides as the command line, load a
+trained one and classify images.
+
+    import cellcls
+    run = cellcls.train(["experiment=s1_malaria_lenet", "dataset.root=/data/malaria", "trainer.max_epochs=5"])
+    model = cellcls.load(run.folder)               # a run folder, a checkpoint, or an exported .onnx file
+    model.predict(["cell1.png", "cell2.png"])      # ["Parasitized", "Uninfected"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cellcls.data.dataset import load_image
+from cellcls.deploy.predictor import Predictor, load_predictor
+from cellcls.models.heads import labels_of
+
+ImageInput = str | Path | np.ndarray | torch.Tensor
+
+
+@dataclass
+class RunResult:
+    """A finished training run: its folder and its summary (monitored metric, best epoch, test metrics)."""
+
+    folder: Path
+    summary: dict[str, Any]
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return (self.summary.get("test") or {}).get("accuracy")
+
+
+def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> RunResult:
+    """Train as ``python -m cellcls.train <overrides>`` would, into ``run_dir`` (default:
+    ``outputs/<date>/<time>_<dataset>_<model>``), in this process. Bad settings raise ``ConfigError``."""
+    import importlib
+
+    from cellcls.config import check_command_line, compose_config
+
+    cli = importlib.import_module("cellcls.train")
+
+    check_command_line(list(overrides))
+    cfg = compose_config(list(overrides))
+    if run_dir is None:
+        now = datetime.now()
+        run_dir = Path("outputs") / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S}_{cfg.dataset.name}_{cfg.model.name}"
+    folder = Path(run_dir)
+    return RunResult(folder, cli.train(cfg, folder, list(overrides)))
+
+
+class Model:
+    """A trained model (checkpoint or exported file) that takes image files or arrays."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.predictor.classes)
+
+    @property
+    def card(self) -> dict[str, Any]:
+        """Name, classes, input recipe and metrics of the model."""
+        return self.predictor.card
+
+    def _batch(self, images: Sequence[ImageInput] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        prep = self.predictor.preprocessing
+        if isinstance(images, (np.ndarray, torch.Tensor)) and np.ndim(images) == 4:
+            batch = torch.as_tensor(np.asarray(images))
+        else:
+            batch = torch.stack([load_image(Path(i), prep["channels"], prep["image_size"]) if isinstance(i, (str, Path))
+                                 else torch.as_tensor(np.asarray(i)) for i in images])
+        want = (int(prep["channels"]), *(int(s) for s in prep["image_size"]))
+        if batch.dtype != torch.uint8 or tuple(batch.shape[1:]) != want:
+            raise ValueError(f"arrays must be uint8 N x {want[0]} x {want[1]} x {want[2]} (decoded and resized as in "
+                             f"training); got {batch.dtype} {tuple(batch.shape)}; pass file paths to have them decoded")
+        return batch
+
+    def predict_proba(self, images: Sequence[ImageInput] | np.ndarray | torch.Tensor) -> np.ndarray:
+        """Class probabilities ``N x classes`` for image files (decoded exactly as in training) or uint8 arrays
+        ``N x C x H x W`` at the model's input size."""
+        return self.predictor.predict(self._batch(images))
+
+    def predict(self, images: Sequence[ImageInput] | np.ndarray | torch.Tensor) -> list[str]:
+        """The predicted class name of each image."""
+        return [self.classes[i] for i in labels_of(self.predict_proba(images))]
+
+
+def load(location: str | Path, device: str = "auto") -> Model:
+    """A run folder (its ``checkpoints/best.pt``), a checkpoint file, or an exported ONNX/TorchScript model."""
+    return Model(load_predictor(location, device))

@@ -1,0 +1,102 @@
+"""The typed config schema: every setting with a fixed shape, its type and its one default.
+
+Registered in Hydra's ConfigStore: ``trainer`` is the dataclass itself (``trainer=default``); each ``dataset/*.yaml``
+and ``augment/*.yaml`` extends ``base`` and states only what differs. Hydra checks the types when it composes
+(``trainer.max_epochs=abc`` is refused there); :func:`cellcls.config.checks.check_keys` refuses keys no schema
+knows, ``+``-added ones included, naming the nearest valid key. Groups whose keys depend on the option chosen
+(``model``, ``optim``, ``scheduler``, ``callbacks``, ``logger``) are checked against the code they configure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 15
+    device: str = "auto"  # auto | cpu | cuda | cuda:<index>
+    strategy: str = "auto"  # auto (DDP when started by torchrun) | ddp | none; NCCL on GPUs, gloo on the CPU
+    precision: str = "auto"  # auto (bf16/fp16 autocast on CUDA, float32 on CPU) | 32 | bf16 | 16
+    monitor: str = "val_loss"  # the metric for best.pt, early stopping and the plateau scheduler
+    monitor_mode: str = "auto"  # auto (min for losses, max otherwise) | min | max
+    # auto (device for cached data) | device: cached uint8 batches converted, augmented and normalised on the
+    # training device | loader: DataLoader + per-image torchvision transforms
+    pipeline: str = "auto"
+    eval_batch_size: Any = "auto"  # auto (4x dataset.batch_size on CUDA, 1x on the CPU) | an integer
+    compile: bool = False  # torch.compile the training step (minutes of compilation; pays off on long GPU runs)
+    num_threads: Any = "auto"  # CPU threads: auto (OMP_NUM_THREADS if set, else the cores shared among ranks) | n
+    channels_last: Any = "auto"  # auto | true | false: NHWC memory layout, ~1.9x faster CNN training on the CPU
+    gradient_clip: Optional[float] = None  # max gradient norm, or null
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA; CPU runs are reproducible)
+    progress_bar: bool = True
+    resume: Optional[str] = None  # a run folder or checkpoint to continue from (its last.pt)
+
+
+@dataclass
+class RenderConfig:
+    """The synthetic data set's rendering (cellcls.data.synthetic.SyntheticSpec)."""
+
+    train_per_class: int = 500
+    test_per_class: int = 100
+    size: int = 96
+    seed: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "folder"
+    root: Optional[str] = None  # the unzipped download (or a class-folder tree)
+    classes: Optional[list[str]] = None  # null: the training folder's sub-folders, sorted
+    class_aliases: dict[str, list[str]] = field(default_factory=dict)  # class -> other folder names for it
+    image_size: list[int] = field(default_factory=lambda: [128, 128])  # [height, width] fed to the model
+    channels: int = 3  # 3 (RGB) or 1 (greyscale)
+    # auto: standardise each channel with the training split's statistics (measured once per run, stored as
+    # numbers); null: pixels / 255 only, as the tutorials did; or one number per channel
+    mean: Any = "auto"
+    std: Any = "auto"
+    splits: dict[str, list[str]] = field(default_factory=dict)  # folder names per split (any case)
+    test_split: Optional[str] = None  # a download with several test folders: which one (blood cells)
+    val_fraction: float = 0.15  # held out of train (seeded, stratified) when there is no val folder
+    test_fraction: float = 0.0  # held out of train first, when there is no test folder
+    split_seed: Optional[int] = None  # seed of the hold-out splits; null: the run's seed
+    split_by: str = "image"  # image | patient (with group_pattern)
+    group_pattern: Optional[str] = None  # regex on the file name whose first group is the patient id
+    search_depth: int = 4  # how deep below root to look for the split/class folders
+    shuffle: bool = True  # reshuffle the training split every epoch
+    batch_size: int = 32
+    num_workers: int = 0  # DataLoader worker processes (trainer.pipeline=loader)
+    cache: bool = True  # decode and resize each image once into $CELLCLS_CACHE/decoded (memory-mapped)
+    render: Optional[RenderConfig] = None  # the synthetic set only
+
+
+@dataclass
+class AugmentConfig:
+    """Keras ImageDataGenerator's options, as torchvision v2 runs them (cellcls.data.transforms)."""
+
+    name: str = "none"
+    rotation: float = 0.0  # degrees, uniform in [-r, r]
+    shift: float = 0.0  # fraction of width/height (Keras width/height_shift_range)
+    shear: float = 0.0  # radians, as Keras' shear_range
+    zoom: float = 0.0  # scale in [1 - z, 1 + z] (isotropic)
+    hflip: bool = False  # p = 0.5
+    vflip: bool = False  # p = 0.5
+    fill: Any = 0  # constant border fill (0-255), one value or one per channel; Keras' 'nearest' has no v2 equivalent
+
+
+# the top level of the training config, besides the groups
+TOP_LEVEL = ("seed", "class_weights")
+GROUPS = ("dataset", "model", "optim", "scheduler", "augment", "trainer", "logger", "callbacks")
+SCHEMAS: dict[str, type] = {"trainer": TrainerConfig, "dataset": DatasetConfig, "augment": AugmentConfig,
+                            "dataset.render": RenderConfig}
+
+
+def register() -> None:
+    """Put the schema into Hydra's ConfigStore (idempotent; done on importing :mod:`cellcls.config`)."""
+    cs = ConfigStore.instance()
+    cs.store(group="trainer", name="default", node=TrainerConfig)
+    cs.store(group="dataset", name="base", node=DatasetConfig)
+    cs.store(group="augment", name="base", node=AugmentConfig)

@@ -1,0 +1,106 @@
+"""Exporting a trained model to ONNX or TorchScript with its normalisation inside and its model card embedded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cellcls.data.preprocessing import Normalize
+from cellcls.deploy.runtimes import (
+    CARD_KEY,
+    TS_EXTRA,
+    _jit_quiet,
+    card_path,
+    load_exported,
+)
+from cellcls.models.heads import num_outputs, probabilities
+from cellcls.models.trained import LoadedModel
+from cellcls.run_folder import atomic_write, write_json
+
+EXPORT_FORMAT = "cellcls-export/1"
+FORMATS = ("onnx", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+
+
+class ExportModule(nn.Module):
+    """The trained network with its normalisation in front and the probability function behind."""
+
+    def __init__(self, model: nn.Module, mean: list[float] | None, std: list[float] | None) -> None:
+        super().__init__()
+        self.model = model
+        self.normalize = Normalize(mean, std)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(self.normalize(image))
+        return probabilities(logits), logits
+
+
+def export_card(loaded: LoadedModel, fmt: str) -> dict[str, Any]:
+    """The checkpoint's model card plus how to call the exported graph."""
+    card = loaded.card
+    spec = card["input"]
+    single_logit = bool(loaded.config.model.single_logit)
+    card.update(
+        format=EXPORT_FORMAT,
+        exported_as=fmt,
+        graph={
+            "input": {"name": "image", "dtype": "float32", "shape": ["N", spec["channels"], spec["height"], spec["width"]],
+                      "range": [0.0, 1.0], "normalization": "inside the graph" if spec["mean"] is not None else "none"},
+            "outputs": [{"name": "probabilities", "shape": ["N", len(loaded.classes)]},
+                        {"name": "logits", "shape": ["N", num_outputs(len(loaded.classes), single_logit)]}],
+        },
+    )
+    return card
+
+
+def default_output(loaded: LoadedModel, fmt: str) -> Path:
+    """``<run>/export/model.onnx`` (or ``model.torchscript.pt``) beside the checkpoint's run folder."""
+    return loaded.run.export(SUFFIXES[fmt])
+
+
+def export_model(loaded: LoadedModel, fmt: str, output: Path, opset: int = 18) -> Path:
+    """Write ``loaded`` as ``fmt`` to ``output`` (and the card to ``<output>.json``); returns the model's path."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r} is not valid; allowed values: {', '.join(FORMATS)}")
+    prep = loaded.preprocessing
+    module = ExportModule(loaded.model, prep["mean"], prep["std"]).to("cpu").eval()
+    height, width = (int(v) for v in prep["image_size"])
+    example = torch.rand(2, int(prep["channels"]), height, width)
+    card = export_card(loaded, fmt)
+    try:
+        if fmt == "onnx":
+            proto = _onnx_program(module, example, card, opset)
+            atomic_write(output, lambda fh: fh.write(proto.SerializeToString()))
+        else:
+            with torch.no_grad(), _jit_quiet():
+                traced = torch.jit.trace(module, example)
+                atomic_write(output, lambda fh: torch.jit.save(traced, fh, _extra_files={TS_EXTRA: json.dumps(card)}))
+    finally:
+        loaded.model.to(loaded.device)
+    write_json(card_path(output), card)
+    return output
+
+
+def _onnx_program(module: nn.Module, example: torch.Tensor, card: dict[str, Any], opset: int) -> Any:
+    """The ONNX model (a protobuf) with a dynamic batch axis and the model card as metadata."""
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        module, (example,), input_names=["image"], output_names=["probabilities", "logits"],
+        dynamic_shapes={"image": {0: batch}}, opset_version=opset, dynamo=True, verbose=False,
+    )
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = CARD_KEY, json.dumps(card)
+    return proto
+
+
+def max_difference(loaded: LoadedModel, exported_path: Path, batch: int = 3) -> float:
+    """Largest absolute difference of class probabilities between the checkpoint and the exported file."""
+    prep = loaded.preprocessing
+    images = torch.randint(0, 256, (batch, int(prep["channels"]), *(int(v) for v in prep["image_size"])), dtype=torch.uint8)
+    exported = load_exported(exported_path, device="cpu")
+    return float(abs(loaded.predict(images) - exported.predict(images)).max())

@@ -1,0 +1,81 @@
+"""Predicting image files with a checkpoint or an exported model: decoded exactly as in training, in batches,
+unreadable files skipped with their reason, optional Grad-CAM overlays."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cellcls.data.dataset import load_image
+from cellcls.data.layout import IMAGE_EXTENSIONS
+from cellcls.deploy.predictor import Predictor
+from cellcls.errors import DataError
+from cellcls.evaluation import plots
+from cellcls.evaluation.figures import cam_maps
+from cellcls.models.heads import labels_of
+from cellcls.models.trained import LoadedModel
+
+
+@dataclass
+class Prediction:
+    file: Path
+    probabilities: np.ndarray
+
+    def label(self, classes: Sequence[str]) -> str:
+        return classes[int(labels_of(self.probabilities[None])[0])]
+
+    def line(self, classes: Sequence[str]) -> str:
+        return f"{self.file}: {self.label(classes)} ({100 * self.probabilities.max():.2f}%)"
+
+
+def list_inputs(location: Path) -> list[Path]:
+    """The image file, or every image below the folder (sorted; other files are left alone)."""
+    if location.is_file():
+        return [location]
+    if location.is_dir():
+        return sorted(p for p in location.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    raise FileNotFoundError(f"input={location}: no such file or folder")
+
+
+def predict_files(
+    loaded: Predictor, files: Sequence[Path], batch_size: int = 64, cam_dir: Path | None = None, cam_layer: str | None = None
+) -> tuple[list[Prediction], list[tuple[Path, str]]]:
+    """Probabilities for each readable file (decoded exactly as in training), and the files skipped with why."""
+    prep = loaded.preprocessing
+    results: list[Prediction] = []
+    skipped: list[tuple[Path, str]] = []
+    for start in range(0, len(files), batch_size):
+        chunk, images = [], []
+        for path in files[start : start + batch_size]:
+            try:
+                images.append(load_image(path, prep["channels"], prep["image_size"]))
+                chunk.append(path)
+            except DataError as exc:
+                skipped.append((path, str(exc.__cause__ or exc)))
+        if not images:
+            continue
+        batch = torch.stack(images)
+        probs = loaded.predict(batch)
+        results += [Prediction(p, pr) for p, pr in zip(chunk, probs)]
+        if cam_dir is not None:
+            cam_dir.mkdir(parents=True, exist_ok=True)
+            assert isinstance(loaded, LoadedModel), "Grad-CAM needs a PyTorch checkpoint"
+            maps = cam_maps(loaded, batch.numpy(), cam_layer)
+            for path, image, cam in zip(chunk, batch.numpy(), maps):
+                Image.fromarray(plots.cam_overlay(image, cam)).save(cam_dir / f"{path.stem}_cam.png")
+    return results, skipped
+
+
+def write_csv(path: Path, predictions: Sequence[Prediction], classes: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "predicted", *[f"p_{c}" for c in classes]])
+        for pred in predictions:
+            writer.writerow([str(pred.file), pred.label(classes), *[f"{v:.6f}" for v in pred.probabilities]])

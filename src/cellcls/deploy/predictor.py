@@ -1,0 +1,36 @@
+"""What predict and serve use: a checkpoint or an exported model behind one interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from cellcls.deploy.runtimes import is_exported, load_exported
+from cellcls.models.trained import load_model
+
+
+class Predictor(Protocol):
+    """What predict and serve need of a model, whether a checkpoint or an exported file."""
+
+    classes: list[str]
+    preprocessing: dict[str, Any]
+    path: Path
+    supports_cam: bool
+
+    @property
+    def card(self) -> dict[str, Any]: ...
+
+    def predict(self, images: torch.Tensor) -> np.ndarray: ...
+
+
+def load_predictor(location: str | Path, device: str = "auto") -> Predictor:
+    """A checkpoint, a run folder (its best.pt) or an exported ONNX/TorchScript file, ready to predict."""
+    path = Path(location).expanduser()
+    if path.is_file() and is_exported(path):
+        return load_exported(path, device)
+    if path.suffix.lower() == ".onnx":
+        raise FileNotFoundError(f"checkpoint={path}: no such ONNX file")
+    return load_model(path, device)

@@ -1,0 +1,123 @@
+"""Running an exported model (ONNX through onnxruntime, or TorchScript) like a checkpoint.
+
+The exported graph takes ``image``: float32 ``N x C x H x W`` in [0, 1] (pixel / 255, already resized to the
+model's input size; ``N`` is dynamic) and returns ``probabilities`` (``N x classes``) and ``logits``. The
+normalisation the model was trained with is inside the graph. The model card (classes, input recipe, metrics) is
+embedded (ONNX metadata property ``cellcls``, TorchScript extra file ``cellcls.json``) and written beside the model
+as ``<model>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cellcls.data.preprocessing import to_unit
+
+CARD_KEY = "cellcls"
+TS_EXTRA = "cellcls.json"
+
+
+@contextmanager
+def _jit_quiet() -> Iterator[None]:
+    """TorchScript still works but warns that it is deprecated on every call; the user asked for it by name.
+    The tracer's warning about the head-size branch is moot: the number of logits is fixed per model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        yield
+
+
+def card_path(model_path: Path) -> Path:
+    return model_path.with_name(model_path.name + ".json")
+
+
+@dataclass
+class ExportedModel:
+    """An exported ONNX (run by onnxruntime) or TorchScript model, used like a :class:`LoadedModel`."""
+
+    path: Path
+    card: dict[str, Any]
+    run: Any
+    supports_cam = False
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.card["classes"])
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        spec = self.card["input"]
+        return {"channels": spec["channels"], "image_size": [spec["height"], spec["width"]], "mean": spec["mean"], "std": spec["std"]}
+
+    def predict(self, images: torch.Tensor) -> np.ndarray:
+        """Class probabilities ``N x num_classes`` for uint8 images (``N x C x H x W``)."""
+        return np.asarray(self.run(to_unit(images).contiguous()), dtype=np.float32)
+
+
+def load_exported(path: Path, device: str = "auto") -> ExportedModel:
+    """An exported model file; the card comes from inside it (or ``<file>.json`` beside it)."""
+    if path.suffix.lower() == ".onnx":
+        return _load_onnx(path, device)
+    extra = {TS_EXTRA: ""}
+    try:
+        with _jit_quiet():
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except RuntimeError as exc:
+        raise ValueError(f"{path} is not a TorchScript model: {exc}") from exc
+    card = json.loads(extra[TS_EXTRA]) if extra[TS_EXTRA] else _sidecar(path)
+    module.eval()
+
+    @torch.inference_mode()
+    def run(x: torch.Tensor) -> np.ndarray:
+        return module(x)[0].numpy()
+
+    return ExportedModel(path, card, run)
+
+
+def _load_onnx(path: Path, device: str) -> ExportedModel:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ValueError(f"{path}: running ONNX models needs onnxruntime (pip install 'cellcls[deploy]')") from exc
+    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device in ("auto", "cuda") else ["CPUExecutionProvider"]
+    providers = [p for p in wanted if p in ort.get_available_providers()]
+    try:
+        session = ort.InferenceSession(str(path), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
+        raise ValueError(f"{path} is not a readable ONNX model: {exc}") from exc
+    meta = session.get_modelmeta().custom_metadata_map
+    card = json.loads(meta[CARD_KEY]) if CARD_KEY in meta else _sidecar(path)
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        return session.run(["probabilities"], {"image": x.numpy()})[0]
+
+    return ExportedModel(path, card, run)
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    side = card_path(path)
+    if not side.is_file():
+        raise ValueError(f"{path} carries no cellcls model card and {side} does not exist; export it with python -m cellcls.export")
+    return json.loads(side.read_text())
+
+
+def is_exported(path: Path) -> bool:
+    """An ONNX file, or a TorchScript archive (a zip holding ``*/constants.pkl`` or ``*/code/``)."""
+    if path.suffix.lower() == ".onnx":
+        return True
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith(f"extra/{TS_EXTRA}") or "/code/" in n for n in zf.namelist())
+
+

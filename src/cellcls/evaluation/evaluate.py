@@ -1,0 +1,155 @@
+"""Scoring a trained model on a split of its data set (rebuilt from the checkpoint alone) or on any class-folder
+directory, and writing the evaluation folder: metrics.json (headline metrics with 95% bootstrap intervals), report.md,
+predictions.csv and figures; the scores and figures also go to the run's loggers."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from cellcls.config.checks import apply_overrides
+from cellcls.data.cache import decode_split
+from cellcls.data.datamodule import build_data
+from cellcls.data.dataset import CachedImages, load_image
+from cellcls.data.layout import Samples, scan_split
+from cellcls.data.transforms import build_augment, build_transform
+from cellcls.errors import ConfigError
+from cellcls.evaluation import plots
+from cellcls.evaluation.figures import (
+    cam_grid,
+    feature_map_figure,
+    mistakes_grid,
+    prediction_grid,
+)
+from cellcls.evaluation.inference import mean_loss, run_inference
+from cellcls.evaluation.metrics import HEADLINE, evaluate_predictions
+from cellcls.evaluation.report import write_predictions, write_report
+from cellcls.models.heads import probabilities
+from cellcls.models.trained import LoadedModel, load_model
+from cellcls.paths import cache_dir
+from cellcls.run_folder import write_json
+from cellcls.training.loggers import create_loggers
+from cellcls.training.runtime import eval_batch_size
+
+
+class ImageRows:
+    """Images of ``samples`` decoded on demand (the same pixels as the cache), for figures that show a few."""
+
+    def __init__(self, samples: Samples, preprocessing: dict[str, Any]) -> None:
+        self.samples, self.prep = samples, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return load_image(self.samples.paths[int(i)], self.prep["channels"], self.prep["image_size"]).numpy()
+
+
+def _folder_data(loaded: LoadedModel, folder: Path, batch_size: int) -> tuple[Samples, DataLoader, list]:
+    """A class-folder directory scored with the checkpoint's classes (matched case-insensitively)."""
+    aliases = OmegaConf.to_container(loaded.config.dataset.class_aliases)
+    samples = scan_split(folder, loaded.classes, aliases)
+    prep = loaded.preprocessing
+    decoded = decode_split(samples, prep["channels"], prep["image_size"], cache_dir(), desc=f"decoding {folder.name}")
+    kept = samples.subset(decoded.kept)
+    transform = build_transform(None, prep["mean"], prep["std"])
+    dataset = CachedImages(decoded.file, decoded.kept, kept.labels, transform)
+    return kept, DataLoader(dataset, batch_size=batch_size), decoded.skipped
+
+
+def evaluate(
+    checkpoint: str | Path,
+    split: str = "test",
+    data: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    threshold: float | None = None,
+    n_boot: int = 1000,
+    device: str = "auto",
+    cam_layer: str | None = None,
+    output: str | Path | None = None,
+    make_plots: bool = True,
+) -> tuple[dict[str, Any], Path]:
+    """Score ``checkpoint`` and write the evaluation folder; returns (metrics, folder)."""
+    loaded = load_model(checkpoint, device)
+    cfg = loaded.config
+    apply_overrides(cfg, overrides)
+    train_samples = None
+    t = cfg.trainer
+    batch = eval_batch_size(t.eval_batch_size, int(cfg.dataset.batch_size), loaded.device)
+    if data is not None:
+        folder = Path(data).expanduser().resolve()
+        samples, loader, skipped = _folder_data(loaded, folder, batch)
+        name, root = folder.name, folder
+    else:
+        bundle = build_data(cfg.dataset, None, int(cfg.seed), loaded.device, str(t.pipeline), batch)
+        if split not in bundle.loaders:
+            raise ConfigError(f"split={split!r} is not in this data set; available: {', '.join(bundle.loaders)}")
+        samples, loader, skipped, name, root = bundle.splits[split], bundle.loaders[split], bundle.skipped, split, bundle.root
+        train_samples = bundle.splits["train"]
+
+    # the same pass the training run's validation and test used, so the numbers match exactly
+    logits, targets = run_inference(loaded.model, loader, loaded.device)
+    probs = probabilities(logits).numpy()
+    result = evaluate_predictions(targets.numpy(), probs, loaded.classes, threshold, n_boot, seed=int(cfg.seed))
+    result = {"checkpoint": str(loaded.path), "epoch": loaded.epoch, "split": name,
+              "loss": mean_loss(loaded.model, logits, targets), **result}
+    if skipped:
+        result["skipped_files"] = [p for p, _ in skipped]
+
+    out = Path(output) if output else loaded.run.evaluation(name)
+    write_json(out / "metrics.json", result)
+    write_predictions(out / "predictions.csv", samples, probs, loaded.classes, root)
+    figures: dict[str, Path] = {}
+    if make_plots:
+        labels = targets.numpy()
+        images = ImageRows(samples, loaded.preprocessing)
+        figures["confusion matrix"] = plots.save(plots.confusion_heatmap(result["confusion_matrix"], loaded.classes),
+                                                 out / "confusion_matrix.png")
+        figures["predictions"] = prediction_grid(images, probs, labels, loaded.classes, out / "predictions.png")
+        worst = mistakes_grid(images, probs, labels, loaded.classes, out / "confident_mistakes.png")
+        if worst is not None:
+            figures["most confident mistakes"] = worst
+        figures["Grad-CAM"] = cam_grid(loaded, images, probs, labels, out / "gradcam.png", cam_layer)
+        figures["feature maps"] = feature_map_figure(loaded, images[0], out / "feature_maps.png")
+        figures["augmented training samples"] = _augmented_grid(
+            cfg, ImageRows(train_samples if train_samples is not None else samples, loaded.preprocessing),
+            out / "augmented_samples.png")
+        history = loaded.run.metrics
+        if history.is_file():
+            with open(history) as fh:
+                rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(fh)]
+            figures["training curves"] = plots.save(plots.training_curves(rows), out / "training_curves.png")
+    write_report(result, out / "report.md", figures)
+    log_evaluation(loaded, name, result, figures)
+    return result, out
+
+
+def _augmented_grid(cfg, images: ImageRows, path: Path) -> Path:
+    """Nine training images through the run's configured augmentation, as the model saw them in training."""
+    transforms = build_augment(OmegaConf.to_container(cfg.augment))
+    torch.manual_seed(0)
+    picked = []
+    for i in range(9):
+        image = torch.from_numpy(images[i % len(images)])
+        for t in transforms:
+            image = t(image)
+        picked.append(image.numpy())
+    return plots.save(plots.image_grid(picked, [f"augment={cfg.augment.name}"] * 9), path)
+
+
+def log_evaluation(loaded: LoadedModel, name: str, result: dict[str, Any], figures: dict[str, Path]) -> None:
+    """The scores and figures, through the loggers the run trained with (into the same TensorBoard/MLflow run)."""
+    scores = {k: float(result[k]["value"]) for k in HEADLINE if k in result}
+    scores["loss"] = float(result["loss"])
+    loggers = create_loggers(loaded.config.get("logger"), loaded.run)
+    try:
+        loggers.log_evaluation(name, scores, loaded.epoch, figures)
+    finally:
+        loggers.close()

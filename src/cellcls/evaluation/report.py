@@ -1,0 +1,46 @@
+"""The evaluation folder's text files: report.md and predictions.csv."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellcls.data.layout import Samples
+from cellcls.evaluation.metrics import HEADLINE
+from cellcls.models.heads import labels_of
+from cellcls.run_folder import atomic_write
+
+
+def write_report(result: dict[str, Any], path: Path, figures: dict[str, Path]) -> None:
+    lines = [f"# Evaluation: {result['split']}", "",
+             f"checkpoint `{result['checkpoint']}` (epoch {result['epoch']}), {result['num_images']} images", "",
+             "| metric | value | 95% CI |", "|---|---|---|"]
+    for key in HEADLINE:
+        if key in result:
+            v, (lo, hi) = result[key]["value"], result[key]["ci95"]
+            lines.append(f"| {key} | {v:.4f} | {lo:.4f} - {hi:.4f} |")
+    lines.append(f"| loss | {result['loss']:.4f} | |")
+    lines += ["", "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
+    for cls in result["classes"]:
+        r = result["per_class"][cls]
+        lines.append(f"| {cls} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1-score']:.4f} | {int(r['support'])} |")
+    lines += ["", "Confusion matrix (rows: true, columns: predicted):", "",
+              "| | " + " | ".join(result["classes"]) + " |", "|---" * (len(result["classes"]) + 1) + "|"]
+    for cls, row in zip(result["classes"], result["confusion_matrix"]):
+        lines.append(f"| {cls} | " + " | ".join(str(v) for v in row) + " |")
+    if figures:
+        lines += ["", "Figures: " + ", ".join(f"[{k}]({p.name})" for k, p in figures.items())]
+    atomic_write(path, "\n".join(lines) + "\n")
+
+
+def write_predictions(path: Path, samples: Samples, probs: np.ndarray, classes: Sequence[str], root: Path | None) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "true", "predicted", *[f"p_{c}" for c in classes]])
+        for file, label, p, predicted in zip(samples.paths, samples.labels, probs, labels_of(probs)):
+            name = file.relative_to(root).as_posix() if root and file.is_relative_to(root) else str(file)
+            writer.writerow([name, classes[label], classes[predicted], *[f"{v:.6f}" for v in p]])

@@ -1,0 +1,41 @@
+"""The classification head's conventions: how many logits a model emits and how logits become probabilities and
+labels. One rule for the training loop, evaluation, export and serving."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def num_outputs(num_classes: int, single_logit: bool) -> int:
+    """Logits the model emits: one for a binary task with a sigmoid head, else one per class."""
+    if single_logit and num_classes != 2:
+        raise ValueError(f"model.single_logit=true needs exactly 2 classes, the dataset has {num_classes}")
+    return 1 if single_logit else num_classes
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities ``N x C`` from either head: softmax over C logits, or [1 - p, p] for one logit."""
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits[:, 0])
+        return torch.stack([1 - p, p], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def predicted_labels(logits: torch.Tensor) -> torch.Tensor:
+    """The predicted class of each row: arg-max of the logits, or ``logit > 0`` (p > 0.5) for one logit.
+
+    The same labels as ``probabilities(logits).argmax(1)`` (ties aside), without computing the probabilities."""
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).long()
+    return logits.argmax(dim=1)
+
+
+def labels_of(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Labels from class probabilities (``N x C``): arg-max; for two classes with ``threshold``, class 1 when its
+    probability is at least the threshold (``evaluate threshold=``)."""
+    probs = np.asarray(probs)
+    if threshold is not None and probs.shape[1] == 2:
+        return (probs[:, 1] >= threshold).astype(int)
+    return probs.argmax(axis=1)

@@ -1,0 +1,99 @@
+"""A trained model rebuilt from its checkpoint alone, ready to classify uint8 images."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from cellcls.checkpoint import Checkpoint, load_checkpoint
+from cellcls.data.preprocessing import input_spec, preprocess
+from cellcls.evaluation.metrics import TEST_METRICS
+from cellcls.models import build_model
+from cellcls.models.heads import labels_of, probabilities
+from cellcls.run_folder import BEST, RunFolder
+from cellcls.training.runtime import resolve_device
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with everything needed to feed it: classes, preprocessing, the training config."""
+
+    model: nn.Module
+    classes: list[str]
+    preprocessing: dict[str, Any]
+    config: DictConfig
+    path: Path
+    epoch: int
+    device: torch.device
+    metrics: dict[str, Any] = field(default_factory=dict)
+    supports_cam = True
+
+    @property
+    def run(self) -> RunFolder:
+        return RunFolder.of_checkpoint(self.path)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.root
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``N x C x H x W`` (already resized) -> the float input the model was trained on."""
+        return preprocess(images, self.preprocessing, self.device)
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> np.ndarray:
+        """Class probabilities ``N x num_classes`` for uint8 images (``N x C x H x W`` at the model's size)."""
+        return probabilities(self.model(self.prepare(images))).cpu().numpy()
+
+    def predict_labels(self, images: torch.Tensor) -> list[str]:
+        """The predicted class name of each image."""
+        return [self.classes[i] for i in labels_of(self.predict(images))]
+
+    @property
+    def card(self) -> dict[str, Any]:
+        """What a person or a client needs to know of the model: name, classes, input, metrics (JSON-ready)."""
+        return {
+            "model": str(self.config.model.name),
+            "dataset": str(self.config.dataset.name) if "dataset" in self.config else None,  # None: built by hand
+            "classes": list(self.classes),
+            "input": input_spec(self.preprocessing),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "epoch": self.epoch,
+            "checkpoint": str(self.path),
+            "metrics": self.metrics,
+        }
+
+
+def load_model(location: str | Path, device: str = "auto") -> LoadedModel:
+    """The model of a checkpoint file, or of a run folder's ``checkpoints/best.pt``."""
+    ckpt = load_checkpoint(location, name=BEST)
+    dev = resolve_device(device, setting="device")
+    prep = ckpt.preprocessing
+    model = build_model(ckpt.model_spec, prep["channels"], len(ckpt.classes), prep["image_size"])
+    model.load_state_dict(ckpt.model)
+    model.to(dev).eval()
+    assert ckpt.path is not None
+    return LoadedModel(model, list(ckpt.classes), prep, OmegaConf.create(ckpt.config), ckpt.path, ckpt.epoch, dev,
+                       checkpoint_metrics(ckpt))
+
+
+def checkpoint_metrics(ckpt: Checkpoint) -> dict[str, Any]:
+    """Validation metrics of the checkpoint's epoch, and the run's test metrics when they belong to it."""
+    row = next((r for r in ckpt.history if int(r["epoch"]) == ckpt.epoch), {})
+    out: dict[str, Any] = {"monitor": ckpt.monitor.get("metric")}
+    val = {k.removeprefix("val_"): float(v) for k, v in row.items() if k.startswith("val_")}
+    if val:
+        out["val"] = val
+    test_file = ckpt.run.test_metrics
+    if test_file.is_file():
+        test = json.loads(test_file.read_text())
+        if int(test.get("epoch", -1)) == ckpt.epoch:
+            out["test"] = {k: test[k] for k in (*TEST_METRICS, "num_images") if k in test}
+    return out

@@ -1,0 +1,127 @@
+"""The run folder: the one place that names every file a run, an evaluation or an export writes.
+
+Every file is written through :func:`atomic_write` (a temporary file in the same folder, flushed to disk, then
+renamed over the target), so a crash or a kill leaves either the previous complete file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+CHECKPOINTS = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+def atomic_write(path: Path, content: str | bytes | Callable[[IO[bytes]], None]) -> Path:
+    """Write ``content`` (text, bytes, or a function that writes to a binary file) to ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the run's files from the user's group
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if callable(content):
+                content(fh)
+            else:
+                fh.write(content.encode() if isinstance(content, str) else content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    return atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Names of a training run's files (``<run>/...``); create it with the folder a run writes to."""
+
+    root: Path
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Path) -> RunFolder:
+        """The run folder of ``<run>/checkpoints/<name>.pt`` (or the folder holding a loose checkpoint file)."""
+        parent = checkpoint.parent
+        return cls(parent.parent if parent.name == CHECKPOINTS else parent)
+
+    # training
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "result.json"
+
+    @property
+    def test_metrics(self) -> Path:
+        return self.root / "test_metrics.json"
+
+    @property
+    def skipped_files(self) -> Path:
+        return self.root / "skipped_files.txt"
+
+    @property
+    def model_summary(self) -> Path:
+        return self.root / "model_summary.txt"
+
+    @property
+    def training_curves(self) -> Path:
+        return self.root / "training_curves.png"
+
+    @property
+    def augmented_samples(self) -> Path:
+        return self.root / "augmented_samples.png"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / LAST
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints / BEST
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def mlflow_run(self) -> Path:
+        """The MLflow run id of this run, so ``evaluate`` logs into the same MLflow run."""
+        return self.root / "mlflow_run.json"
+
+    def split_list(self, split: str) -> Path:
+        return self.root / "splits" / f"{split}.csv"
+
+    # evaluation and export
+    def evaluation(self, name: str) -> Path:
+        """``eval/<split or folder name>/``: metrics.json, report.md, predictions.csv, figures."""
+        return self.root / "eval" / name
+
+    @property
+    def evaluations(self) -> Path:
+        return self.root / "eval" / "summary.csv"
+
+    def export(self, suffix: str) -> Path:
+        return self.root / "export" / f"model{suffix}"

@@ -1,0 +1,98 @@
+"""Everything a training job is made of, built from the composed config: runtime, data, model, loss, optimiser,
+LR scheduler, grad scaler, callbacks and loggers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+from cellcls.data.datamodule import DataBundle, build_data
+from cellcls.evaluation.metrics import metric_mode
+from cellcls.models import build_model
+from cellcls.models.heads import num_outputs
+from cellcls.run_folder import RunFolder
+from cellcls.training import distributed
+from cellcls.training.callbacks import Callback
+from cellcls.training.losses import ClassificationLoss, balanced_class_weights
+from cellcls.training.optim import build_optimizer, build_scheduler
+from cellcls.training.runtime import (
+    Runtime,
+    eval_batch_size,
+    seed_everything,
+    setup_runtime,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One training job's parts. ``net`` is the plain network (evaluation, checkpoints); ``model`` what the
+    training step calls (``net``, or its DDP / ``torch.compile`` wrapper)."""
+
+    cfg: DictConfig
+    run: RunFolder
+    runtime: Runtime
+    data: DataBundle
+    net: nn.Module
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler | ReduceLROnPlateau | None
+    scaler: torch.amp.GradScaler
+    callbacks: dict[str, Callback]
+
+    @property
+    def model_spec(self) -> dict[str, Any]:
+        return OmegaConf.to_container(self.cfg.model, resolve=True)  # type: ignore[return-value]
+
+
+def build_job(cfg: DictConfig, run_dir: Path) -> Job:
+    """Build a job from a validated config. The config is updated in place with what the data decided
+    (measured ``auto`` normalisation, the absolute data root), so checkpoints record what was trained on."""
+    seed_everything(int(cfg.seed))
+    t = cfg.trainer
+    runtime = setup_runtime(t)
+    # rank 0 fills the decoded cache first; the others then read it
+    if not runtime.is_main:
+        distributed.barrier()
+    shard = (runtime.dist.world_size, runtime.dist.rank) if runtime.dist.enabled else None
+    data = build_data(cfg.dataset, cfg.augment, int(cfg.seed), runtime.device, str(t.pipeline),
+                      eval_batch_size(t.eval_batch_size, int(cfg.dataset.batch_size), runtime.device), shard)
+    if runtime.is_main and runtime.dist.enabled:
+        distributed.barrier()
+    cfg.dataset.mean, cfg.dataset.std = data.preprocessing["mean"], data.preprocessing["std"]
+    if cfg.dataset.render is None:
+        cfg.dataset.root = str(data.root)
+
+    prep, classes = data.preprocessing, data.classes
+    spec = OmegaConf.to_container(cfg.model, resolve=True)
+    net = build_model(spec, prep["channels"], len(classes), prep["image_size"]).to(runtime.device)
+    net = net.to(memory_format=runtime.memory_format)
+    model: nn.Module = net
+    if runtime.dist.enabled:
+        model = DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    if t.compile:
+        model = torch.compile(model)  # the training step only: evaluation and checkpoints use `net`
+
+    weights = None
+    if cfg.class_weights == "balanced":
+        weights = balanced_class_weights(data.splits["train"].labels, len(classes))
+        log.info("class weights (balanced): %s", {c: round(float(w), 3) for c, w in zip(classes, weights)})
+    # Keras weights only the training loss; validation and test use the unweighted loss
+    loss_fn = ClassificationLoss(num_outputs(len(classes), bool(spec.get("single_logit"))), weights).to(runtime.device)
+    optimizer = build_optimizer(net.parameters(), OmegaConf.to_container(cfg.optim, resolve=True))
+    mode = metric_mode(str(t.monitor), str(t.monitor_mode))
+    scheduler = build_scheduler(optimizer, OmegaConf.to_container(cfg.scheduler, resolve=True), int(t.max_epochs), mode)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype is torch.float16)
+    callbacks = {name: instantiate(node) for name, node in cfg.callbacks.items() if node is not None}
+    return Job(cfg, RunFolder(run_dir), runtime, data, net, model, loss_fn, optimizer, scheduler, scaler, callbacks)
