@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["train", "load", "__version__"]
+__all__ = ["__version__", "load", "train"]
 
 
 def __getattr__(name: str) -> Any:
