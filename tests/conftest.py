@@ -43,7 +43,7 @@ def compose_config(*overrides: str) -> DictConfig:
 def train_in_process(run_dir: Path, *overrides: str) -> float:
     """Train in this process (fast: no interpreter start-up) exactly as the CLI does; returns the best value of
     the monitored metric."""
-    from cellcls.train import train
+    from cellcls.training.run import train
 
     return float(train(compose_config(*overrides), run_dir, overrides)["best"])
 

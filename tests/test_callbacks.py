@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cellcls.training.callbacks import EarlyStopping
-from cellcls.training.fit import Monitor
+from cellcls.training.state import Monitor
 from cellcls.training.optim import build_scheduler
 
 

@@ -39,7 +39,7 @@ def test_a_run_folder_resolves_to_its_last_checkpoint(tmp_path):
 def test_loading_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": f"{ckpt.FORMAT}/{ckpt.VERSION}", "payload": object()}, path)
-    with pytest.raises(Exception, match="(?i)weights_only|unsupported"):
+    with pytest.raises(ValueError, match="evil.pt is not a cellcls checkpoint: it holds pickled Python objects"):
         ckpt.load_checkpoint(path)
 
 
@@ -71,4 +71,12 @@ def test_a_checkpoint_from_a_newer_cellcls_is_refused_by_name(tmp_path):
     path = tmp_path / "new.pt"
     torch.save({"format": f"{ckpt.FORMAT}/{ckpt.VERSION + 1}"}, path)
     with pytest.raises(ValueError, match="newer cellcls"):
+        ckpt.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 half a zip"])
+def test_an_empty_or_truncated_checkpoint_is_named_with_what_is_wrong(tmp_path, content):
+    path = tmp_path / "best.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="best.pt is not a readable checkpoint: (empty|truncated)"):
         ckpt.load_checkpoint(path)

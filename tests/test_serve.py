@@ -52,7 +52,8 @@ def test_info_shows_the_model_its_classes_input_size_and_validation_metrics(serv
     assert info["model"] == "lenet" and info["classes"] == ["Uninfected", "Parasitized"]
     assert (info["input"]["height"], info["input"]["width"]) == (64, 64)
     assert 0 <= info["metrics"]["val"]["accuracy"] <= 1 and info["gradcam"] is True
-    assert info["limits"] == {"max_image_mb": 0.5, "max_pixels": 4000000, "max_images": 32}
+    limits = {k: info["limits"][k] for k in ("max_image_mb", "max_pixels", "max_images", "body_timeout_s")}
+    assert limits == {"max_image_mb": 0.5, "max_pixels": 4000000, "max_images": 8, "body_timeout_s": 30.0}
 
 
 def test_predict_endpoint_gives_the_predict_commands_answer_on_real_cells(server, malaria_run):
@@ -143,7 +144,8 @@ def test_a_chunked_body_over_the_limit_is_refused_while_it_streams():
         async def send(message):
             sent.append(message)
 
-        scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"transfer-encoding", b"chunked")]}
+        scope = {"type": "http", "method": "POST", "path": "/",
+                 "headers": [(b"transfer-encoding", b"chunked"), (b"content-type", b"application/json")]}
         from starlette.exceptions import HTTPException
 
         try:
@@ -190,3 +192,65 @@ def test_an_exported_onnx_model_is_served_without_grad_cam(malaria_run, tmp_path
 def test_serve_names_a_missing_checkpoint(tmp_path):
     with pytest.raises(RuntimeError, match="no checkpoint|not found|No such|does not exist"):
         Server(f"checkpoint={tmp_path / 'nothing'}", cwd=tmp_path)
+
+
+def test_a_multipart_form_is_refused_with_415_and_the_server_stays_up(server):
+    body = b"--x\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a.png\"\r\n\r\n\xff\xfe\r\n--x--\r\n"
+    req = urllib.request.Request(server.url + "api/predict", data=body,
+                                 headers={"Content-Type": "multipart/form-data; boundary=x"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=30)
+    assert info.value.code == 415 and "application/json" in json.load(info.value)["detail"]
+    assert call(server.url + "health")[0] == 200
+
+
+def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(malaria_run):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cellcls.deploy.predictor import load_predictor
+    from cellcls.deploy.server import Classifier, Limits
+
+    predictor = load_predictor(malaria_run, "cpu")
+    batches: list[int] = []
+    original = predictor.predict
+    gate = threading.Event()
+
+    def counting(images):
+        gate.wait(5)  # hold the first pass so that the others queue up behind it
+        batches.append(len(images))
+        return original(images)
+
+    predictor.predict = counting
+    classifier = Classifier(predictor, Limits())
+    files = malaria_images(12)
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(classifier.classify, p.name, p.read_bytes(), False) for p in files]
+        gate.set()
+        results = [f.result() for f in futures]
+    assert sum(batches) == 12 and len(batches) < 12, batches
+    expected, _ = predict_files(load_model(malaria_run, "cpu"), files)
+    for got, want in zip(results, expected):
+        assert got["ok"] and got["label"] == want.label(predictor.classes)
+        assert got["confidence"] == pytest.approx(float(want.probabilities.max()), abs=1e-6)
+
+
+def test_slow_headers_and_slow_bodies_are_cut_off(malaria_run, tmp_path):
+    import socket
+    import time
+
+    srv = Server(f"checkpoint={malaria_run}", "header_timeout_s=1", "body_timeout_s=1", cwd=tmp_path)
+    try:
+        host, port = urllib.parse.urlsplit(srv.url).hostname, urllib.parse.urlsplit(srv.url).port
+        with socket.create_connection((host, port), timeout=10) as sock:  # headers that never end
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            started = time.monotonic()
+            assert sock.recv(1024) == b"" and time.monotonic() - started < 5  # closed by the server
+        with socket.create_connection((host, port), timeout=10) as sock:  # a body announced but never sent
+            sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{")
+            reply = sock.recv(4096)
+            assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert call(srv.url + "health")[0] == 200
+    finally:
+        srv.stop()

@@ -40,11 +40,8 @@ class RunResult:
 def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> RunResult:
     """Train as ``python -m cellcls.train <overrides>`` would, into ``run_dir`` (default:
     ``outputs/<date>/<time>_<dataset>_<model>``), in this process. Bad settings raise ``ConfigError``."""
-    import importlib
-
     from cellcls.config import check_command_line, compose_config
-
-    cli = importlib.import_module("cellcls.train")
+    from cellcls.training.run import train as run_training
 
     check_command_line(list(overrides))
     cfg = compose_config(list(overrides))
@@ -52,7 +49,7 @@ def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> R
         now = datetime.now()
         run_dir = Path("outputs") / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S}_{cfg.dataset.name}_{cfg.model.name}"
     folder = Path(run_dir)
-    return RunResult(folder, cli.train(cfg, folder, list(overrides)))
+    return RunResult(folder, run_training(cfg, folder, list(overrides)))
 
 
 class Model:

@@ -11,6 +11,7 @@ resuming needs version 2, because the config layout changed with it.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,19 @@ def resolve_checkpoint(location: str | Path, name: str = LAST) -> Path:
 def load_checkpoint(location: str | Path, name: str = LAST) -> Checkpoint:
     """Read a cellcls checkpoint of any known version, safely."""
     path = resolve_checkpoint(location, name)
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):  # a pickle of Python objects, not garbage
+            raise ValueError(f"{path} is not a cellcls checkpoint: it holds pickled Python objects (code could run on "
+                             "loading), so it is refused for safety") from None
+        raise ValueError(f"{path} is not a readable checkpoint: not a PyTorch file, or corrupt "
+                         f"({path.stat().st_size:,} bytes)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        size = path.stat().st_size
+        why = "empty (0 bytes)" if size == 0 else f"truncated or corrupt ({size:,} bytes: {str(exc).splitlines()[0]})"
+        raise ValueError(f"{path} is not a readable checkpoint: {why}; use the run's other checkpoint "
+                         "(best.pt or last.pt) or train again") from None
     fmt = payload.get("format", "") if isinstance(payload, dict) else ""
     kind, _, version = str(fmt).partition("/")
     if kind != FORMAT or not version.isdigit():

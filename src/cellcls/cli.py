@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from cellcls.errors import ConfigError
+from cellcls.errors import DISK_ERRORS, ConfigError, describe_os_error, printable
 
 
 def command_args(argv: Sequence[str] | None, doc: str | None) -> tuple[list[str], int | None]:
@@ -53,6 +53,11 @@ def as_bool(name: str, value: str) -> bool:
     raise ConfigError(f"{name}={value!r} is not valid; allowed values: true, false")
 
 
-def fail(exc: Exception) -> int:
-    print(f"cellcls: error: {exc}", file=sys.stderr)
+def fail(exc: BaseException) -> int:
+    """Print the one ``cellcls: error:`` line for ``exc``; returns the exit code 2."""
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+        message = describe_os_error(exc)
+    else:
+        message = str(exc)
+    print(f"cellcls: error: {printable(message)}", file=sys.stderr)
     return 2

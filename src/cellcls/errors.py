@@ -17,3 +17,47 @@ def nearest(key: str, valid: list[str] | tuple[str, ...]) -> str:
 
     match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
     return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def printable(path: object) -> str:
+    """A file name fit for any terminal: bytes that are not UTF-8 shown as ``\\udcxx`` escapes."""
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or the weights became NaN or infinite; the message says where and what to try."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A signal (SIGTERM, SIGINT, SIGUSR1) stopped training after a step; a resumable checkpoint was written."""
+
+    def __init__(self, message: str, signum: int, chain: object = None) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.chain = chain  # a handler to pass the signal on to once the status is written (submitit's requeue)
+
+    def pass_on(self) -> None:
+        """Hand the signal to the handler that had it before cellcls (submitit requeues the job and exits)."""
+        if callable(self.chain):
+            self.chain(self.signum, None)
+
+
+DISK_ERRORS = (28, 30, 13, 1, 122)  # ENOSPC, EROFS, EACCES, EPERM, EDQUOT
+
+
+def describe_os_error(exc: OSError, need_bytes: int | None = None) -> str:
+    """A full, read-only or forbidden folder, said in one line with the folder and, when known, the space needed."""
+    import shutil
+    from pathlib import Path
+
+    where = Path(str(exc.filename)).parent if exc.filename else Path.cwd()
+    if exc.errno in (28, 122):  # no space, quota
+        try:
+            free = f"{shutil.disk_usage(where).free / 2**20:,.0f} MB free"
+        except OSError:
+            free = "free space unknown"
+        need = f"; about {need_bytes / 2**20:,.0f} MB more are needed" if need_bytes else ""
+        return f"no space left to write {exc.filename} ({free} on the disk holding {where}{need}): free some space or " \
+               "write elsewhere (hydra.run.dir=<folder>, CELLCLS_CACHE=<folder> for the decoded cache)"
+    return f"cannot write {exc.filename or where}: {exc.strerror}; choose a writable folder (hydra.run.dir=<folder>, " \
+           "CELLCLS_CACHE=<folder> for the decoded cache)"

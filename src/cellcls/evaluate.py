@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             int(own.get("bootstrap", 1000)), own.get("device", "auto"), own.get("cam_layer"), own.get("output"),
             as_bool("plots", own.get("plots", "true")),
         )
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ValueError, OSError) as exc:
         return fail(exc)
     for key in HEADLINE:
         if key in result:

@@ -33,8 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         output = Path(own["output"]).expanduser() if "output" in own else default_output(loaded, fmt)
         path = export_model(loaded, fmt, output, opset=int(own.get("opset", 18)))
         diff = max_difference(loaded, path) if as_bool("check", own.get("check", "true")) else None
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, OSError) as exc:
         return fail(exc)
+    except ImportError as exc:
+        return fail(ImportError(f'format=onnx needs onnx, onnxscript and onnxruntime: pip install "cellcls[deploy]" ({exc})'))
     print(f"exported {loaded.card['model']} ({', '.join(loaded.classes)}) to {path}; model card {path.name}.json")
     if diff is not None:
         print(f"check: largest probability difference from PyTorch on random inputs {diff:.2e}")

@@ -19,7 +19,7 @@ from cellcls.cli import as_bool, command_args, fail, own_settings
 from cellcls.data.layout import IMAGE_EXTENSIONS
 from cellcls.deploy.predict import list_inputs, predict_files, write_csv
 from cellcls.deploy.predictor import load_predictor
-from cellcls.errors import ConfigError, DataError
+from cellcls.errors import ConfigError, DataError, printable
 
 SETTINGS = ("checkpoint", "input", "output", "cam", "cam_layer", "device", "batch_size")
 
@@ -42,12 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cam_dir is not None and not loaded.supports_cam:
             raise ConfigError(f"cam=true needs the PyTorch checkpoint (Grad-CAM takes gradients); {loaded.path} is an exported model")
         predictions, skipped = predict_files(loaded, files, int(own.get("batch_size", 64)), cam_dir, own.get("cam_layer"))
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ValueError, OSError) as exc:
         return fail(exc)
+    except ImportError as exc:
+        return fail(ImportError(f'an exported ONNX model needs onnxruntime: pip install "cellcls[deploy]" ({exc})'))
     for pred in predictions:
         print(pred.line(loaded.classes))
     for path, why in skipped:
-        print(f"skipped {path}: {why}", file=sys.stderr)
+        print(f"skipped {printable(path)}: {printable(why)}", file=sys.stderr)
     if output is not None:
         write_csv(output, predictions, loaded.classes)
         print(f"{len(predictions)} prediction(s) written to {output}" + (f"; {len(skipped)} file(s) skipped" if skipped else ""))

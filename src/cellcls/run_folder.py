@@ -31,7 +31,8 @@ def atomic_write(path: Path, content: str | bytes | Callable[[IO[bytes]], None])
             if callable(content):
                 content(fh)
             else:
-                fh.write(content.encode() if isinstance(content, str) else content)
+                # surrogateescape: file names that are not valid UTF-8 are written back as their original bytes
+                fh.write(content.encode("utf-8", "surrogateescape") if isinstance(content, str) else content)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

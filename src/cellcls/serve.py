@@ -11,8 +11,12 @@ input size and validation metrics. Scripts use the same JSON API the page uses:
     GET  /health        {"status": "ok"}
 
 Uploads are decoded in memory and never written to disk. Other settings: device=auto|cpu|cuda,
-max_image_mb=<per file, default 20>, max_pixels=<width x height, default 50000000>, max_images=<per request,
-default 32>, cam_layer=<layer name>. It binds to 127.0.0.1 unless host= says otherwise.
+max_image_mb=<per file, default 10>, max_pixels=<width x height, default 50000000>, max_images=<per request,
+default 8>, cam_layer=<layer name>, header_timeout_s=<10>, body_timeout_s=<30>, keep_alive_s=<5>,
+max_batch=<images per forward pass, 32>. It binds to 127.0.0.1 unless host= says otherwise. The body limit follows from
+max_images x max_image_mb (base64 adds a third); headers must arrive within 10 s and the body within 30 s (408),
+idle connections close after 5 s, a POST that is not JSON gets 415. Concurrent requests share forward passes
+(micro-batching, up to 32 images per pass), so throughput grows with the number of clients.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from cellcls.deploy.predictor import load_predictor
 from cellcls.deploy.server import Classifier, Limits
 from cellcls.errors import ConfigError
 
-SETTINGS = ("checkpoint", "host", "port", "device", "max_image_mb", "max_pixels", "max_images", "cam_layer")
+LIMITS = {"max_image_mb": float, "max_pixels": int, "max_images": int, "header_timeout_s": float, "body_timeout_s": float,
+          "keep_alive_s": float, "max_batch": int}  # settings that are Limits fields (defaults there)
+SETTINGS = ("checkpoint", "host", "port", "device", "cam_layer", *LIMITS)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -36,10 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return done
     try:
         own = own_settings(args, SETTINGS, "serve", required=("checkpoint",))
-        limits = Limits(**{k: float(own[k]) if k == "max_image_mb" else int(float(own[k]))
-                           for k in ("max_image_mb", "max_pixels", "max_images") if k in own})  # the rest: Limits' defaults
-        if limits.max_image_mb <= 0 or limits.max_pixels <= 0 or limits.max_images <= 0:
-            raise ConfigError("max_image_mb, max_pixels and max_images must be positive")
+        limits = Limits(**{k: kind(float(own[k])) for k, kind in LIMITS.items() if k in own})
+        bad = [k for k in LIMITS if getattr(limits, k) <= 0]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)} must be positive")
         host, port = own.get("host", "127.0.0.1"), int(own.get("port", 8000))
         classifier = Classifier(load_predictor(own["checkpoint"], own.get("device", "auto")), limits, own.get("cam_layer"))
         from cellcls.deploy.webapp import create_app
@@ -56,7 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
     card = classifier.predictor.card
     print(f"cellcls: serving {card['model']} ({', '.join(card['classes'])}) from {classifier.predictor.path}", flush=True)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+    from cellcls.deploy.protocol import with_header_timeout
+
+    limits = classifier.limits
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", http=with_header_timeout(limits.header_timeout_s),
+                            timeout_keep_alive=max(1, round(limits.keep_alive_s)))
     server = uvicorn.Server(config)
     url_host = f"[{host}]" if ":" in host else host
 

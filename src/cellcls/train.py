@@ -7,63 +7,32 @@ import logging
 import os
 import shutil
 import sys
-import traceback
 import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls.checkpoint import load_checkpoint, require_resumable
 from cellcls.config import check_command_line
-from cellcls.config.checks import apply_overrides, validate
-from cellcls.config.schema import GROUPS
-from cellcls.errors import ConfigError, DataError
+from cellcls.errors import (
+    DISK_ERRORS,
+    ConfigError,
+    DataError,
+    TrainingDiverged,
+    TrainingInterrupted,
+    describe_os_error,
+    printable,
+)
 from cellcls.paths import config_dir
 from cellcls.training.distributed import rank_run_dir
-from cellcls.training.fit import fit
-from cellcls.training.sweep import direction, write_failure
+from cellcls.training.run import job_device, train
+from cellcls.training.sweep import direction
 
 log = logging.getLogger("cellcls.train")
-
-
-def resume_config(stored: dict, overrides: Sequence[str]) -> DictConfig:
-    """The config of a resumed run: the checkpoint's, with this command's ``key=value`` overrides on top.
-
-    Group choices (``model=...``) cannot change a run half-way and are ignored with a warning.
-    """
-    cfg = OmegaConf.create(stored)
-    for line in apply_overrides(cfg, overrides, skip=(*GROUPS, "experiment", "hparams_search")):
-        log.warning("ignored on resume: %s (the checkpoint's setting is kept)", line)
-    return cfg
-
-
-def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Train as ``cfg`` says, writing into ``run_dir``; returns the run's summary (best value, test metrics)."""
-    resume = None
-    if cfg.trainer.resume:
-        resume = load_checkpoint(str(cfg.trainer.resume))
-        require_resumable(resume)
-        cfg = resume_config(resume.config, overrides)
-        cfg.trainer.resume = str(resume.path)
-    validate(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    summary = fit(cfg, run_dir, resume, list(overrides))
-    log.info("run folder: %s", run_dir)
-    return summary
-
-
-def job_device(cfg: DictConfig, job_num: int) -> DictConfig:
-    """With several GPUs and ``trainer.device=auto``, parallel sweep jobs take one GPU each (round-robin)."""
-    count = torch.cuda.device_count()
-    if str(cfg.trainer.device) == "auto" and count > 1:
-        cfg.trainer.device = f"cuda:{job_num % count}"
-    return cfg
 
 
 OmegaConf.register_new_resolver("cellcls_direction", direction, replace=True)
@@ -78,19 +47,41 @@ def hydra_main(cfg: DictConfig) -> float:
     if int(os.environ.get("RANK", "0")) > 0 and run_dir.name.startswith("cellcls-rank"):
         atexit.register(shutil.rmtree, run_dir, True)  # a non-zero torchrun rank's throw-away Hydra folder
     if hc.mode == RunMode.MULTIRUN:
-        # one failing job is recorded and returns NaN (Optuna marks the trial failed); the sweep goes on
+        # a failing job is recorded (result.json) and returns NaN (Optuna marks the trial failed); the sweep goes on
         try:
             return float(train(job_device(cfg, hc.job.num), run_dir, overrides)["best"])
-        except Exception as exc:
-            log.exception("job %s failed: %s", hc.job.num, exc)
-            write_failure(run_dir, overrides, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        except TrainingInterrupted as exc:  # the user or the scheduler stops the whole sweep
+            raise SystemExit(128 + exc.signum) from None
+        except TrainingDiverged as exc:
+            log.warning("job %s diverged: %s", hc.job.num, exc)
+            return float("nan")
+        except Exception:
+            log.exception("job %s failed", hc.job.num)
             return float("nan")
     try:
         return float(train(cfg, run_dir, overrides)["best"])
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
-        log.error("%s", exc)
-        print(f"cellcls: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    except TrainingInterrupted as exc:
+        stop(str(exc), 128 + exc.signum, prefix="cellcls: ")
+    except TrainingDiverged as exc:
+        stop(str(exc), 3)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        stop(describe_os_error(exc), 2)
+    except (ConfigError, DataError, FileNotFoundError, ValueError, ImportError) as exc:
+        stop(str(exc), 2)
+    return float("nan")  # not reached: stop() exits
+
+
+def stop(message: str, code: int, prefix: str = "cellcls: error: ") -> None:
+    """End a run that did not finish (its result.json already says why): the log file gets the message, the
+    terminal one line."""
+    record = logging.LogRecord("cellcls.train", logging.ERROR, __file__, 0, "%s", (message,), None)
+    for handler in logging.getLogger().handlers:  # train.log, not the console: that gets the line below once
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    print(f"{prefix}{printable(message)}", file=sys.stderr)
+    sys.exit(code)
 
 
 def main() -> None:

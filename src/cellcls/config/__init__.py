@@ -28,39 +28,64 @@ _OPEN = ("dataset.splits", "dataset.class_aliases", "callbacks", "logger")
 
 
 def check_command_line(argv: Sequence[str]) -> None:
-    """Refuse a ``key=value`` whose key the composed config does not have, naming the nearest valid key, before
-    Hydra starts (Hydra's own message says only that the key is not in the config; a ``+`` typo it accepts)."""
+    """Check a ``python -m cellcls.train`` command line before Hydra starts, as a ``ConfigError``: a key the composed
+    config does not have (``+`` or not), naming the nearest valid key, and a value Hydra cannot compose (a wrong type,
+    an unknown option). Sweeps are checked with the first value of each. Hydra's own messages would exit 1 without
+    the nearest key, and a ``+`` typo would pass silently."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     from cellcls.config.schema import GROUPS
     from cellcls.errors import ConfigError, nearest
 
+    if any(a.split("=")[0] in _OWN_CONFIG_FLAGS for a in argv):
+        return  # the user's own config folder: Hydra composes it, with its own messages
     try:
         parsed = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
     except Exception:  # noqa: BLE001 - a syntax error: Hydra reports it with its own message
         return
-    choices, settings = [], []
+    choices, settings, single = [], [], []
     for o in parsed:
         root = o.key_or_group.split("/")[0].split(".")[0]
-        if "/" in o.key_or_group or root in _NOT_SETTINGS or (o.key_or_group in GROUPS and not o.is_add()):
-            if root not in ("hydra",) and "/" not in o.key_or_group:
-                first = next(iter(o.sweep_string_iterator()), None) if o.is_sweep_override() else o.get_value_element_as_str()
-                choices.append(f"{o.key_or_group}={first}")
+        if root == "hydra" or "/" in o.key_or_group:
+            continue
+        line = o.input_line
+        if o.is_sweep_override():
+            line = f"{line.split('=', 1)[0]}={next(iter(o.sweep_string_iterator()))}"
+        single.append(line)
+        if root in _NOT_SETTINGS or (o.key_or_group in GROUPS and not o.is_add()):
+            choices.append(line)
         elif not o.is_delete():
             settings.append(o.key_or_group)
-    if not settings:
-        return
     try:
         cfg = compose_config(choices)
-    except Exception:  # noqa: BLE001 - a bad group choice: Hydra reports it with its own message
-        return
+    except Exception as exc:  # noqa: BLE001 - Hydra's composition errors have several types
+        raise ConfigError(_hydra_message(exc)) from None
     valid = _flat_keys(OmegaConf.to_container(cfg, resolve=False))
     for key in settings:
         if key in valid or any(key.startswith(p + ".") for p in _OPEN) or any(v.startswith(key + ".") for v in valid):
             continue
         raise ConfigError(f"unknown setting {key!r}{nearest(key, sorted(valid))} (python -m cellcls.train --cfg job "
                           "prints every setting)")
+    try:
+        compose_config(single)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(_hydra_message(exc)) from None
+
+
+_OWN_CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
+
+
+def _hydra_message(exc: BaseException) -> str:
+    """Hydra's composition error and its cause, on one line, without its notes on search paths and stack traces."""
+    lines = []
+    for part in (exc, exc.__cause__):
+        for ln in str(part or "").splitlines():
+            if "Config search path" in ln:
+                break
+            if ln.strip() and "HYDRA_FULL_ERROR" not in ln and "object_type=" not in ln and "full_key" not in ln:
+                lines.append(ln.strip())
+    return "; ".join(dict.fromkeys(lines))
 
 
 def _flat_keys(node: object, prefix: str = "") -> set[str]:

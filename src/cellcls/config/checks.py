@@ -87,6 +87,8 @@ def validate(cfg: DictConfig) -> None:
     _choice("trainer.strategy", t.strategy, ("auto", "ddp", "none"))
     _choice("trainer.monitor", t.monitor, EPOCH_METRICS)
     _choice("trainer.monitor_mode", t.monitor_mode, ("auto", "min", "max"))
+    _choice("trainer.on_nonfinite", t.on_nonfinite, ("stop", "skip_batch"))
+    _positive_int("trainer.max_skipped_batches", t.max_skipped_batches, minimum=0)
     if t.gradient_clip is not None and not t.gradient_clip > 0:
         raise ConfigError(f"trainer.gradient_clip must be a positive number or null, got {t.gradient_clip!r}")
     _choice("class_weights", cfg.class_weights, ("none", "balanced"))

@@ -31,9 +31,13 @@ class TrainerConfig:
     num_threads: Any = "auto"  # CPU threads: auto (OMP_NUM_THREADS if set, else the cores shared among ranks) | n
     channels_last: Any = "auto"  # auto | true | false: NHWC memory layout, ~1.9x faster CNN training on the CPU
     gradient_clip: Optional[float] = None  # max gradient norm, or null
+    on_nonfinite: str = "stop"  # a NaN/infinite loss: stop the run (status diverged) | skip_batch (bounded, below)
+    max_skipped_batches: int = 10  # skip_batch: more non-finite batches than this in one epoch stop the run
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA; CPU runs are reproducible)
     progress_bar: bool = True
-    resume: Optional[str] = None  # a run folder or checkpoint to continue from (its last.pt)
+    # a run folder or checkpoint to continue from (its last.pt); auto: this run folder's last.pt when there is one
+    # (a requeued job, or hydra.run.dir=<folder> run again), else a fresh start
+    resume: Optional[str] = None
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cellcls.data.decode import decode_image, decode_rows
+from cellcls.data.decode import decode_image, decode_rows, max_pixels
 from cellcls.data.layout import Samples
 from cellcls.errors import DataError
 
@@ -43,10 +43,11 @@ class DecodedSplit:
 
 
 def cache_key(samples: Samples, channels: int, size: Sequence[int]) -> str:
-    digest = hashlib.sha1(f"v{CACHE_VERSION}|{channels}|{tuple(size)}".encode())
+    digest = hashlib.sha1(f"v{CACHE_VERSION}|{channels}|{tuple(size)}|{max_pixels()}".encode())
     for path in samples.paths:
         st = path.stat()
-        digest.update(f"\n{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        # os.fsencode: a name need not be valid UTF-8 (any bytes but / and NUL), so hash the bytes on disk
+        digest.update(b"\n" + os.fsencode(path.resolve()) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
     return digest.hexdigest()[:20]
 
 

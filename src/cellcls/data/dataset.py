@@ -17,10 +17,10 @@ from cellcls.errors import DataError
 
 
 def load_image(
-    source: Path | BinaryIO, channels: int, size: Sequence[int], name: str | None = None, max_pixels: int | None = None
+    source: Path | BinaryIO, channels: int, size: Sequence[int], name: str | None = None, limit: int | None = None
 ) -> torch.Tensor:
     """:func:`cellcls.data.decode.decode_image` as a ``channels x H x W`` uint8 tensor."""
-    return torch.from_numpy(decode_image(source, channels, size, name, max_pixels))
+    return torch.from_numpy(decode_image(source, channels, size, name, limit))
 
 
 class CachedImages(Dataset):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -9,23 +10,40 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cellcls.errors import DataError
+from cellcls.errors import ConfigError, DataError
+
+# The one pixel limit for every image cellcls reads (training, evaluate, predict, inspect, the web app): larger
+# files are refused before their pixels are decoded. 50 megapixels holds any X-ray; CELLCLS_MAX_PIXELS changes it.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+def max_pixels() -> int:
+    """The pixel limit: ``$CELLCLS_MAX_PIXELS`` if set, else :data:`DEFAULT_MAX_PIXELS`."""
+    value = os.environ.get("CELLCLS_MAX_PIXELS", "")
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"CELLCLS_MAX_PIXELS={value!r} must be a whole number of pixels >= 1")
+    return int(value)
 
 
 def decode_image(
-    source: Path | BinaryIO, channels: int, size: Sequence[int], name: str | None = None, max_pixels: int | None = None
+    source: Path | BinaryIO, channels: int, size: Sequence[int], name: str | None = None, limit: int | None = None
 ) -> np.ndarray:
     """Decode a file (or an open binary stream) to a ``channels x H x W`` uint8 array: EXIF orientation applied,
     any Pillow mode converted to L or RGB, resized with antialiasing to ``size`` (height, width).
 
-    ``max_pixels`` refuses larger images before their pixels are decoded (decompression bombs); ``name`` is what
+    Images over ``limit`` pixels (default :func:`max_pixels`) are refused before their pixels are decoded
+    (decompression bombs, and no 144-megapixel scan is worth decoding for a 128-pixel model); ``name`` is what
     error messages call a stream.
     """
     label = name or str(source)
+    limit = max_pixels() if limit is None else limit
     try:
         with Image.open(source) as im:
-            if max_pixels is not None and im.width * im.height > max_pixels:
-                raise DataError(f"{label}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,} pixels")
+            if im.width * im.height > limit:
+                raise DataError(f"{label}: {im.width}x{im.height} pixels is over the limit of {limit:,} pixels "
+                                "(CELLCLS_MAX_PIXELS)")
             im = ImageOps.exif_transpose(im) if _has_orientation(im) else im
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 # 16/32-bit greyscale (X-rays): Pillow's convert("L") would clip, so rescale the range instead

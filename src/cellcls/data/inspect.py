@@ -44,6 +44,8 @@ def describe(cfg: DictConfig) -> str:
         (w0, w1), (h0, h1) = props["width"], props["height"]
         modes = ", ".join(f"{m} {n}" for m, n in sorted(props["modes"].items()))
         bad = f"; {len(props['unreadable'])} unreadable" if props["unreadable"] else ""
+        if props["too_large"]:
+            bad += f"; {len(props['too_large'])} over the pixel limit (skipped in training), e.g. {props['too_large'][0]}"
         lines.append(f"  {name:<5} width {w0}-{w1}, height {h0}-{h1} px; modes: {modes}{bad}")
     h, w = ds.image_size
     lines.append(f"  resized to {h}x{w}, {'grayscale' if int(ds.channels) == 1 else 'RGB'}")

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from PIL import Image
 
+from cellcls.data.decode import max_pixels
 from cellcls.data.layout import Samples
 
 
@@ -23,13 +24,18 @@ def count_table(splits: Mapping[str, Samples], classes: list[str]) -> str:
 
 def image_properties(samples: Samples) -> dict[str, object]:
     """Size range and Pillow modes from the file headers (no full decode), and unreadable headers."""
-    widths, heights, modes, unreadable = [], [], Counter(), []
+    widths, heights, modes, unreadable, too_large = [], [], Counter(), [], []
+    limit = max_pixels()
     for path in samples.paths:
         try:
             with Image.open(path) as im:
                 widths.append(im.size[0])
                 heights.append(im.size[1])
                 modes[im.mode] += 1
+                if im.size[0] * im.size[1] > limit:
+                    too_large.append(path)
+        except Image.DecompressionBombError:
+            too_large.append(path)
         except (OSError, ValueError, SyntaxError):
             unreadable.append(path)
     return {
@@ -37,4 +43,5 @@ def image_properties(samples: Samples) -> dict[str, object]:
         "height": (min(heights), max(heights)) if heights else None,
         "modes": dict(modes),
         "unreadable": unreadable,
+        "too_large": too_large,  # over the pixel limit: skipped when a run decodes them
     }

@@ -15,7 +15,7 @@ from PIL import Image
 from cellcls.data.dataset import load_image
 from cellcls.data.layout import IMAGE_EXTENSIONS
 from cellcls.deploy.predictor import Predictor
-from cellcls.errors import DataError
+from cellcls.errors import DataError, printable
 from cellcls.evaluation import plots
 from cellcls.evaluation.figures import cam_maps
 from cellcls.models.heads import labels_of
@@ -31,7 +31,7 @@ class Prediction:
         return classes[int(labels_of(self.probabilities[None])[0])]
 
     def line(self, classes: Sequence[str]) -> str:
-        return f"{self.file}: {self.label(classes)} ({100 * self.probabilities.max():.2f}%)"
+        return f"{printable(self.file)}: {self.label(classes)} ({100 * self.probabilities.max():.2f}%)"
 
 
 def list_inputs(location: Path) -> list[Path]:
@@ -74,7 +74,7 @@ def predict_files(
 
 def write_csv(path: Path, predictions: Sequence[Prediction], classes: Sequence[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:  # any file name
         writer = csv.writer(fh)
         writer.writerow(["file", "predicted", *[f"p_{c}" for c in classes]])
         for pred in predictions:

@@ -6,14 +6,15 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
 
 from cellcls.data.dataset import load_image
+from cellcls.data.decode import max_pixels
+from cellcls.deploy.batching import MicroBatcher
 from cellcls.deploy.predictor import Predictor
 from cellcls.errors import DataError
 from cellcls.evaluation import plots
@@ -22,11 +23,17 @@ from cellcls.models.heads import labels_of
 
 @dataclass(frozen=True)
 class Limits:
-    """What one upload may be: refused with a message beyond these, before any pixel is decoded."""
+    """What a request may be and how long it may take: refused with a message beyond these, before any pixel is
+    decoded. The body limit follows from the image limits (8 images of 10 MB: about 107 MB of JSON)."""
 
-    max_image_mb: float = 20.0
-    max_pixels: int = 50_000_000
-    max_images: int = 32
+    max_image_mb: float = 10.0
+    max_pixels: int = field(default_factory=max_pixels)
+    max_images: int = 8
+    header_timeout_s: float = 10.0  # from connecting to the end of the request's headers
+    body_timeout_s: float = 30.0  # the whole body, however it trickles in
+    keep_alive_s: float = 5.0  # an idle connection between requests
+    model_timeout_s: float = 120.0  # one request's wait for the model (queue + forward pass)
+    max_batch: int = 32  # images per forward pass of the micro-batcher
 
     @property
     def max_image_bytes(self) -> int:
@@ -43,13 +50,14 @@ def _empty_result(name: str) -> dict[str, Any]:
 
 
 class Classifier:
-    """Turns uploaded bytes into predictions; one model call at a time (Grad-CAM hooks are not re-entrant)."""
+    """Turns uploaded bytes into predictions: uploads are decoded in the request's thread, the model runs in the
+    micro-batcher's (concurrent requests share one forward pass)."""
 
     def __init__(self, predictor: Predictor, limits: Limits, cam_layer: str | None = None) -> None:
         self.predictor = predictor
         self.limits = limits
         self.cam_layer = cam_layer
-        self._lock = threading.Lock()
+        self.batcher = MicroBatcher(predictor, limits.max_batch, cam_layer)
 
     def info(self) -> dict[str, Any]:
         return {**self.predictor.card, "gradcam": self.predictor.supports_cam, "limits": asdict(self.limits)}
@@ -61,7 +69,7 @@ class Classifier:
         if len(data) > self.limits.max_image_bytes:
             raise DataError(f"{name} is {len(data) / 2**20:.1f} MB; the limit is {self.limits.max_image_mb:g} MB per image")
         prep = self.predictor.preprocessing
-        return load_image(io.BytesIO(data), prep["channels"], prep["image_size"], name=name, max_pixels=self.limits.max_pixels)
+        return load_image(io.BytesIO(data), prep["channels"], prep["image_size"], name=name, limit=self.limits.max_pixels)
 
     def classify_base64(self, name: str, text: str, cam: bool = True) -> dict[str, Any]:
         """:meth:`classify` for a file sent as base64 text (the JSON API's form)."""
@@ -79,21 +87,13 @@ class Classifier:
         except DataError as exc:
             result["error"] = str(exc)
             return result
-        batch = image.unsqueeze(0)
+        probs, cam_map = self.batcher.submit(image, cam).result(timeout=self.limits.model_timeout_s)
+        if cam_map is not None:
+            buf = io.BytesIO()
+            Image.fromarray(plots.cam_overlay(image.numpy(), cam_map)).save(buf, format="PNG")
+            result["cam_png"] = base64.b64encode(buf.getvalue()).decode("ascii")
         classes = self.predictor.classes
-        with self._lock:
-            probs = self.predictor.predict(batch)[0]
-            if cam and self.predictor.supports_cam:
-                result["cam_png"] = self._cam_png(batch)
         best = int(labels_of(probs[None])[0])
         result.update(ok=True, label=classes[best], confidence=float(probs[best]),
                       probabilities={c: float(p) for c, p in zip(classes, probs)})
         return result
-
-    def _cam_png(self, batch: torch.Tensor) -> str:
-        from cellcls.evaluation.figures import cam_maps
-
-        cam = cam_maps(self.predictor, batch.numpy(), self.cam_layer)[0]  # type: ignore[arg-type]
-        buf = io.BytesIO()
-        Image.fromarray(plots.cam_overlay(batch[0].numpy(), cam)).save(buf, format="PNG")
-        return base64.b64encode(buf.getvalue()).decode("ascii")

@@ -5,6 +5,7 @@ and uvicorn serves it; the page is one static HTML file with no outside assets, 
 """
 # No ``from __future__ import annotations`` here: FastAPI reads the request models from the annotations at runtime.
 
+import asyncio
 from importlib import resources
 from typing import Any
 
@@ -28,12 +29,14 @@ class PredictRequest(BaseModel):
 
 
 class BodyLimit:
-    """ASGI middleware refusing request bodies over ``limit`` bytes with 413, whether announced by
-    Content-Length or sent chunked, before they are buffered."""
+    """ASGI middleware: a body over ``limit`` bytes gets 413 (announced by Content-Length or sent chunked) before it
+    is buffered; a body that does not arrive within ``timeout`` seconds gets 408; a POST that is not JSON gets 415
+    (the API takes base64 in JSON, not multipart forms)."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, limit: int, timeout: float = 30.0) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     def _too_large(self, size: int) -> StarletteHTTPException:
         return StarletteHTTPException(413, f"request body is over {self.limit / 2**20:.1f} MB (got {size / 2**20:.1f} MB or more)")
@@ -42,15 +45,26 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
             await JSONResponse({"detail": self._too_large(int(length)).detail}, status_code=413)(scope, receive, send)
             return
+        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if scope["method"] == "POST" and kind != b"application/json":
+            detail = (f"the API takes application/json ({{\"images\": [{{\"name\", \"data\": base64}}]}}), "
+                      f"not {kind.decode('latin-1') or 'a body without a Content-Type'}")
+            await JSONResponse({"detail": detail}, status_code=415)(scope, receive, send)
+            return
         received = 0
+        deadline = asyncio.get_running_loop().time() + self.timeout
 
         async def counted() -> dict:
             nonlocal received
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - asyncio.get_running_loop().time(), 0.001))
+            except TimeoutError:
+                raise StarletteHTTPException(408, f"the request body did not arrive within {self.timeout:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
@@ -65,7 +79,7 @@ def create_app(classifier: Classifier) -> FastAPI:
     app = FastAPI(title="cellcls", summary=f"{classifier.predictor.card['model']} on {', '.join(classifier.predictor.classes)}")
     page = resources.files("cellcls.deploy.web").joinpath("index.html").read_text(encoding="utf-8")
 
-    app.add_middleware(BodyLimit, limit=classifier.limits.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=classifier.limits.max_body_bytes, timeout=classifier.limits.body_timeout_s)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:

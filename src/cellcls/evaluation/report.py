@@ -38,7 +38,7 @@ def write_report(result: dict[str, Any], path: Path, figures: dict[str, Path]) -
 
 
 def write_predictions(path: Path, samples: Samples, probs: np.ndarray, classes: Sequence[str], root: Path | None) -> None:
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:  # any file name
         writer = csv.writer(fh)
         writer.writerow(["file", "true", "predicted", *[f"p_{c}" for c in classes]])
         for file, label, p, predicted in zip(samples.paths, samples.labels, probs, labels_of(probs)):

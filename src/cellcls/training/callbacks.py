@@ -21,7 +21,7 @@ from cellcls.evaluation import plots
 from cellcls.run_folder import write_json
 
 if TYPE_CHECKING:
-    from cellcls.training.fit import FitState
+    from cellcls.training.state import FitState
 
 log = logging.getLogger(__name__)
 

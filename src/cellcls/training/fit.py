@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
+import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,129 +13,65 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from cellcls.checkpoint import Checkpoint, load_checkpoint
-from cellcls.data.preprocessing import Normalize
+from cellcls.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellcls.data.splits import write_split_lists
 from cellcls.data.summary import count_table
+from cellcls.errors import TrainingDiverged, TrainingInterrupted
 from cellcls.evaluation.metrics import metric_mode
 from cellcls.models import count_parameters
 from cellcls.models.summary import summary_table
 from cellcls.run_folder import BEST, RunFolder, atomic_write, write_json
 from cellcls.training import distributed
-from cellcls.training.build import Job, build_job
+from cellcls.training.build import build_job
 from cellcls.training.loggers import Loggers, create_loggers
-from cellcls.training.loop import evaluate, train_one_epoch
+from cellcls.training.loop import EpochProgress, NonFinite, evaluate, train_one_epoch
+from cellcls.training.preemption import stop_on_signals
 from cellcls.training.runtime import epoch_seed
+from cellcls.training.state import FitState, Monitor, restore
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Monitor:
-    """The monitored metric's best value so far: which epoch ``best.pt`` holds."""
-
-    metric: str
-    mode: str
-    best: float = math.nan
-    best_epoch: int = 0
-
-    def update(self, value: float, epoch: int) -> bool:
-        if math.isnan(value):
-            raise FloatingPointError(f"monitored metric {self.metric} is NaN at epoch {epoch}: training diverged")
-        if math.isnan(self.best) or (value < self.best if self.mode == "min" else value > self.best):
-            self.best, self.best_epoch = value, epoch
-            return True
-        return False
-
-
-@dataclass
-class FitState:
-    """What callbacks see of the running job."""
-
-    job: Job
-    monitor: Monitor
-    loggers: Loggers
-    overrides: list[str]
-    history: list[dict[str, Any]] = field(default_factory=list)
-    epoch: int = 0
-    improved: bool = False
-    should_stop: bool = False
-
-    @property
-    def cfg(self) -> DictConfig:
-        return self.job.cfg
-
-    @property
-    def run(self) -> RunFolder:
-        return self.job.run
-
-    @property
-    def is_main(self) -> bool:
-        return self.job.runtime.is_main
-
-    @property
-    def normalize(self) -> Normalize:
-        return Normalize(self.job.data.preprocessing["mean"], self.job.data.preprocessing["std"])
-
-    def checkpoint(self) -> Checkpoint:
-        job = self.job
-        return Checkpoint(
-            epoch=self.epoch, model=job.net.state_dict(), model_spec=job.model_spec, classes=job.data.classes,
-            preprocessing=job.data.preprocessing, config=OmegaConf.to_container(job.cfg, resolve=True),
-            history=list(self.history),
-            monitor={"metric": self.monitor.metric, "mode": self.monitor.mode, "best": self.monitor.best,
-                     "best_epoch": self.monitor.best_epoch},
-            training={
-                "optimizer": job.optimizer.state_dict(),
-                "scheduler": job.scheduler.state_dict() if job.scheduler is not None else None,
-                "scaler": job.scaler.state_dict() if job.scaler.is_enabled() else None,
-                "callbacks": {name: cb.state_dict() for name, cb in job.callbacks.items()},
-            },
-        )
-
-
-def restore(state: FitState, ckpt: Checkpoint) -> int:
-    """Load a checkpoint's training state into the job; returns the epoch it ended."""
-    job = state.job
-    job.net.load_state_dict(ckpt.model)
-    job.optimizer.load_state_dict(ckpt.training["optimizer"])
-    if job.scheduler is not None and ckpt.training.get("scheduler") is not None:
-        job.scheduler.load_state_dict(ckpt.training["scheduler"])
-    if ckpt.training.get("scaler"):
-        job.scaler.load_state_dict(ckpt.training["scaler"])
-    for name, cb in job.callbacks.items():
-        cb.load_state_dict(ckpt.training.get("callbacks", {}).get(name, {}))
-    state.monitor.best = float(ckpt.monitor.get("best", math.nan))
-    state.monitor.best_epoch = int(ckpt.monitor.get("best_epoch", 0))
-    state.history = list(ckpt.history)
-    src_best = ckpt.run.best_checkpoint
-    if state.is_main and src_best.is_file() and src_best.resolve() != job.run.best_checkpoint.resolve():
-        job.run.checkpoints.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src_best, job.run.best_checkpoint)
-    log.info("resumed from %s after epoch %d", ckpt.path, ckpt.epoch)
-    return int(ckpt.epoch)
-
-
 def fit(cfg: DictConfig, run_dir: Path, resume: Checkpoint | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train to ``trainer.max_epochs`` or until a callback stops it; test ``best.pt``; return a summary."""
+    """Train to ``trainer.max_epochs`` or until a callback stops it; test ``best.pt``; return a summary.
+
+    Raises :class:`~cellcls.errors.TrainingDiverged` (non-finite loss or weights; nothing of that epoch is saved) and
+    :class:`~cellcls.errors.TrainingInterrupted` (a signal; ``last.pt`` then holds the exact position).
+    """
     try:
         job = build_job(cfg, run_dir)
         t = cfg.trainer
         monitor = Monitor(str(t.monitor), metric_mode(str(t.monitor), str(t.monitor_mode)))
         loggers = create_loggers(cfg.logger, job.run) if job.runtime.is_main else Loggers(job.run)
         state = FitState(job, monitor, loggers, list(overrides or []))
+        if job.runtime.is_main:
+            remove_stale_temporaries(job.run)
         start = restore(state, resume) if resume is not None else 0
         loggers.start(state.history)
         describe(state, first=resume is None)
         for cb in job.callbacks.values():
             cb.on_fit_start(state)
-        for epoch in range(start + 1, int(t.max_epochs) + 1):
-            run_epoch(state, epoch)
-            if state.should_stop:
-                break
+        with stop_on_signals(check_every=10 if job.runtime.dist.enabled else 1) as request:
+            state.stop_request = request
+            try:
+                for epoch in range(start + 1, int(t.max_epochs) + 1):
+                    run_epoch(state, epoch)
+                    if state.should_stop:
+                        break
+            except (TrainingDiverged, TrainingInterrupted):
+                loggers.close()
+                raise
         return finish(state)
     finally:
         distributed.teardown()
+
+
+def remove_stale_temporaries(run: RunFolder) -> None:
+    """Temporary files a killed process left behind (an atomic write never finished)."""
+    for folder in (run.root, run.checkpoints):
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted write", tmp)
 
 
 def run_epoch(state: FitState, epoch: int) -> None:
@@ -154,13 +89,24 @@ def run_epoch(state: FitState, epoch: int) -> None:
             cb.on_train_batch(state, step, images)
 
     show = bool(t.progress_bar and job.runtime.is_main)
-    train_loss, train_acc = train_one_epoch(
-        job.model, job.net, job.data.loaders["train"], job.loss_fn, job.optimizer, job.scaler, job.runtime,
-        t.gradient_clip, on_batch, f"epoch {epoch}/{t.max_epochs}" if show else None)
+    resume, state.position = state.position, None
+    try:
+        done = train_one_epoch(
+            job.model, job.net, job.data.loaders["train"], job.loss_fn, job.optimizer, job.scaler, job.runtime,
+            t.gradient_clip, on_batch, f"epoch {epoch}/{t.max_epochs}" if show else None,
+            NonFinite(str(t.on_nonfinite), int(t.max_skipped_batches)), resume, state.stop_request)
+    except TrainingDiverged as exc:
+        raise diverged(state, epoch, str(exc)) from None
+    if not done.complete:
+        interrupt(state, epoch, done)
     val = evaluate(job.net, job.data.loaders["val"], job.runtime)
-    metrics = {"train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val.loss,
+    if not math.isfinite(val.loss):
+        raise diverged(state, epoch, f"the validation loss is {val.loss:g} after the epoch")
+    metrics = {"train_loss": done.loss, "train_accuracy": done.accuracy, "val_loss": val.loss,
                "val_accuracy": val.accuracy, "val_balanced_accuracy": val.balanced_accuracy,
                "lr": job.optimizer.param_groups[0]["lr"]}
+    if done.skipped:
+        metrics["skipped_batches"] = done.skipped
     monitored = metrics[state.monitor.metric]
     state.improved = state.monitor.update(monitored, epoch)
     for cb in job.callbacks.values():
@@ -172,12 +118,41 @@ def run_epoch(state: FitState, epoch: int) -> None:
         job.scheduler.step()
     metrics["epoch_time_s"] = time.perf_counter() - started
     state.history.append({"epoch": epoch, **metrics})
-    state.loggers.log_epoch(epoch, metrics)
+    # checkpoints first: metrics.csv never lists an epoch that last.pt does not hold
     for cb in job.callbacks.values():
         cb.on_epoch_end(state, metrics)
+    state.loggers.log_epoch(epoch, metrics)
     log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  lr %.2g%s  (%.1fs)",
-             epoch, t.max_epochs, train_loss, train_acc, val.loss, val.accuracy, metrics["lr"],
+             epoch, t.max_epochs, done.loss, done.accuracy, val.loss, val.accuracy, metrics["lr"],
              "  *" if state.improved else "", metrics["epoch_time_s"])
+
+
+def diverged(state: FitState, epoch: int, what: str) -> TrainingDiverged:
+    """The one message of a diverged run: where, what was kept, what to try."""
+    t, lr = state.cfg.trainer, state.job.optimizer.param_groups[0]["lr"]
+    kept = (f"checkpoints/last.pt holds epoch {epoch - 1}, best.pt epoch {state.monitor.best_epoch}"
+            if epoch > 1 else "no checkpoint was written")
+    tips = [f"a lower optim.lr (now {lr:g})"]
+    if not t.gradient_clip:
+        tips.append("trainer.gradient_clip=1.0")
+    if state.job.runtime.amp_dtype is not None:
+        tips.append("trainer.precision=32")
+    if t.on_nonfinite == "stop":
+        tips.append("trainer.on_nonfinite=skip_batch for a rare bad batch")
+    return TrainingDiverged(f"training diverged in epoch {epoch}: {what}; nothing of this epoch was saved ({kept}). "
+                            f"Try {', '.join(tips)}")
+
+
+def interrupt(state: FitState, epoch: int, done: EpochProgress) -> None:
+    """Write the exact position to last.pt and stop (raises :class:`TrainingInterrupted`)."""
+    assert state.stop_request is not None and state.stop_request.signum is not None
+    signum = state.stop_request.signum
+    state.epoch = epoch - 1
+    if state.is_main:
+        save_checkpoint(state.checkpoint(position=done), state.run.last_checkpoint)
+    chain = state.stop_request.chain if signum == getattr(signal, "SIGUSR2", None) else None
+    raise TrainingInterrupted(f"interrupted by {signal.Signals(signum).name} in epoch {epoch} after step {done.step}; "
+                              f"resume with trainer.resume={state.run.root}", signum, chain)
 
 
 def describe(state: FitState, first: bool) -> None:

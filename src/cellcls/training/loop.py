@@ -3,12 +3,16 @@ torchvision's classification reference), so scripts and benchmarks call exactly 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cellcls.errors import TrainingDiverged
 from cellcls.evaluation.inference import Scores, run_inference, score
 from cellcls.models import l2_penalty
 from cellcls.models.heads import predicted_labels
@@ -16,6 +20,54 @@ from cellcls.training import distributed
 from cellcls.training.runtime import Runtime
 
 BatchHook = Callable[[int, torch.Tensor], None]
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch got: batches done and running totals, and the RNG state to continue from (a mid-epoch
+    checkpoint stores this, so a resumed epoch reproduces the uninterrupted one)."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    skipped: int = 0  # batches left out for a non-finite loss (trainer.on_nonfinite=skip_batch)
+    complete: bool = False
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.seen if self.seen else math.nan
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.seen if self.seen else math.nan
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
+                "skipped": self.skipped, "rng": self.rng}
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """``trainer.on_nonfinite``: ``stop`` the run at the first NaN/infinite loss, or ``skip_batch`` (at most
+    ``max_skipped`` per epoch, then stop)."""
+
+    action: str = "stop"
+    max_skipped: int = 10
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def train_one_epoch(
@@ -29,17 +81,35 @@ def train_one_epoch(
     gradient_clip: float | None = None,
     on_batch: BatchHook | None = None,
     progress: str | None = None,
-) -> tuple[float, float]:
-    """Train ``model`` (``net`` itself, or its DDP/compiled wrapper) over ``loader`` once; returns the mean loss
-    and accuracy over all processes. ``on_batch(step, images)`` sees each batch before the step."""
+    nonfinite: NonFinite = NonFinite(),
+    resume: EpochProgress | None = None,
+    interrupted: Callable[[], bool] | None = None,
+) -> EpochProgress:
+    """Train ``model`` (``net`` itself, or its DDP/compiled wrapper) over ``loader`` once.
+
+    ``on_batch(step, images)`` sees each batch before the step. A non-finite loss raises
+    :class:`~cellcls.errors.TrainingDiverged` before it reaches the weights (on CUDA within 16 steps: checking every
+    step would stall the GPU). When ``interrupted()`` turns true the epoch stops after the current step and the
+    returned progress is not ``complete``; ``resume`` continues such an epoch where it stopped.
+    """
     model.train()
     device = runtime.device
+    done = resume or EpochProgress()
     # running sums stay on the device: reading them every step would stall the GPU's queue of work
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
-    bar = tqdm(loader, desc=progress, leave=False, disable=progress is None, mininterval=0.5, dynamic_ncols=True)
-    for step, (images, targets) in enumerate(bar):
+    total_loss = torch.tensor(done.loss_sum, dtype=torch.float64, device=device)
+    correct = torch.tensor(done.correct, dtype=torch.int64, device=device)
+    seen, skipped = done.seen, done.skipped
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    check_every = 1 if device.type == "cpu" or nonfinite.action == "skip_batch" else 16
+    batches = iter(loader)
+    for _ in range(done.step):  # the batches an interrupted epoch had trained on: drawn again, not trained on
+        next(batches)
+    if done.rng:
+        _set_rng_state(done.rng, device)
+    bar = tqdm(batches, desc=progress, leave=False, disable=progress is None, mininterval=0.5, dynamic_ncols=True,
+               initial=done.step, total=len(loader) if hasattr(loader, "__len__") else None)
+    step = done.step - 1
+    for step, (images, targets) in enumerate(bar, start=done.step):
         if targets.numel() == 0:  # every image of the batch failed to decode (uncached mode)
             continue
         if on_batch is not None:
@@ -49,6 +119,15 @@ def train_one_epoch(
         with runtime.autocast():
             logits = model(images)
             loss = loss_fn(logits, targets) + l2_penalty(net)
+        bad |= ~torch.isfinite(loss.detach())
+        if step % check_every == 0 and bool(bad):
+            if nonfinite.action == "skip_batch" and skipped < nonfinite.max_skipped:
+                skipped += 1
+                bad.zero_()
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            raise TrainingDiverged(f"the training loss is {float(loss.detach()):g} at step {step + 1}"
+                                   + (f" ({skipped} batches skipped before)" if skipped else ""))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if gradient_clip:
@@ -62,9 +141,18 @@ def train_one_epoch(
         seen += n
         if progress is not None and step % 20 == 0:
             bar.set_postfix(loss=f"{float(total_loss) / seen:.4f}", acc=f"{int(correct) / seen:.4f}", refresh=False)
+        if interrupted is not None and interrupted():
+            bar.close()
+            return EpochProgress(step + 1, float(total_loss), int(correct), seen, skipped, False, _rng_state(device))
     bar.close()
+    if bool(bad):
+        raise TrainingDiverged(f"the training loss became non-finite by step {step + 1}")
+    if skipped and not seen:
+        raise TrainingDiverged(f"the training loss was non-finite in every batch of the epoch ({skipped} skipped)")
+    if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+        raise TrainingDiverged("the weights are no longer finite at the end of the epoch")
     total, right, count = distributed.all_reduce_sum([float(total_loss), float(correct), float(seen)])
-    return total / count, right / count
+    return EpochProgress(step + 1, total, int(right), int(count), skipped, True)
 
 
 def evaluate(net: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], runtime: Runtime) -> Scores:

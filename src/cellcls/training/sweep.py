@@ -19,9 +19,16 @@ from cellcls.run_folder import RunFolder, atomic_write, write_json
 log = logging.getLogger(__name__)
 
 
-def write_failure(run_dir: Path, overrides: list[str], error: str, traceback: str) -> None:
-    """``result.json`` of a job that failed (a finished job's is written by the RunRecord callback)."""
-    write_json(RunFolder(run_dir).result, {"status": "failed", "overrides": overrides, "error": error, "traceback": traceback})
+def write_status(run_dir: Path, status: str, overrides: list[str], error: str, traceback: str | None = None) -> None:
+    """``result.json`` of a run that did not finish: ``failed``, ``diverged`` or ``interrupted`` (a finished run's
+    is written by the RunRecord callback). A disk too full to take it is not worth a second error."""
+    record = {"status": status, "overrides": overrides, "error": error}
+    if traceback:
+        record["traceback"] = traceback
+    try:
+        write_json(RunFolder(run_dir).result, record)
+    except OSError:
+        pass
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,117 @@
+"""The state of a running fit that callbacks see, the monitored metric, and restoring a checkpoint into it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cellcls.checkpoint import Checkpoint
+from cellcls.data.preprocessing import Normalize
+from cellcls.run_folder import RunFolder
+from cellcls.training.build import Job
+from cellcls.training.loggers import Loggers
+from cellcls.training.loop import EpochProgress
+from cellcls.training.preemption import StopRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Monitor:
+    """The monitored metric's best value so far: which epoch ``best.pt`` holds."""
+
+    metric: str
+    mode: str
+    best: float = math.nan
+    best_epoch: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        if math.isnan(value):
+            raise FloatingPointError(f"monitored metric {self.metric} is NaN at epoch {epoch}: training diverged")
+        if math.isnan(self.best) or (value < self.best if self.mode == "min" else value > self.best):
+            self.best, self.best_epoch = value, epoch
+            return True
+        return False
+
+
+@dataclass
+class FitState:
+    """What callbacks see of the running job."""
+
+    job: Job
+    monitor: Monitor
+    loggers: Loggers
+    overrides: list[str]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    epoch: int = 0
+    improved: bool = False
+    should_stop: bool = False
+    position: EpochProgress | None = None  # where an interrupted epoch stopped (resume)
+    stop_request: StopRequest | None = None
+
+    @property
+    def cfg(self) -> DictConfig:
+        return self.job.cfg
+
+    @property
+    def run(self) -> RunFolder:
+        return self.job.run
+
+    @property
+    def is_main(self) -> bool:
+        return self.job.runtime.is_main
+
+    @property
+    def normalize(self) -> Normalize:
+        return Normalize(self.job.data.preprocessing["mean"], self.job.data.preprocessing["std"])
+
+    def checkpoint(self, position: EpochProgress | None = None) -> Checkpoint:
+        """The job's state after the last complete epoch (and, mid-epoch, how far the next one got)."""
+        job = self.job
+        return Checkpoint(
+            epoch=self.epoch, model=job.net.state_dict(), model_spec=job.model_spec, classes=job.data.classes,
+            preprocessing=job.data.preprocessing, config=OmegaConf.to_container(job.cfg, resolve=True),
+            history=list(self.history),
+            monitor={"metric": self.monitor.metric, "mode": self.monitor.mode, "best": self.monitor.best,
+                     "best_epoch": self.monitor.best_epoch},
+            training={
+                "optimizer": job.optimizer.state_dict(),
+                "scheduler": job.scheduler.state_dict() if job.scheduler is not None else None,
+                "scaler": job.scaler.state_dict() if job.scaler.is_enabled() else None,
+                "callbacks": {name: cb.state_dict() for name, cb in job.callbacks.items()},
+                "position": {"epoch": self.epoch + 1, **position.state_dict()} if position is not None else None,
+            },
+        )
+
+
+def restore(state: FitState, ckpt: Checkpoint) -> int:
+    """Load a checkpoint's training state into the job; returns the last complete epoch (a mid-epoch position
+    goes to ``state.position``)."""
+    job = state.job
+    job.net.load_state_dict(ckpt.model)
+    job.optimizer.load_state_dict(ckpt.training["optimizer"])
+    if job.scheduler is not None and ckpt.training.get("scheduler") is not None:
+        job.scheduler.load_state_dict(ckpt.training["scheduler"])
+    if ckpt.training.get("scaler"):
+        job.scaler.load_state_dict(ckpt.training["scaler"])
+    for name, cb in job.callbacks.items():
+        cb.load_state_dict(ckpt.training.get("callbacks", {}).get(name, {}))
+    state.monitor.best = float(ckpt.monitor.get("best", math.nan))
+    state.monitor.best_epoch = int(ckpt.monitor.get("best_epoch", 0))
+    state.history = list(ckpt.history)
+    pos = ckpt.training.get("position")
+    if pos:
+        state.position = EpochProgress(pos["step"], pos["loss_sum"], pos["correct"], pos["seen"], pos["skipped"],
+                                       False, pos["rng"])
+        log.info("resuming epoch %d at step %d", pos["epoch"], pos["step"])
+    src_best = ckpt.run.best_checkpoint
+    if state.is_main and src_best.is_file() and src_best.resolve() != job.run.best_checkpoint.resolve():
+        job.run.checkpoints.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src_best, job.run.best_checkpoint)
+    log.info("resumed from %s after epoch %d", ckpt.path, ckpt.epoch)
+    return int(ckpt.epoch)
