@@ -69,6 +69,7 @@ def test_page_shows_the_model_card(server, browser):
                                                 browser.find_elements(By.CSS_SELECTOR, "#model dd"))}
     assert facts["Model"] == "lenet" and facts["Classes"] == "Uninfected, Parasitized"
     assert facts["Input"] == "64 × 64, RGB" and facts["Validation accuracy"].endswith("%")
+    assert "(95% CI " in facts["Test accuracy"] and ", n = " in facts["Test accuracy"]
 
 
 def test_uploading_a_real_cell_image_shows_its_predicted_class_bars_and_grad_cam(server, browser, malaria_run):
@@ -86,6 +87,7 @@ def test_uploading_a_real_cell_image_shows_its_predicted_class_bars_and_grad_cam
     assert bars[label] == f"{100 * expected[0].probabilities.max():.2f}%" and set(bars) == {"Uninfected", "Parasitized"}
     cam = card.find_element(By.CSS_SELECTOR, "img.cam")
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", cam) == 64
+    assert "Grad-CAM attention" in card.find_element(By.CLASS_NAME, "legend").text  # the colour scale is explained
 
 
 def test_a_bad_upload_shows_its_error_and_the_server_keeps_answering(server, browser, tmp_path):

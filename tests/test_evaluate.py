@@ -22,9 +22,9 @@ pytestmark = pytest.mark.slow
 
 FIGURES = {  # file -> (width, height) in pixels
     "confusion_matrix.png": (1060, 480),
-    "predictions.png": (1080, 1170),
-    "gradcam.png": (1080, 1170),
-    "augmented_samples.png": (1080, 1170),
+    "predictions.png": (1080, 1220),  # 3x3 grids with a line above saying how to read them
+    "gradcam.png": (1080, 1220),
+    "augmented_samples.png": (1080, 1220),
     "training_curves.png": (1200, 450),
     "feature_maps.png": (1280, 540),
 }

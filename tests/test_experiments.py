@@ -105,3 +105,13 @@ def test_inspect_prints_counts_balance_sizes_and_class_weights(tmp_path):
 def test_inspect_names_a_missing_root(tmp_path):
     result = run_cli("cellcls.data.inspect", "dataset=malaria", f"dataset.root={tmp_path / 'nope'}", cwd=tmp_path)
     assert result.returncode == 2 and "nope: no such folder" in result.stderr
+
+
+def test_inspect_counts_patients_per_split_and_those_shared_with_train(tmp_path):
+    root = real_dataset("malaria")
+    result = run_cli("cellcls.data.inspect", "dataset=malaria", f"dataset.root={root}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("patients/groups per split")[1].splitlines()
+    counts = {ln.split()[0]: ln.split()[1:] for ln in lines[1:4]}
+    assert int(counts["train"][0]) > 0 and counts["val"][1:] == ["0", "also", "in", "train"]
+    assert counts["test"][1:] == ["0", "also", "in", "train"]

@@ -254,3 +254,56 @@ def test_slow_headers_and_slow_bodies_are_cut_off(malaria_run, tmp_path):
         assert call(srv.url + "health")[0] == 200
     finally:
         srv.stop()
+
+
+class _Fixed:
+    """A predictor that always answers ``probs`` (to pin the uncertainty rule), trained on RGB cells of 100-150 px."""
+
+    classes = ["Uninfected", "Parasitized"]
+    supports_cam = False
+    path = Path("fixed")
+    card: dict = {}
+
+    def __init__(self, probs: list[float]) -> None:
+        self.probs = probs
+        self.preprocessing = {"channels": 3, "image_size": [64, 64], "mean": None, "std": None,
+                              "reference": {"width": [100, 150], "height": [100, 150], "modes": ["RGB"],
+                                            "intensity": [0.3, 0.7]}}
+
+    def predict(self, images):
+        import numpy as np
+
+        return np.tile(np.asarray(self.probs, dtype=np.float32), (len(images), 1))
+
+
+def png(size: tuple[int, int], mode: str, value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, value if mode == "L" else (value, value, value)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_narrow_lead_is_marked_uncertain_and_a_clear_one_is_not():
+    from cellcls.deploy.server import Classifier, Limits
+
+    image = png((120, 120), "RGB", 128)
+    assert Classifier(_Fixed([0.45, 0.55]), Limits()).classify("a.png", image, False)["uncertain"] is True
+    assert Classifier(_Fixed([0.05, 0.95]), Limits()).classify("a.png", image, False)["uncertain"] is False
+    assert Classifier(_Fixed([0.3, 0.7]), Limits(uncertain_margin=0.5)).classify("a.png", image, False)["uncertain"]
+
+
+def test_an_upload_unlike_the_training_images_is_classified_with_warnings():
+    from cellcls.deploy.server import Classifier, Limits
+
+    classifier = Classifier(_Fixed([0.1, 0.9]), Limits())
+    assert classifier.classify("cell.png", png((120, 120), "RGB", 128), False)["warnings"] == []
+    odd = classifier.classify("xray.png", png((3000, 2000), "L", 250), False)
+    assert odd["ok"] and odd["label"] == "Parasitized"
+    text = " ".join(odd["warnings"])
+    assert "3000x2000 px" in text and "greyscale image" in text and "brightness 0.98" in text
+
+
+def test_the_card_gives_the_test_accuracy_with_its_interval_and_number_of_images(server):
+    status, info = call(server.url + "api/info")
+    test = info["metrics"]["test"]
+    lo, hi = test["accuracy_ci95"]
+    assert status == 200 and test["num_images"] > 0 and lo <= test["accuracy"] <= hi

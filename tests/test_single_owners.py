@@ -70,3 +70,33 @@ def test_grad_cam_keeps_no_activation_alive_after_it_returns():
     probe.remove()
     gc.collect()
     assert cam.shape == (2, 32, 32) and seen and seen[0]() is None
+
+
+def test_prediction_titles_say_which_class_is_predicted_and_which_is_true_and_colour_mistakes():
+    import numpy as np
+
+    from cellcls.evaluation import plots
+    from cellcls.evaluation.figures import probability_title, title_colors
+
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    assert probability_title(probs[0], ["a", "b"], 1) == "predicted: a (90.0%)\ntrue: b"
+    assert title_colors(probs, [0, 0], [0, 1]) == [plots.RIGHT, plots.WRONG]
+
+
+def test_training_curves_mark_the_best_epoch_and_the_early_stop():
+    from cellcls.evaluation import plots
+
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": v, "train_accuracy": 0.5, "val_accuracy": 0.5, "lr": 1e-3}
+            for e, v in ((1, 0.9), (2, 0.5), (3, 0.6))]
+    fig = plots.training_curves(rows, best_epoch=2, stopped_epoch=3)
+    labels = {line.get_label(): list(line.get_xdata()) for ax in fig.axes for line in ax.get_lines()}
+    assert labels["best.pt (epoch 2)"] == [2, 2] and labels["early stopping (epoch 3)"] == [3, 3]
+
+
+def test_a_grad_cam_grid_has_a_labelled_colour_bar():
+    import numpy as np
+
+    from cellcls.evaluation import plots
+
+    fig = plots.image_grid([np.zeros((3, 8, 8), np.uint8)], ["x"], heat_legend=plots.CAM_LEGEND)
+    assert any(ax.get_ylabel() == plots.CAM_LEGEND for ax in fig.axes)

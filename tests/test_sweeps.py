@@ -41,7 +41,12 @@ def test_a_multirun_trains_each_job_in_its_own_folder_and_writes_a_sorted_summar
     values = [float(r["best"]) for r in rows]
     assert values == sorted(values)  # val_loss: best (lowest) first
     assert all(r["test_accuracy"] for r in rows)
-    assert (folder / "summary.md").read_text().startswith("| rank | status | overrides |")
+    md = (folder / "summary.md").read_text()
+    shared = next(ln for ln in md.splitlines() if ln.startswith("Shared by every job:"))
+    assert "`trainer.progress_bar=" in shared and "optim.lr" not in shared
+    table = md[md.index("| rank | status | overrides |"):].splitlines()[2:]
+    assert len(table) == 4 and all("progress_bar" not in row and "optim.lr=" in row for row in table)
+    assert {row.split(" | ")[-2] for row in table} == {"0/", "1/", "2/", "3/"}  # run folders relative to the sweep
     for job in "0123":
         assert (folder / job / "checkpoints" / "best.pt").is_file() and list((folder / job / "tensorboard").iterdir())
 

@@ -219,3 +219,20 @@ def test_channels_last_gives_the_same_loss_and_gradients_as_the_default_layout()
 def test_training_in_the_default_layout_is_still_available(tmp_path):
     best = train_in_process(tmp_path, "trainer.channels_last=false", "trainer.max_epochs=1", *TINY)
     assert best == pytest.approx(read_metrics(tmp_path)[0]["val_loss"])
+
+
+def test_tensorboard_draws_train_and_val_in_one_chart_and_hparams_name_the_model_size_and_epochs(cli_run):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = read_tensorboard(cli_run)
+    (layout_tag,) = acc.PluginTagToContent("custom_scalars")
+    layout = layout_pb2.Layout.FromString(acc.Tensors(layout_tag)[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts["loss"] == ["loss/train", "loss/val"] and charts["accuracy"] == ["accuracy/train", "accuracy/val"]
+    data = [plugin_data_pb2.HParamsPluginData.FromString(c) for c in acc.PluginTagToContent("hparams").values()]
+    start = next(d.session_start_info for d in data if d.HasField("session_start_info"))
+    experiment = next(d.experiment for d in data if d.HasField("experiment"))
+    hp = {k: v.string_value or v.number_value for k, v in start.hparams.items()}
+    assert hp["model"] == "lenet" and hp["image_size"] == "32x32x3" and hp["epochs"] == 3 and hp["parameters"] > 1000
+    assert experiment.hparam_infos[0].name == "model"  # the table's first column

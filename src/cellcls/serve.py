@@ -13,7 +13,8 @@ input size and validation metrics. Scripts use the same JSON API the page uses:
 Uploads are decoded in memory and never written to disk. Other settings: device=auto|cpu|cuda,
 max_image_mb=<per file, default 10>, max_pixels=<width x height, default 50000000>, max_images=<per request,
 default 8>, cam_layer=<layer name>, header_timeout_s=<10>, body_timeout_s=<30>, keep_alive_s=<5>,
-max_batch=<images per forward pass, 32>. It binds to 127.0.0.1 unless host= says otherwise. The body limit follows from
+max_batch=<images per forward pass, 32>, uncertain_margin=<0.2: a top class less than this ahead of the next is
+shown as uncertain>. It binds to 127.0.0.1 unless host= says otherwise. The body limit follows from
 max_images x max_image_mb (base64 adds a third); headers must arrive within 10 s and the body within 30 s (408),
 idle connections close after 5 s, a POST that is not JSON gets 415. Concurrent requests share forward passes
 (micro-batching, up to 32 images per pass), so throughput grows with the number of clients.
@@ -31,7 +32,7 @@ from cellcls.deploy.server import Classifier, Limits
 from cellcls.errors import ConfigError
 
 LIMITS = {"max_image_mb": float, "max_pixels": int, "max_images": int, "header_timeout_s": float, "body_timeout_s": float,
-          "keep_alive_s": float, "max_batch": int}  # settings that are Limits fields (defaults there)
+          "keep_alive_s": float, "max_batch": int, "uncertain_margin": float}  # settings that are Limits fields (defaults there)
 SETTINGS = ("checkpoint", "host", "port", "device", "cam_layer", *LIMITS)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

@@ -26,6 +26,7 @@ from cellcls.data.normalization import (
     sample_rows,
 )
 from cellcls.data.preprocessing import preprocessing_of
+from cellcls.data.reference import training_reference
 from cellcls.data.splits import group_ids, stratified_holdout
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
 from cellcls.data.transforms import build_transform
@@ -178,6 +179,7 @@ def build_data(
     if is_auto(prep["mean"]):
         prep["mean"], prep["std"] = _training_statistics(splits["train"], decoded.get("train"), prep)
         log.info("input normalisation (training split statistics): %s", describe(prep["mean"], prep["std"]))
+    prep["reference"] = training_reference(splits["train"], decoded.get("train"), prep)
     for name, samples in splits.items():
         aug = OmegaConf.to_container(augment) if (name == "train" and augment is not None) else None
         transform = build_transform(aug, prep["mean"], prep["std"])

@@ -14,10 +14,24 @@ from omegaconf import DictConfig
 
 from cellcls.config.checks import validate
 from cellcls.data.datamodule import make_splits, resolve_layout, resolve_root
+from cellcls.data.splits import group_ids
 from cellcls.data.summary import count_table, image_properties
 from cellcls.errors import ConfigError, DataError
 from cellcls.paths import config_dir
 from cellcls.training.losses import balanced_class_weights
+
+
+def group_lines(ds: DictConfig, splits: dict) -> list[str]:
+    """How many patients (groups) each split holds and how many it shares with train: what makes a split honest."""
+    if not ds.group_pattern:
+        return ["patients/groups: not known from the file names (dataset.group_pattern is unset), so a split cannot "
+                "keep one patient's images together; counts are images"]
+    groups = {name: set(group_ids(samples, str(ds.group_pattern))) for name, samples in splits.items()}
+    lines = [f"patients/groups per split (dataset.group_pattern={ds.group_pattern}):"]
+    for name, found in groups.items():
+        shared = f"; {len(found & groups['train'])} also in train" if name != "train" else ""
+        lines.append(f"  {name:<5} {len(found)}{shared}")
+    return lines
 
 
 def describe(cfg: DictConfig) -> str:
@@ -35,7 +49,7 @@ def describe(cfg: DictConfig) -> str:
     for name, samples in splits.items():
         shares = ", ".join(f"{c} {samples.labels.count(i) / len(samples):.1%}" for i, c in enumerate(classes))
         lines.append(f"  {name:<5} {shares}")
-    lines += ["", "images:"]
+    lines += ["", *group_lines(ds, splits), "", "images:"]
     for name, samples in splits.items():
         props = image_properties(samples)
         if props["width"] is None:

@@ -75,4 +75,5 @@ def input_spec(preprocessing: dict[str, Any]) -> dict[str, Any]:
         "scale": "pixel / 255",
         "mean": list(preprocessing["mean"]) if preprocessing.get("mean") is not None else None,
         "std": list(preprocessing["std"]) if preprocessing.get("std") is not None else None,
+        "training_range": preprocessing.get("reference") or None,  # see cellcls.data.reference
     }

@@ -57,7 +57,8 @@ class ExportedModel:
     @property
     def preprocessing(self) -> dict[str, Any]:
         spec = self.card["input"]
-        return {"channels": spec["channels"], "image_size": [spec["height"], spec["width"]], "mean": spec["mean"], "std": spec["std"]}
+        return {"channels": spec["channels"], "image_size": [spec["height"], spec["width"]], "mean": spec["mean"],
+                "std": spec["std"], "reference": spec.get("training_range") or {}}
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
         """Class probabilities ``N x num_classes`` for uint8 images (``N x C x H x W``)."""

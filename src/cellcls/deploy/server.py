@@ -9,11 +9,13 @@ import io
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from cellcls.data.dataset import load_image
 from cellcls.data.decode import max_pixels
+from cellcls.data.reference import unusual
 from cellcls.deploy.batching import MicroBatcher
 from cellcls.deploy.predictor import Predictor
 from cellcls.errors import DataError
@@ -34,6 +36,7 @@ class Limits:
     keep_alive_s: float = 5.0  # an idle connection between requests
     model_timeout_s: float = 120.0  # one request's wait for the model (queue + forward pass)
     max_batch: int = 32  # images per forward pass of the micro-batcher
+    uncertain_margin: float = 0.2  # a top class less than this ahead of the second is shown as uncertain
 
     @property
     def max_image_bytes(self) -> int:
@@ -46,7 +49,8 @@ class Limits:
 
 
 def _empty_result(name: str) -> dict[str, Any]:
-    return {"name": name, "ok": False, "label": None, "confidence": None, "probabilities": None, "cam_png": None, "error": None}
+    return {"name": name, "ok": False, "label": None, "confidence": None, "probabilities": None, "uncertain": None,
+            "warnings": [], "cam_png": None, "error": None}
 
 
 class Classifier:
@@ -87,13 +91,25 @@ class Classifier:
         except DataError as exc:
             result["error"] = str(exc)
             return result
-        probs, cam_map = self.batcher.submit(image, cam).result(timeout=self.limits.model_timeout_s)
+        future = self.batcher.submit(image, cam)
+        result["warnings"] = self.unusual(data, image)  # while the model runs
+        probs, cam_map = future.result(timeout=self.limits.model_timeout_s)
         if cam_map is not None:
             buf = io.BytesIO()
             Image.fromarray(plots.cam_overlay(image.numpy(), cam_map)).save(buf, format="PNG")
             result["cam_png"] = base64.b64encode(buf.getvalue()).decode("ascii")
         classes = self.predictor.classes
         best = int(labels_of(probs[None])[0])
+        runner_up = float(np.sort(probs)[-2])
         result.update(ok=True, label=classes[best], confidence=float(probs[best]),
-                      probabilities={c: float(p) for c, p in zip(classes, probs)})
+                      probabilities={c: float(p) for c, p in zip(classes, probs)},
+                      uncertain=bool(float(probs[best]) - runner_up < self.limits.uncertain_margin))
         return result
+
+    def unusual(self, data: bytes, image: torch.Tensor) -> list[str]:
+        """Ways the upload is far from the training images (shown as warnings; the image is still classified)."""
+        reference = self.predictor.preprocessing.get("reference") or {}
+        if not reference:
+            return []
+        with Image.open(io.BytesIO(data)) as im:
+            return unusual(reference, im.width, im.height, im.mode, image.numpy())

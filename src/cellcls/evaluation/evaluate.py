@@ -5,6 +5,7 @@ predictions.csv and figures; the scores and figures also go to the run's loggers
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from cellcls.evaluation.figures import (
     feature_map_figure,
     mistakes_grid,
     prediction_grid,
+    spread_by_class,
 )
 from cellcls.evaluation.inference import mean_loss, run_inference
 from cellcls.evaluation.metrics import HEADLINE, evaluate_predictions
@@ -35,6 +37,7 @@ from cellcls.models.heads import probabilities
 from cellcls.models.trained import LoadedModel, load_model
 from cellcls.paths import cache_dir
 from cellcls.run_folder import write_json
+from cellcls.training.callbacks import augmented_title
 from cellcls.training.loggers import create_loggers
 from cellcls.training.runtime import eval_batch_size
 
@@ -118,30 +121,34 @@ def evaluate(
             figures["most confident mistakes"] = worst
         figures["Grad-CAM"] = cam_grid(loaded, images, probs, labels, out / "gradcam.png", cam_layer)
         figures["feature maps"] = feature_map_figure(loaded, images[0], out / "feature_maps.png")
+        shown = train_samples if train_samples is not None else samples
         figures["augmented training samples"] = _augmented_grid(
-            cfg, ImageRows(train_samples if train_samples is not None else samples, loaded.preprocessing),
-            out / "augmented_samples.png")
+            cfg, ImageRows(shown, loaded.preprocessing), shown.labels, loaded.classes, out / "augmented_samples.png")
         history = loaded.run.metrics
         if history.is_file():
             with open(history) as fh:
                 rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(fh)]
-            figures["training curves"] = plots.save(plots.training_curves(rows), out / "training_curves.png")
+            record = json.loads(loaded.run.result.read_text()) if loaded.run.result.is_file() else {}
+            stopped = int(rows[-1]["epoch"]) if record.get("stopped_early") else None
+            figures["training curves"] = plots.save(plots.training_curves(rows, record.get("best_epoch"), stopped),
+                                                    out / "training_curves.png")
     write_report(result, out / "report.md", figures)
     log_evaluation(loaded, name, result, figures)
     return result, out
 
 
-def _augmented_grid(cfg, images: ImageRows, path: Path) -> Path:
+def _augmented_grid(cfg, images: ImageRows, labels: Sequence[int], classes: Sequence[str], path: Path) -> Path:
     """Nine training images through the run's configured augmentation, as the model saw them in training."""
     transforms = build_augment(OmegaConf.to_container(cfg.augment))
     torch.manual_seed(0)
-    picked = []
-    for i in range(9):
-        image = torch.from_numpy(images[i % len(images)])
+    picked, idx = [], spread_by_class(labels, 9)  # every class, not the first nine files
+    for i in idx:
+        image = torch.from_numpy(images[i])
         for t in transforms:
             image = t(image)
         picked.append(image.numpy())
-    return plots.save(plots.image_grid(picked, [f"augment={cfg.augment.name}"] * 9), path)
+    titles = [classes[int(labels[i])] for i in idx]
+    return plots.save(plots.image_grid(picked, titles, suptitle=augmented_title(cfg.augment.name)), path)
 
 
 def log_evaluation(loaded: LoadedModel, name: str, result: dict[str, Any], figures: dict[str, Path]) -> None:

@@ -16,10 +16,21 @@ from cellcls.models.trained import LoadedModel
 
 
 def probability_title(probs: np.ndarray, classes: Sequence[str], truth: int | None = None) -> str:
-    """'pred / truth' and 'xx.xx% probability of being <class>' as the tutorials title their grids."""
+    """'predicted: <class> (xx.x%)' and, when known, 'true: <class>', said in words on the figure."""
     pred = int(labels_of(probs[None])[0])
-    head = f"{classes[pred]} / {classes[truth]}" if truth is not None else classes[pred]
-    return f"{head}\n{100 * probs[pred]:.2f}% probability of being {classes[pred]}"
+    head = f"predicted: {classes[pred]} ({100 * probs[pred]:.1f}%)"
+    return f"{head}\ntrue: {classes[truth]}" if truth is not None else head
+
+
+def title_colors(probs: np.ndarray, labels: Sequence[int] | None, idx: Sequence[int]) -> list[str] | None:
+    """Green titles for right predictions, red for wrong ones (None without the truth)."""
+    if labels is None:
+        return None
+    predicted = labels_of(probs[list(idx)])
+    return [plots.RIGHT if p == int(labels[i]) else plots.WRONG for p, i in zip(predicted, idx)]
+
+
+GRID_NOTE = "title: predicted class (its probability) and true class; green = right, red = wrong"
 
 
 def spread_by_class(labels: Sequence[int], count: int) -> list[int]:
@@ -37,7 +48,8 @@ def spread_by_class(labels: Sequence[int], count: int) -> list[int]:
 def prediction_grid(images: Sequence[np.ndarray], probs: np.ndarray, labels: Sequence[int], classes: Sequence[str], path: Path) -> Path:
     idx = spread_by_class(labels, 9)
     titles = [probability_title(probs[i], classes, int(labels[i])) for i in idx]
-    return plots.save(plots.image_grid([images[i] for i in idx], titles), path)
+    return plots.save(plots.image_grid([images[i] for i in idx], titles, colors=title_colors(probs, labels, idx),
+                                       suptitle=f"Predictions ({GRID_NOTE})"), path)
 
 
 def mistakes_grid(images: Sequence[np.ndarray], probs: np.ndarray, labels: Sequence[int], classes: Sequence[str], path: Path) -> Path | None:
@@ -48,7 +60,9 @@ def mistakes_grid(images: Sequence[np.ndarray], probs: np.ndarray, labels: Seque
         return None
     worst = wrong[np.argsort(-probs[wrong].max(axis=1))][:9]
     titles = [probability_title(probs[i], classes, int(labels[i])) for i in worst]
-    return plots.save(plots.image_grid([images[i] for i in worst], titles), path)
+    return plots.save(plots.image_grid([images[i] for i in worst], titles, colors=[plots.WRONG] * len(worst),
+                                       suptitle="The most confident mistakes (predicted class and its probability; "
+                                                "true class)"), path)
 
 
 def cam_maps(loaded: LoadedModel, images: np.ndarray, layer: str | None = None, target: Sequence[int] | None = None) -> np.ndarray:
@@ -65,7 +79,16 @@ def cam_grid(loaded: LoadedModel, images: Sequence[np.ndarray], probs: np.ndarra
     maps = cam_maps(loaded, np.stack([images[i] for i in idx]), layer)
     overlays = [plots.cam_overlay(images[i], m).transpose(2, 0, 1) for i, m in zip(idx, maps)]
     titles = [probability_title(probs[i], loaded.classes, int(labels[i]) if labels is not None else None) for i in idx]
-    return plots.save(plots.image_grid(overlays, titles), path)
+    return plots.save(plots.image_grid(overlays, titles, colors=title_colors(probs, labels, idx),
+                                       suptitle=f"Grad-CAM of the predicted class ({GRID_NOTE})",
+                                       heat_legend=plots.CAM_LEGEND), path)
+
+
+def stage_label(name: str, module: nn.Module, out: torch.Tensor) -> str:
+    """A block's output described as Keras' summary would: ``conv 8@128x128`` (8 maps of 128 x 128)."""
+    kind = f"conv {module.kernel_size[0]}x{module.kernel_size[1]}" if isinstance(module, nn.Conv2d) else name
+    channels, height, width = out.shape[1:]
+    return f"{kind} -> {channels}@{height}x{width} ({name})"
 
 
 def feature_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -79,8 +102,8 @@ def feature_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def feature_map_figure(loaded: LoadedModel, image: np.ndarray, path: Path) -> Path:
     """Outputs (after ReLU where the block has one) of each convolution block for one image."""
     outputs: list[tuple[str, np.ndarray]] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: outputs.append((n, out[0].detach().relu().cpu().numpy())))
-             for n, m in feature_stages(loaded.model)]
+    hooks = [m.register_forward_hook(lambda mod, _i, out, n=n: outputs.append(
+        (stage_label(n, mod, out), out[0].detach().relu().cpu().numpy()))) for n, m in feature_stages(loaded.model)]
     try:
         loaded.predict(torch.from_numpy(np.ascontiguousarray(image[None])))
     finally:

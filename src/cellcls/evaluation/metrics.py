@@ -124,3 +124,13 @@ def evaluate_predictions(
     )
     result["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
     return result
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score 95% interval of a proportion (sound at 0 or n successes, unlike the normal approximation)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -11,8 +11,11 @@ matplotlib.use("Agg")  # files only: no display needed on servers and CI
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 100
+HEAT = "jet"  # the Grad-CAM colour map (blue: ignored, red: most attended), in overlays and their colour bars
+CAM_LEGEND = "Grad-CAM: where the model looked (0 = ignored, 1 = most attended)"
 
 
 def save(fig: Figure, path: Path) -> Path:
@@ -29,14 +32,22 @@ def to_display(image: np.ndarray) -> np.ndarray:
     return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
 
 
-def training_curves(history: Sequence[dict[str, float]]) -> Figure:
-    """Loss and accuracy per epoch, train and val, with the learning rate on a second axis."""
+def training_curves(history: Sequence[dict[str, float]], best_epoch: int | None = None,
+                    stopped_epoch: int | None = None) -> Figure:
+    """Loss and accuracy per epoch, train and val, with the learning rate on a second axis; a dashed line marks the
+    epoch ``best.pt`` holds and a dotted one where early stopping ended the run."""
     epochs = [int(r["epoch"]) for r in history]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
     for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
         ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label=f"train {label}")
         ax.plot(epochs, [r[f"val_{key}"] for r in history], "s-", label=f"val {label}")
+        if best_epoch:
+            ax.axvline(best_epoch, color="green", linestyle="--", linewidth=1.2, label=f"best.pt (epoch {best_epoch})")
+        if stopped_epoch:
+            ax.axvline(stopped_epoch, color="red", linestyle=":", linewidth=1.2,
+                       label=f"early stopping (epoch {stopped_epoch})")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         lr_ax = ax.twinx()
@@ -72,21 +83,34 @@ def confusion_heatmap(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -
     return fig
 
 
-def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], columns: int = 3, cmap: str | None = None) -> Figure:
-    """Images (``C x H x W`` uint8) in a grid, each with its title."""
+RIGHT, WRONG = "#1a7f37", "#c62828"  # title colours of a correct and a wrong prediction
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], columns: int = 3, cmap: str | None = None,
+               colors: Sequence[str] | None = None, suptitle: str | None = None, heat_legend: str | None = None) -> Figure:
+    """Images (``C x H x W`` uint8) in a grid, each with its title (in ``colors`` when given); ``heat_legend`` adds
+    a colour bar of the Grad-CAM colour map with that label."""
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.9 * rows), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.9 * rows + (0.5 if suptitle else 0)),
+                             squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, title in zip(axes.flat, images, titles):
+    for i, (ax, image, title) in enumerate(zip(axes.flat, images, titles)):
         shown = to_display(image)
         ax.imshow(shown, cmap=cmap or ("gray" if shown.ndim == 2 else None), vmin=0, vmax=255)
-        ax.set_title(title, fontsize=8)
+        ax.set_title(title, fontsize=8, color=colors[i] if colors else "black")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    if heat_legend:
+        bar = fig.colorbar(matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, 1), cmap=HEAT), ax=axes,
+                           shrink=0.6, location="right")
+        bar.set_label(heat_legend, fontsize=9)
     return fig
 
 
 def feature_maps(stages: Sequence[tuple[str, np.ndarray]], per_stage: int = 8) -> Figure:
-    """The first ``per_stage`` channels of each convolution block's output (``C x H x W``), one row per block."""
+    """The first ``per_stage`` channels of each convolution block's output (``C x H x W``), one row per block,
+    labelled with the block's description (e.g. ``conv 8@128x128``: 8 maps of 128 x 128)."""
     fig, axes = plt.subplots(len(stages), per_stage, figsize=(1.6 * per_stage, 1.8 * len(stages)), squeeze=False,
                              layout="constrained")
     for row, (name, maps) in enumerate(stages):
@@ -105,7 +129,7 @@ def cam_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.n
     base = to_display(image).astype(np.float32)
     if base.ndim == 2:
         base = np.repeat(base[..., None], 3, axis=2)
-    heat = matplotlib.colormaps["jet"](np.clip(cam, 0, 1))[..., :3] * 255.0
+    heat = matplotlib.colormaps[HEAT](np.clip(cam, 0, 1))[..., :3] * 255.0
     return np.clip((1 - alpha) * base + alpha * heat, 0, 255).astype(np.uint8)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from cellcls.checkpoint import Checkpoint, load_checkpoint
 from cellcls.data.preprocessing import input_spec, preprocess
-from cellcls.evaluation.metrics import TEST_METRICS
+from cellcls.evaluation.metrics import TEST_METRICS, wilson_interval
 from cellcls.models import build_model
 from cellcls.models.heads import labels_of, probabilities
 from cellcls.run_folder import BEST, RunFolder
@@ -96,4 +96,7 @@ def checkpoint_metrics(ckpt: Checkpoint) -> dict[str, Any]:
         test = json.loads(test_file.read_text())
         if int(test.get("epoch", -1)) == ckpt.epoch:
             out["test"] = {k: test[k] for k in (*TEST_METRICS, "num_images") if k in test}
+            if "accuracy" in test and test.get("num_images"):
+                n = int(test["num_images"])
+                out["test"]["accuracy_ci95"] = list(wilson_interval(round(test["accuracy"] * n), n))
     return out

@@ -30,7 +30,7 @@ class Callback:
     """Base class: every hook is optional."""
 
     def on_fit_start(self, state: FitState) -> None: ...
-    def on_train_batch(self, state: FitState, step: int, images: torch.Tensor) -> None: ...
+    def on_train_batch(self, state: FitState, step: int, images: torch.Tensor, targets: torch.Tensor) -> None: ...
     def on_validation_end(self, state: FitState, metrics: dict[str, float]) -> None: ...
     def on_epoch_end(self, state: FitState, metrics: dict[str, float]) -> None: ...
     def on_fit_end(self, state: FitState, summary: dict[str, Any]) -> None: ...
@@ -93,23 +93,32 @@ class AugmentedSamples(Callback):
     def __init__(self, count: int) -> None:
         self.count = int(count)
 
-    def on_train_batch(self, state: FitState, step: int, images: torch.Tensor) -> None:
+    def on_train_batch(self, state: FitState, step: int, images: torch.Tensor, targets: torch.Tensor) -> None:
         if state.epoch != 1 or step != 0 or not state.is_main:
             return
         shown = state.normalize.inverse(images[:32].detach().float().cpu()).clamp(0, 1)
         grid = make_grid(shown, nrow=8, padding=2).mul(255).round().byte().permute(1, 2, 0).numpy()
         state.loggers.log_image("train/augmented_samples", grid)
         picked = (shown[: self.count] * 255).round().to(torch.uint8).numpy()
-        name = state.cfg.augment.name
-        plots.save(plots.image_grid(list(picked), [f"augment={name}"] * len(picked)), state.run.augmented_samples)
+        classes = state.job.data.classes
+        titles = [classes[int(t)] for t in targets[: self.count]]
+        plots.save(plots.image_grid(list(picked), titles, suptitle=augmented_title(state.cfg.augment.name)),
+                   state.run.augmented_samples)
+
+
+def augmented_title(name: str) -> str:
+    return f"Training images as the model sees them, after augment={name} (title: the true class)"
 
 
 class TrainingCurves(Callback):
-    """Loss and accuracy per epoch as ``training_curves.png`` and a logged image."""
+    """Loss and accuracy per epoch as ``training_curves.png`` and a logged image, with the epoch best.pt holds and
+    the early-stopping point marked."""
 
     def on_fit_end(self, state: FitState, summary: dict[str, Any]) -> None:
         if state.is_main and state.history:
-            path = plots.save(plots.training_curves(state.history), state.run.training_curves)
+            best = state.monitor.best_epoch if state.run.best_checkpoint.is_file() else None
+            stopped = int(state.history[-1]["epoch"]) if summary.get("stopped_early") else None
+            path = plots.save(plots.training_curves(state.history, best, stopped), state.run.training_curves)
             state.loggers.log_image("train/training_curves", plots.png_to_array(path))
 
 

@@ -84,9 +84,9 @@ def run_epoch(state: FitState, epoch: int) -> None:
     if job.data.train_sampler is not None:
         job.data.train_sampler.set_epoch(epoch)
 
-    def on_batch(step: int, images: torch.Tensor) -> None:
+    def on_batch(step: int, images: torch.Tensor, targets: torch.Tensor) -> None:
         for cb in job.callbacks.values():
-            cb.on_train_batch(state, step, images)
+            cb.on_train_batch(state, step, images, targets)
 
     show = bool(t.progress_bar and job.runtime.is_main)
     resume, state.position = state.position, None
@@ -205,10 +205,14 @@ def finish(state: FitState) -> dict[str, Any]:
         write_json(job.run.test_metrics, summary["test"])
         log.info("test (best epoch %d): loss %.4f  acc %.4f  balanced acc %.4f  ROC-AUC %.4f",
                  best.epoch, test.loss, test.accuracy, test.balanced_accuracy, test.roc_auc)
-    hparams = {"dataset": str(cfg.dataset.name), "model": str(cfg.model.name), "optim": str(cfg.optim.name),
-               "lr": float(cfg.optim.lr), "weight_decay": float(cfg.optim.get("weight_decay") or 0.0),
-               "batch_size": int(cfg.dataset.batch_size), "augment": str(cfg.augment.name),
-               "class_weights": str(cfg.class_weights), "seed": int(cfg.seed)}
+    prep = job.data.preprocessing
+    # the model and data first: TensorBoard's HParams table shows its first columns by default
+    hparams = {"model": str(cfg.model.name), "dataset": str(cfg.dataset.name),
+               "image_size": "x".join(str(v) for v in (*prep["image_size"], prep["channels"])),
+               "parameters": count_parameters(job.net), "epochs": len(state.history),
+               "max_epochs": int(cfg.trainer.max_epochs), "optim": str(cfg.optim.name), "lr": float(cfg.optim.lr),
+               "weight_decay": float(cfg.optim.get("weight_decay") or 0.0), "batch_size": int(cfg.dataset.batch_size),
+               "augment": str(cfg.augment.name), "class_weights": str(cfg.class_weights), "seed": int(cfg.seed)}
     final = {f"hparam/best_{state.monitor.metric}": float(state.monitor.best)}
     if "test" in summary:
         final["hparam/test_accuracy"] = summary["test"]["accuracy"]

@@ -141,6 +141,15 @@ class TensorBoardLogger(Logger):
 
         self.writer = SummaryWriter(log_dir=str(run.tensorboard))
 
+    def start(self, history: Sequence[Mapping[str, Any]]) -> None:
+        # the Custom Scalars tab draws train and val of each metric in one chart
+        pairs: dict[str, list[str]] = {}
+        for name in EPOCH_METRICS:
+            metric = name.partition("_")[2]
+            pairs.setdefault(metric, []).append(tag(name))
+        self.writer.add_custom_scalars(
+            {"train vs val": {m: ["Multiline", tags] for m, tags in pairs.items() if len(tags) > 1}})
+
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         for key, value in metrics.items():
             self.writer.add_scalar(tag(key), value, epoch)

@@ -19,7 +19,7 @@ from cellcls.models.heads import predicted_labels
 from cellcls.training import distributed
 from cellcls.training.runtime import Runtime
 
-BatchHook = Callable[[int, torch.Tensor], None]
+BatchHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -87,7 +87,7 @@ def train_one_epoch(
 ) -> EpochProgress:
     """Train ``model`` (``net`` itself, or its DDP/compiled wrapper) over ``loader`` once.
 
-    ``on_batch(step, images)`` sees each batch before the step. A non-finite loss raises
+    ``on_batch(step, images, targets)`` sees each batch before the step. A non-finite loss raises
     :class:`~cellcls.errors.TrainingDiverged` before it reaches the weights (on CUDA within 16 steps: checking every
     step would stall the GPU). When ``interrupted()`` turns true the epoch stops after the current step and the
     returned progress is not ``complete``; ``resume`` continues such an epoch where it stopped.
@@ -113,7 +113,7 @@ def train_one_epoch(
         if targets.numel() == 0:  # every image of the batch failed to decode (uncached mode)
             continue
         if on_batch is not None:
-            on_batch(step, images)
+            on_batch(step, images, targets)
         images = images.to(device, non_blocking=True, memory_format=runtime.memory_format)
         targets = targets.to(device, non_blocking=True)
         with runtime.autocast():

@@ -71,13 +71,29 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     csv.writer(buf).writerows([header, *rows])
     atomic_write(sweep_dir / "summary.csv", buf.getvalue())
 
+    atomic_write(sweep_dir / "summary.md", summary_markdown(records, header, rows, sweep_dir))
+    return records
+
+
+def summary_markdown(records: list[dict[str, Any]], header: list[str], rows: list[list[Any]], sweep_dir: Path) -> str:
+    """The table for a person: the overrides every job shares said once above it, each row only what varies, and
+    run folders relative to the sweep folder."""
+
     def cell(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|")
 
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    atomic_write(sweep_dir / "summary.md", "\n".join(md) + "\n")
-    return records
+    lists = [list(r.get("overrides", [])) for r in records]
+    shared = [o for o in (lists[0] if lists else []) if all(o in other for other in lists)]
+    lines = [f"Sweep in `{sweep_dir}`: {len(records)} job(s), best {records[0].get('monitor', '')} first.", ""]
+    lines.append("Shared by every job: " + (" ".join(f"`{o}`" for o in shared) if shared else "nothing") + ".")
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, own in zip(rows, lists):
+        row = list(row)
+        row[header.index("overrides")] = " ".join(o for o in own if o not in shared) or "(none)"
+        run_dir = Path(str(row[header.index("run_dir")]))
+        row[header.index("run_dir")] = run_dir.relative_to(sweep_dir).as_posix() + "/" if run_dir.is_relative_to(sweep_dir) else run_dir
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 class SweepSummary(Callback):
