@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cellcls.training.callbacks import EarlyStopping
-from cellcls.training.state import Monitor
 from cellcls.training.optim import build_scheduler
+from cellcls.training.state import Monitor
 
 
 def test_early_stopping_fires_after_patience_epochs_without_improvement():

@@ -100,3 +100,12 @@ def test_a_grad_cam_grid_has_a_labelled_colour_bar():
 
     fig = plots.image_grid([np.zeros((3, 8, 8), np.uint8)], ["x"], heat_legend=plots.CAM_LEGEND)
     assert any(ax.get_ylabel() == plots.CAM_LEGEND for ax in fig.axes)
+
+
+def test_feature_map_rows_are_named_by_layer_kind_and_output_shape():
+    from torch import nn
+
+    from cellcls.evaluation.figures import stage_label
+
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    assert stage_label("features.0", conv, conv(torch.zeros(1, 3, 128, 128))) == "conv 3x3 -> 8@128x128 (features.0)"
