@@ -179,3 +179,14 @@ def test_grad_cam_puts_the_heat_on_the_parasite(trained_run):
 def test_predict_reports_a_missing_input(trained_run, tmp_path):
     result = run_cli("cellcls.predict", f"checkpoint={trained_run}", f"input={tmp_path / 'nothing.png'}", cwd=tmp_path)
     assert result.returncode == 2 and "nothing.png: no such file or folder" in result.stderr
+
+
+def test_intervals_on_malaria_resample_the_test_patients_and_say_so(malaria_run, tmp_path):
+    import re
+
+    result, out = evaluate(malaria_run, output=tmp_path / "eval", make_plots=False, n_boot=200)
+    listed = (malaria_run / "splits" / "test.csv").read_text().splitlines()[1:]
+    patients = {re.match(r"^(C\d+)", line.rsplit("/", 1)[-1]).group(1) for line in listed}
+    assert result["interval"]["groups"] == len(patients) and result["interval"]["images"] == len(listed)
+    assert result["interval"]["method"] == f"percentile bootstrap over {len(patients)} groups"
+    assert f"bootstrap over {len(patients)} groups" in (out / "report.md").read_text()

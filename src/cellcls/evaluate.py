@@ -38,10 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (ConfigError, DataError, FileNotFoundError, ValueError, OSError) as exc:
         return fail(exc)
+    print(f"95% intervals: {result['interval']['method']} unless noted")
     for key in HEADLINE:
         if key in result:
             v, (lo, hi) = result[key]["value"], result[key]["ci95"]
-            print(f"{key:<18} {v:.4f}  (95% CI {lo:.4f} - {hi:.4f})")
+            note = f", {result[key]['method']}" if "method" in result[key] else ""
+            print(f"{key:<18} {v:.4f}  (95% CI {lo:.4f} - {hi:.4f}{note})")
     print(f"{'loss':<18} {result['loss']:.4f}")
     print(f"written to {out}")
     return 0

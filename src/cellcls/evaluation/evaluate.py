@@ -20,6 +20,7 @@ from cellcls.data.cache import decode_split
 from cellcls.data.datamodule import build_data
 from cellcls.data.dataset import CachedImages, load_image
 from cellcls.data.layout import Samples, scan_split
+from cellcls.data.splits import group_ids
 from cellcls.data.transforms import build_augment, build_transform
 from cellcls.errors import ConfigError
 from cellcls.evaluation import plots
@@ -100,7 +101,11 @@ def evaluate(
     # the same pass the training run's validation and test used, so the numbers match exactly
     logits, targets = run_inference(loaded.model, loader, loaded.device)
     probs = probabilities(logits).numpy()
-    result = evaluate_predictions(targets.numpy(), probs, loaded.classes, threshold, n_boot, seed=int(cfg.seed))
+    groups = group_ids(samples, str(cfg.dataset.group_pattern)) if cfg.dataset.group_pattern else None
+    if groups is not None and len(groups) != len(targets):  # uncached images that failed to decode mid-pass
+        groups = None
+    result = evaluate_predictions(targets.numpy(), probs, loaded.classes, threshold, n_boot, seed=int(cfg.seed),
+                                  groups=groups)
     result = {"checkpoint": str(loaded.path), "epoch": loaded.epoch, "split": name,
               "loss": mean_loss(loaded.model, logits, targets), **result}
     if skipped:

@@ -80,16 +80,26 @@ def bootstrap_ci(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    groups: Sequence[str] | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``metric`` over resampled cases (seeded, so reports are reproducible)."""
+    """Percentile bootstrap interval of ``metric`` (seeded, so reports are reproducible). With ``groups`` (the
+    patient of each image) whole groups are resampled: images of one patient are not independent, and resampling
+    them one by one gives intervals far too narrow."""
     rng = np.random.default_rng(seed)
     n = len(y_true)
+    members = None
+    if groups is not None:
+        _, codes = np.unique(np.asarray(groups), return_inverse=True)
+        members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
     values = []
     with warnings.catch_warnings():
         # a resample may lack a class; sklearn warns each time, and such resamples are expected
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(n_boot):
-            idx = rng.integers(0, n, n)
+            if members is None:
+                idx = rng.integers(0, n, n)
+            else:
+                idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
             value = metric(y_true[idx], y_pred[idx], probs[idx])
             if not np.isnan(value):
                 values.append(value)
@@ -107,8 +117,14 @@ def evaluate_predictions(
     threshold: float | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """All metrics for one split: headline metrics with 95% CIs, the per-class report and the confusion matrix."""
+    """All metrics for one split: headline metrics with 95% CIs, the per-class report and the confusion matrix.
+
+    Intervals: a percentile bootstrap over groups (patients) when ``groups`` is given, else over images; a proportion
+    at exactly 0 or 1 (100% sensitivity on 60 positives), where every resample repeats it and the bootstrap collapses
+    to a point, gets a Wilson interval instead, on the number of groups holding its cases when groups are known
+    (conservative: images of one patient are not independent). ``interval`` in the result says which."""
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)
     y_pred = labels_of(probs, threshold)
@@ -116,14 +132,30 @@ def evaluate_predictions(
     result: dict[str, Any] = {"num_images": len(y_true), "classes": list(classes)}
     if threshold is not None and len(classes) == 2:
         result["threshold"] = threshold
+    n_groups = len(set(groups)) if groups is not None else None
+    boot = f"percentile bootstrap over {n_groups} groups" if groups is not None else f"percentile bootstrap over {len(y_true)} images"
+    result["interval"] = {"level": 0.95, "method": boot, "resamples": n_boot, "images": len(y_true), "groups": n_groups}
     for name, metric in headline_metrics(len(classes)).items():
-        lo, hi = bootstrap_ci(y_true, y_pred, probs, metric, n_boot=n_boot, seed=seed)
-        result[name] = {"value": metric(y_true, y_pred, probs), "ci95": [lo, hi]}
+        value = metric(y_true, y_pred, probs)
+        cases = _proportion_cases(name, y_true)
+        if cases is not None and value in (0.0, 1.0) and cases.any():
+            n = len(set(np.asarray(groups)[cases])) if groups is not None else int(cases.sum())
+            lo, hi = wilson_interval(round(value * n), n)
+            result[name] = {"value": value, "ci95": [lo, hi],
+                            "method": f"Wilson ({'groups' if groups is not None else 'images'}: {n})"}
+            continue
+        lo, hi = bootstrap_ci(y_true, y_pred, probs, metric, n_boot=n_boot, seed=seed, groups=groups)
+        result[name] = {"value": value, "ci95": [lo, hi]}
     result["per_class"] = classification_report(
         y_true, y_pred, labels=labels, target_names=list(classes), output_dict=True, zero_division=0
     )
     result["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
     return result
+
+
+def _proportion_cases(name: str, y_true: np.ndarray) -> np.ndarray | None:
+    """The cases a proportion-type metric counts over (None for metrics that are not a simple proportion)."""
+    return {"accuracy": np.ones(len(y_true), bool), "sensitivity": y_true == 1, "specificity": y_true == 0}.get(name)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -133,4 +165,6 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    # at 0 or n successes one bound is exactly 0 or 1 (float rounding would leave 0.9999999999999999)
+    return (0.0 if successes == 0 else lo), (1.0 if successes == n else hi)

@@ -22,8 +22,12 @@ def write_report(result: dict[str, Any], path: Path, figures: dict[str, Path]) -
     for key in HEADLINE:
         if key in result:
             v, (lo, hi) = result[key]["value"], result[key]["ci95"]
-            lines.append(f"| {key} | {v:.4f} | {lo:.4f} - {hi:.4f} |")
+            note = f" ({result[key]['method']})" if "method" in result[key] else ""
+            lines.append(f"| {key} | {v:.4f} | {lo:.4f} - {hi:.4f}{note} |")
     lines.append(f"| loss | {result['loss']:.4f} | |")
+    if "interval" in result:
+        lines += ["", f"Intervals: {result['interval']['method']} ({result['interval']['resamples']} resamples) unless "
+                      "the row names another method."]
     lines += ["", "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
     for cls in result["classes"]:
         r = result["per_class"][cls]
