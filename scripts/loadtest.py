@@ -135,32 +135,30 @@ def main(argv: Sequence[str]) -> int:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     command = "python scripts/loadtest.py " + " ".join(argv)
     rows = []
+
+    def body_for(cam: bool) -> bytes:
+        return json.dumps({"images": [{"name": "cell.png", "data": base64.b64encode(image).decode()}],
+                           "cam": cam}).encode()
+
+    def measure(cam: bool, requests: int, concurrency: int, what: str) -> None:
+        """One load run: printed, and a row for the table with the server's memory before and after."""
+        body = body_for(cam)
+        before = rss_mb(proc.pid)
+        r = load(port, body, requests, concurrency)
+        after = rss_mb(proc.pid)
+        print(f"{what} cam={cam} concurrency={concurrency}: {r['req_per_s']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, "
+              f"p95 {r['p95_ms']:.1f} ms, {r['errors']} errors, RSS {before:.0f} -> {after:.0f} MB", flush=True)
+        rows.append(f"| {date} | {machine} | {model} | {cam} | {concurrency} | {r['requests']} | {r['req_per_s']:.0f} | "
+                    f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['errors']} | {before:.0f} -> {after:.0f} | "
+                    f"`{command}` |")
+
     try:
         for cam in cams:
-            body = json.dumps({"images": [{"name": "cell.png", "data": base64.b64encode(image).decode()}],
-                               "cam": cam}).encode()
-            load(port, body, 50, 4)  # warm-up
+            load(port, body_for(cam), 50, 4)  # warm-up
             for c in levels:
-                before = rss_mb(proc.pid)
-                r = load(port, body, requests, c)
-                after = rss_mb(proc.pid)
-                print(f"cam={cam} concurrency={c}: {r['req_per_s']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, "
-                      f"p95 {r['p95_ms']:.1f} ms, {r['errors']} errors, RSS {before:.0f} -> {after:.0f} MB", flush=True)
-                rows.append(f"| {date} | {machine} | {model} | {cam} | {c} | {r['requests']} | {r['req_per_s']:.0f} | "
-                            f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['errors']} | {before:.0f} -> {after:.0f} | "
-                            f"`{command}` |")
+                measure(cam, requests, c, "load:")
         if memory_requests:
-            memory_cam = own.get("memory_cam", "false").lower() == "true"
-            body = json.dumps({"images": [{"name": "cell.png", "data": base64.b64encode(image).decode()}],
-                               "cam": memory_cam}).encode()
-            before = rss_mb(proc.pid)
-            r = load(port, body, memory_requests, 8)
-            after = rss_mb(proc.pid)
-            print(f"memory: {memory_requests} requests (cam={memory_cam}) at concurrency 8: RSS {before:.0f} -> {after:.0f} MB, "
-                  f"{r['errors']} errors, {r['req_per_s']:.0f} req/s", flush=True)
-            rows.append(f"| {date} | {machine} | {model} | {memory_cam} | 8 | {r['requests']} | {r['req_per_s']:.0f} | "
-                        f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['errors']} | {before:.0f} -> {after:.0f} | "
-                        f"`{command}` |")
+            measure(own.get("memory_cam", "false").lower() == "true", memory_requests, 8, f"memory, {memory_requests} requests:")
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -6,10 +6,12 @@ renamed over the target), so a crash or a kill leaves either the previous comple
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -44,6 +46,15 @@ def atomic_write(path: Path, content: str | bytes | Callable[[IO[bytes]], None])
 
 def write_json(path: Path, data: Any) -> Path:
     return atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Rows of dicts as a CSV file; the columns are every key, in the order first seen."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, buf.getvalue())
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from cellcls.data.preprocessing import Normalize
 from cellcls.deploy.runtimes import (
     CARD_KEY,
     TS_EXTRA,
-    _jit_quiet,
     card_path,
+    jit_quiet,
     load_exported,
 )
 from cellcls.models.heads import num_outputs, probabilities
@@ -76,7 +76,7 @@ def export_model(loaded: LoadedModel, fmt: str, output: Path, opset: int = 18) -
             proto = _onnx_program(module, example, card, opset)
             atomic_write(output, lambda fh: fh.write(proto.SerializeToString()))
         else:
-            with torch.no_grad(), _jit_quiet():
+            with torch.no_grad(), jit_quiet():
                 traced = torch.jit.trace(module, example)
                 atomic_write(output, lambda fh: torch.jit.save(traced, fh, _extra_files={TS_EXTRA: json.dumps(card)}))
     finally:

@@ -28,7 +28,7 @@ TS_EXTRA = "cellcls.json"
 
 
 @contextmanager
-def _jit_quiet() -> Iterator[None]:
+def jit_quiet() -> Iterator[None]:
     """TorchScript still works but warns that it is deprecated on every call; the user asked for it by name.
     The tracer's warning about the head-size branch is moot: the number of logits is fixed per model."""
     with warnings.catch_warnings():
@@ -71,7 +71,7 @@ def load_exported(path: Path, device: str = "auto") -> ExportedModel:
         return _load_onnx(path, device)
     extra = {TS_EXTRA: ""}
     try:
-        with _jit_quiet():
+        with jit_quiet():
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except RuntimeError as exc:
         raise ValueError(f"{path} is not a TorchScript model: {exc}") from exc

@@ -16,7 +16,7 @@ from cellcls.checkpoint import Checkpoint, load_checkpoint
 from cellcls.data.preprocessing import input_spec, preprocess
 from cellcls.evaluation.metrics import TEST_METRICS, wilson_interval
 from cellcls.models import build_model
-from cellcls.models.heads import labels_of, probabilities
+from cellcls.models.heads import probabilities
 from cellcls.run_folder import BEST, RunFolder
 from cellcls.training.runtime import resolve_device
 
@@ -51,10 +51,6 @@ class LoadedModel:
     def predict(self, images: torch.Tensor) -> np.ndarray:
         """Class probabilities ``N x num_classes`` for uint8 images (``N x C x H x W`` at the model's size)."""
         return probabilities(self.model(self.prepare(images))).cpu().numpy()
-
-    def predict_labels(self, images: torch.Tensor) -> list[str]:
-        """The predicted class name of each image."""
-        return [self.classes[i] for i in labels_of(self.predict(images))]
 
     @property
     def card(self) -> dict[str, Any]:

@@ -8,7 +8,6 @@ figures and the hyper-parameters; ``python -m cellcls.evaluate`` logs its scores
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -19,7 +18,7 @@ import numpy as np
 
 from cellcls.errors import ConfigError
 from cellcls.evaluation.metrics import EPOCH_METRICS
-from cellcls.run_folder import RunFolder, atomic_write
+from cellcls.run_folder import RunFolder, atomic_write, write_csv
 
 
 def tag(name: str) -> str:
@@ -113,23 +112,15 @@ class CSVLogger(Logger):
         self._write()
 
     def _write(self) -> None:
-        fields = list(dict.fromkeys(k for row in self.rows for k in row))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write(self.run.metrics, buf.getvalue())
+        write_csv(self.run.metrics, self.rows)
 
     def log_evaluation(self, name: str, scores: Mapping[str, float], step: int, figures: Mapping[str, Path]) -> None:
         path = self.run.evaluations
-        rows = list(csv.DictReader(path.open())) if path.is_file() else []
-        rows.append({"name": name, "epoch": step, **scores})
-        fields = list(dict.fromkeys(k for row in rows for k in row))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write(path, buf.getvalue())
+        rows: list[dict[str, Any]] = []
+        if path.is_file():
+            with open(path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        write_csv(path, [*rows, {"name": name, "epoch": step, **scores}])
 
 
 class TensorBoardLogger(Logger):
