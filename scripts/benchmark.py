@@ -260,7 +260,7 @@ def measure_cache_build(cfg: DictConfig) -> tuple[int, float]:
     ds = cfg.dataset
     root = resolve_root(ds)
     classes, folders = resolve_layout(ds, root)
-    splits, _ = make_splits(ds, folders, classes, int(cfg.seed))
+    splits, _, _ = make_splits(ds, folders, classes, int(cfg.seed))
     with tempfile.TemporaryDirectory(prefix="cellcls-bench-cache-") as tmp:
         start = time.perf_counter()
         decode_split(splits["train"], int(ds.channels), list(ds.image_size), Path(tmp), progress=False)

@@ -15,7 +15,7 @@ def layout(dataset: str, root, *overrides: str):
     cfg = compose_config(f"dataset={dataset}", f"dataset.root={root}", *overrides)
     base = resolve_root(cfg.dataset)
     classes, folders = resolve_layout(cfg.dataset, base)
-    splits, ignored = make_splits(cfg.dataset, folders, classes, 0)
+    splits, ignored, _ = make_splits(cfg.dataset, folders, classes, 0)
     return classes, folders, splits, ignored
 
 

@@ -261,6 +261,7 @@ class _Fixed:
 
     classes = ["Uninfected", "Parasitized"]
     supports_cam = False
+    threshold = None
     path = Path("fixed")
     card: dict = {}
 

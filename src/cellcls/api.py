@@ -87,7 +87,7 @@ class Model:
 
     def predict(self, images: Sequence[ImageInput] | np.ndarray | torch.Tensor) -> list[str]:
         """The predicted class name of each image."""
-        return [self.classes[i] for i in labels_of(self.predict_proba(images))]
+        return [self.classes[i] for i in labels_of(self.predict_proba(images), self.predictor.threshold)]
 
 
 def load(location: str | Path, device: str = "auto") -> Model:

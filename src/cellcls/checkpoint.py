@@ -35,6 +35,8 @@ class Checkpoint:
     history: list[dict[str, Any]] = field(default_factory=list)  # one row of metrics per epoch
     monitor: dict[str, Any] = field(default_factory=dict)  # metric, mode, best, best_epoch
     training: dict[str, Any] = field(default_factory=dict)  # optimizer, scheduler, scaler, callbacks (resume)
+    # the decision rule fitted on validation (cellcls.models.heads.Decision): temperature, threshold; {} = none
+    calibration: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
     path: Path | None = None  # where it was read from
 

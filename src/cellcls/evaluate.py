@@ -4,9 +4,10 @@ Scores a trained model on a split of its data set (rebuilt from the checkpoint a
 directory (``data=<dir>``), and writes ``<run>/eval/<split or folder>/``: metrics.json (each headline metric with a
 95% bootstrap interval), report.md, predictions.csv and figures, also logged through the run's loggers (TensorBoard, MLflow).
 
-Settings: split=train|val|test, data=<dir>, threshold=<p> (binary: class 1 when its probability >= p),
-bootstrap=<n> (resamples, 1000), device=auto|cpu|cuda, cam_layer=<layer name>, output=<dir>, plots=true|false,
-and dataset.<key>=<value> to change the data set's settings (e.g. dataset.root=<dir> when the data moved).
+Settings: split=train|val|test, data=<dir>, threshold=<p> (binary: class 1 when its probability >= p; default: the
+operating point fitted in training, else the arg-max), bootstrap=<n> (resamples, 1000), device=auto|cpu|cuda,
+cam_layer=<layer name>, output=<dir>, plots=true|false, group_by=patient (per-patient results and patients.csv;
+group_rule=auto|max|mean), and dataset.<key>=<value> to change the data set's settings (e.g. dataset.root=<dir>).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from cellcls.errors import ConfigError, DataError
 from cellcls.evaluation.evaluate import evaluate
 from cellcls.evaluation.metrics import HEADLINE
 
-SETTINGS = ("checkpoint", "split", "data", "threshold", "bootstrap", "device", "cam_layer", "output", "plots")
+SETTINGS = ("checkpoint", "split", "data", "threshold", "bootstrap", "device", "cam_layer", "output", "plots",
+            "group_by", "group_rule")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result, out = evaluate(
             own["checkpoint"], own.get("split", "test"), own.get("data"), overrides, threshold,
             int(own.get("bootstrap", 1000)), own.get("device", "auto"), own.get("cam_layer"), own.get("output"),
-            as_bool("plots", own.get("plots", "true")),
+            as_bool("plots", own.get("plots", "true")), own.get("group_by"), own.get("group_rule", "auto"),
         )
     except (ConfigError, DataError, FileNotFoundError, ValueError, OSError) as exc:
         return fail(exc)
@@ -45,6 +47,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             note = f", {result[key]['method']}" if "method" in result[key] else ""
             print(f"{key:<18} {v:.4f}  (95% CI {lo:.4f} - {hi:.4f}{note})")
     print(f"{'loss':<18} {result['loss']:.4f}")
+    cal = result["calibration"]
+    print(f"{'ECE':<18} {cal['ece']:.4f}  (Brier {cal['brier']:.4f}, temperature {cal['temperature']:.3f})")
+    if "per_patient" in result:
+        patients = result["per_patient"]
+        print(f"per patient ({patients['num_images']} patients, rule {patients['rule']}):")
+        for key in HEADLINE:
+            if key in patients:
+                v, (lo, hi) = patients[key]["value"], patients[key]["ci95"]
+                print(f"  {key:<16} {v:.4f}  (95% CI {lo:.4f} - {hi:.4f})")
     print(f"written to {out}")
     return 0
 

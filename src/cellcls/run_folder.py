@@ -48,10 +48,10 @@ def write_json(path: Path, data: Any) -> Path:
     return atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Rows of dicts as a CSV file; the columns are every key, in the order first seen."""
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = ()) -> Path:
+    """Rows of dicts as a CSV file; the columns are ``columns`` then every other key, in the order first seen."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys([*columns, *(k for row in rows for k in row)])))
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write(path, buf.getvalue())
@@ -137,3 +137,33 @@ class RunFolder:
 
     def export(self, suffix: str) -> Path:
         return self.root / "export" / f"model{suffix}"
+
+    @property
+    def audit(self) -> AuditFolder:
+        """``audit/``: the duplicate audit of this run's splits (``python -m cellcls.audit run=<run>``)."""
+        return AuditFolder(self.root / "audit")
+
+
+@dataclass(frozen=True)
+class AuditFolder:
+    """Names of a duplicate audit's files (``python -m cellcls.audit``)."""
+
+    root: Path
+
+    @property
+    def clusters(self) -> Path:
+        """One row per image in a cluster of two or more: cluster, split, class, file, matched keypoints."""
+        return self.root / "duplicates.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def grid(self) -> Path:
+        """The largest clusters as an image grid."""
+        return self.root / "largest_clusters.png"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import fields
 from typing import Any
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cellcls.config.schema import GROUPS, SCHEMAS, TOP_LEVEL
 from cellcls.data.normalization import check_normalization
 from cellcls.errors import ConfigError, nearest
+from cellcls.evaluation.calibration import parse_operating_point
 from cellcls.evaluation.metrics import EPOCH_METRICS
 from cellcls.models import MODEL_KEYS, MODELS
 from cellcls.training.optim import OPTIMIZERS, SCHEDULERS
@@ -94,6 +96,8 @@ def validate(cfg: DictConfig) -> None:
     _choice("class_weights", cfg.class_weights, ("none", "balanced"))
     if not isinstance(cfg.optim.lr, (int, float)) or cfg.optim.lr < 0:
         raise ConfigError(f"optim.lr must be a number >= 0, got {cfg.optim.lr!r}")
+    if cfg.get("operating_point"):
+        parse_operating_point(str(cfg.operating_point))
     ds = cfg.dataset
     _positive_int("dataset.batch_size", ds.batch_size)
     _positive_int("dataset.num_workers", ds.num_workers, minimum=0)
@@ -104,9 +108,15 @@ def validate(cfg: DictConfig) -> None:
     if ds.classes is not None and len(ds.classes) < 2:
         raise ConfigError(f"dataset.classes must name at least 2 classes, got {list(ds.classes)!r}")
     check_normalization(ds.mean, ds.std, int(ds.channels))
-    _choice("dataset.split_by", ds.split_by, ("image", "patient"))
+    _choice("dataset.split_by", ds.split_by, ("image", "patient", "duplicates"))
+    _choice("dataset.leakage_check", ds.leakage_check, ("auto", "duplicates", "off"))
     if ds.split_by == "patient" and not ds.group_pattern:
         raise ConfigError("dataset.split_by=patient needs dataset.group_pattern, a regex whose first group is the patient id")
+    if ds.group_pattern:
+        try:
+            re.compile(str(ds.group_pattern))
+        except re.error as exc:
+            raise ConfigError(f"dataset.group_pattern={ds.group_pattern!r} is not a valid regex: {exc}") from None
     for key in ("val_fraction", "test_fraction"):
         if not 0 <= ds[key] < 1:
             raise ConfigError(f"dataset.{key} must be a number in [0, 1), got {ds[key]!r}")

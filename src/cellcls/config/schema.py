@@ -51,6 +51,19 @@ class RenderConfig:
 
 
 @dataclass
+class DuplicatesConfig:
+    """How near-duplicate images are found (cellcls.data.duplicates: the audit and dataset.split_by=duplicates)."""
+
+    max_side: int = 256  # images are fingerprinted with their longest side scaled down to this (px)
+    keypoints: int = 300  # SIFT keypoints kept per image
+    neighbours: int = 20  # candidates checked per image: those with the most similar bags of visual words
+    min_similarity: float = 0.05  # candidates below this cosine similarity of their word bags are not checked
+    min_inliers: int = 15  # keypoint matches agreeing on one rotation + scale + shift (+ flip) that make a duplicate
+    # ... and at least this share of the sparser image's keypoints (X-rays of different patients share anatomy)
+    min_inlier_fraction: float = 0.15
+
+
+@dataclass
 class DatasetConfig:
     name: str = "folder"
     root: Optional[str] = None  # the unzipped download (or a class-folder tree)
@@ -67,14 +80,21 @@ class DatasetConfig:
     val_fraction: float = 0.15  # held out of train (seeded, stratified) when there is no val folder
     test_fraction: float = 0.0  # held out of train first, when there is no test folder
     split_seed: Optional[int] = None  # seed of the hold-out splits; null: the run's seed
-    split_by: str = "image"  # image | patient (with group_pattern)
+    # image | patient (the group_pattern's id in the file name) | duplicates (near-duplicate clusters: copies of
+    # one original photo stay on one side)
+    split_by: str = "image"
     group_pattern: Optional[str] = None  # regex on the file name whose first group is the patient id
+    # warn at start when val/test share groups with train. auto: patients (group_pattern), and near-duplicate
+    # clusters when split_by=duplicates | duplicates: near-duplicates always (every image fingerprinted once,
+    # cached) | off
+    leakage_check: str = "auto"
     search_depth: int = 4  # how deep below root to look for the split/class folders
     shuffle: bool = True  # reshuffle the training split every epoch
     batch_size: int = 32
     num_workers: int = 0  # DataLoader worker processes (trainer.pipeline=loader)
     cache: bool = True  # decode and resize each image once into $CELLCLS_CACHE/decoded (memory-mapped)
     render: Optional[RenderConfig] = None  # the synthetic set only
+    duplicates: DuplicatesConfig = field(default_factory=DuplicatesConfig)
 
 
 @dataclass
@@ -92,10 +112,10 @@ class AugmentConfig:
 
 
 # the top level of the training config, besides the groups
-TOP_LEVEL = ("seed", "class_weights")
+TOP_LEVEL = ("seed", "class_weights", "calibrate", "operating_point")
 GROUPS = ("dataset", "model", "optim", "scheduler", "augment", "trainer", "logger", "callbacks")
 SCHEMAS: dict[str, type] = {"trainer": TrainerConfig, "dataset": DatasetConfig, "augment": AugmentConfig,
-                            "dataset.render": RenderConfig}
+                            "dataset.render": RenderConfig, "dataset.duplicates": DuplicatesConfig}
 
 
 def register() -> None:

@@ -42,13 +42,19 @@ class DecodedSplit:
     decoded: int = 0  # images decoded by this call: 0 when the cache was reused
 
 
-def cache_key(samples: Samples, channels: int, size: Sequence[int]) -> str:
-    digest = hashlib.sha1(f"v{CACHE_VERSION}|{channels}|{tuple(size)}|{max_pixels()}".encode())
-    for path in samples.paths:
+def file_list_key(paths: Sequence[Path], settings: str) -> str:
+    """A cache key for these files as they are on disk now (each one's size and modification time) and
+    ``settings``: a changed, added or removed file, or other settings, give a new key."""
+    digest = hashlib.sha1(settings.encode())
+    for path in paths:
         st = path.stat()
         # os.fsencode: a name need not be valid UTF-8 (any bytes but / and NUL), so hash the bytes on disk
         digest.update(b"\n" + os.fsencode(path.resolve()) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
     return digest.hexdigest()[:20]
+
+
+def cache_key(samples: Samples, channels: int, size: Sequence[int]) -> str:
+    return file_list_key(samples.paths, f"v{CACHE_VERSION}|{channels}|{tuple(size)}|{max_pixels()}")
 
 
 # Below this many images threads are enough; above it, worker processes (Pillow's PNG reader parses chunks in

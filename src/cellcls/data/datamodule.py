@@ -19,6 +19,13 @@ from cellcls.data.dataset import CachedImages, ImageFiles, skip_none_collate
 from cellcls.data.decode import decode_image
 from cellcls.data.device_loader import DeviceBatches
 from cellcls.data.layout import Samples, discover_classes, locate_splits, scan_split
+from cellcls.data.leakage import (
+    Leak,
+    duplicate_clusters,
+    find_leaks,
+    group_labels,
+    warn_leaks,
+)
 from cellcls.data.normalization import (
     channel_statistics,
     describe,
@@ -27,7 +34,7 @@ from cellcls.data.normalization import (
 )
 from cellcls.data.preprocessing import preprocessing_of
 from cellcls.data.reference import training_reference
-from cellcls.data.splits import group_ids, stratified_holdout
+from cellcls.data.splits import stratified_holdout
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
 from cellcls.data.transforms import build_transform
 from cellcls.errors import ConfigError, DataError
@@ -83,24 +90,30 @@ def resolve_layout(ds: DictConfig, root: Path) -> tuple[list[str], dict[str, Pat
     return classes, locate_splits(root, classes, names, aliases, int(ds.search_depth))
 
 
-def _holdout(ds: DictConfig, samples: Samples, fraction: float, seed: int) -> tuple[Samples, Samples]:
-    groups = group_ids(samples, str(ds.group_pattern)) if ds.split_by == "patient" else None
-    return stratified_holdout(samples, fraction, seed, groups)
-
-
 def make_splits(
-    ds: DictConfig, folders: dict[str, Path], classes: list[str], seed: int
-) -> tuple[dict[str, Samples], list[Path]]:
-    """Train/val/test samples: a download's own split folders where present, else seeded stratified hold-outs
-    from the training folder (``test_fraction`` first, then ``val_fraction``), by patient if ``split_by=patient``."""
+    ds: DictConfig, folders: dict[str, Path], classes: list[str], seed: int, progress: bool = True
+) -> tuple[dict[str, Samples], list[Path], list[Leak]]:
+    """Train/val/test samples, the non-image files passed over, and what the held-out splits share with training.
+
+    A download's own split folders are used where present, else seeded stratified hold-outs from the training
+    folder (``test_fraction`` first, then ``val_fraction``), keeping each patient (``split_by=patient``) or each
+    near-duplicate cluster (``split_by=duplicates``) on one side.
+    """
     aliases = OmegaConf.to_container(ds.class_aliases)
     scanned = {name: scan_split(folders[name], classes, aliases) for name in SPLITS if name in folders}
     ignored = [p for s in scanned.values() for p in s.ignored]
-    if "test" not in scanned and ds.test_fraction > 0:
-        scanned["train"], scanned["test"] = _holdout(ds, scanned["train"], float(ds.test_fraction), seed)
-    if "val" not in scanned:
-        scanned["train"], scanned["val"] = _holdout(ds, scanned["train"], float(ds.val_fraction), seed + 1)
-    return {name: scanned[name] for name in SPLITS if name in scanned}, ignored
+    check = str(ds.leakage_check)
+    clusters = None
+    if ds.split_by == "duplicates" or (check == "duplicates"):
+        clusters = duplicate_clusters(scanned, ds, progress)
+    for split, fraction, offset in (("test", ds.test_fraction, 0), ("val", ds.val_fraction, 1)):
+        if split not in scanned and (split == "val" or fraction > 0):
+            train = scanned["train"]
+            groups = group_labels(train, ds, clusters)
+            scanned["train"], scanned[split] = stratified_holdout(train, float(fraction), seed + offset, groups)
+    splits = {name: scanned[name] for name in SPLITS if name in scanned}
+    leaks = find_leaks(splits, ds, clusters) if check != "off" else []
+    return splits, ignored, leaks
 
 
 def _require_every_class(samples: Samples, classes: list[str], split: str) -> None:
@@ -158,7 +171,8 @@ def build_data(
     """
     root = resolve_root(ds)
     classes, folders = resolve_layout(ds, root)
-    splits, ignored = make_splits(ds, folders, classes, seed if ds.split_seed is None else int(ds.split_seed))
+    splits, ignored, leaks = make_splits(ds, folders, classes, seed if ds.split_seed is None else int(ds.split_seed))
+    warn_leaks(leaks)
     prep = preprocessing_of(ds)
     use_cache = bool(ds.cache)
     mode = resolve_pipeline(str(pipeline), use_cache)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -37,6 +37,22 @@ def decode_image(
     (decompression bombs, and no 144-megapixel scan is worth decoding for a 128-pixel model); ``name`` is what
     error messages call a stream.
     """
+    def resize(im: Image.Image) -> Image.Image:
+        return im.resize((int(size[1]), int(size[0])), Image.Resampling.BILINEAR, reducing_gap=None)
+
+    im = read_image(source, channels, name, limit, resize)
+    return np.asarray(im).reshape(im.height, im.width, -1).transpose(2, 0, 1).copy()  # writable, C order
+
+
+def read_image(
+    source: Path | BinaryIO,
+    channels: int,
+    name: str | None = None,
+    limit: int | None = None,
+    then: Callable[[Image.Image], Image.Image] | None = None,
+) -> Image.Image:
+    """Open an image the way :func:`decode_image` does (pixel limit, EXIF orientation, L or RGB) and apply ``then``
+    (a resize) while the file is open; any failure is a :class:`DataError` naming the file."""
     label = name or str(source)
     limit = max_pixels() if limit is None else limit
     try:
@@ -50,8 +66,9 @@ def decode_image(
                 im = _to_l(im)
             mode = "RGB" if channels == 3 else "L"
             im = im if im.mode == mode else im.convert(mode)
-            im = im.resize((int(size[1]), int(size[0])), Image.Resampling.BILINEAR, reducing_gap=None)
-            return np.asarray(im).reshape(im.height, im.width, -1).transpose(2, 0, 1).copy()  # writable, C order
+            im = then(im) if then is not None else im
+            im.load()
+            return im
     except DataError:
         raise
     except UnidentifiedImageError as exc:

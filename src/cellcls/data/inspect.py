@@ -39,7 +39,7 @@ def describe(cfg: DictConfig) -> str:
     ds = cfg.dataset
     root = resolve_root(ds)
     classes, folders = resolve_layout(ds, root)
-    splits, ignored = make_splits(ds, folders, classes, int(cfg.seed))
+    splits, ignored, leaks = make_splits(ds, folders, classes, int(cfg.seed))
     lines = [f"data set {ds.name} at {root}"]
     lines += [f"  {name:<5} folder: {path}" for name, path in folders.items()]
     held = [s for s in ("val", "test") if s in splits and s not in folders]
@@ -49,7 +49,9 @@ def describe(cfg: DictConfig) -> str:
     for name, samples in splits.items():
         shares = ", ".join(f"{c} {samples.labels.count(i) / len(samples):.1%}" for i, c in enumerate(classes))
         lines.append(f"  {name:<5} {shares}")
-    lines += ["", *group_lines(ds, splits), "", "images:"]
+    lines += ["", *group_lines(ds, splits)]
+    lines += [f"  leakage: {leak.message()}" for leak in leaks] or ["  no held-out image shares a known group with train"]
+    lines += ["", "images:"]
     for name, samples in splits.items():
         props = image_properties(samples)
         if props["width"] is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import re
 from pathlib import Path
@@ -11,7 +12,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from cellcls.data.layout import Samples
 from cellcls.errors import ConfigError, DataError
-from cellcls.run_folder import RunFolder, atomic_write
+from cellcls.run_folder import RunFolder, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,11 @@ def group_ids(samples: Samples, pattern: str) -> list[str]:
             groups.append(f"file:{path.name}")
         else:
             groups.append(match.group(1) if match.groups() else match.group(0))
+    if unmatched and unmatched == len(groups):
+        raise DataError(
+            f"dataset.group_pattern {pattern!r} matches none of the {len(groups)} file names (e.g. "
+            f"{samples.paths[0].name!r}); it must be a regex whose first group is the patient id in the name"
+        )
     if unmatched:
         log.warning("%d file name(s) do not match dataset.group_pattern %r; each is its own group", unmatched, pattern)
     return groups
@@ -53,8 +59,8 @@ def stratified_holdout(
         n_groups = len(set(groups))
         if n_groups < n_splits:
             raise DataError(
-                f"cannot hold out {fraction:.0%} by patient: only {n_groups} patient groups were found "
-                f"(need at least {n_splits}); use dataset.split_by=image or a larger fraction"
+                f"cannot hold out {fraction:.0%} by group: only {n_groups} groups (patients or near-duplicate "
+                f"clusters) were found (need at least {n_splits}); use dataset.split_by=image or a larger fraction"
             )
         folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         kept, held = next(folds.split(indices, samples.labels, groups))
@@ -64,11 +70,32 @@ def stratified_holdout(
 def write_split_lists(run: RunFolder, splits: dict[str, Samples], root: Path, classes: list[str]) -> None:
     """Write ``splits/<split>.csv`` (file relative to the data root, class) so a split can be audited and reused."""
     for name, samples in splits.items():
-        lines = ["file,class"]
-        for path, label in zip(samples.paths, samples.labels, strict=True):
-            try:
-                rel = path.relative_to(root)
-            except ValueError:
-                rel = path
-            lines.append(f"{rel.as_posix()},{classes[label]}")
-        atomic_write(run.split_list(name), "\n".join(lines) + "\n")
+        rows = [{"file": relative_path(path, root), "class": classes[label]}
+                for path, label in zip(samples.paths, samples.labels, strict=True)]
+        write_csv(run.split_list(name), rows, columns=("file", "class"))
+
+
+def read_split_lists(run: RunFolder, root: Path, classes: list[str]) -> dict[str, Samples]:
+    """The splits a run trained, validated and tested on, from its ``splits/<split>.csv`` files."""
+    splits = {}
+    for name in ("train", "val", "test"):
+        file = run.split_list(name)
+        if not file.is_file():
+            continue
+        with file.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            rows = list(csv.DictReader(fh))
+        unknown = sorted({r["class"] for r in rows} - set(classes))
+        if unknown:
+            raise DataError(f"{file}: class(es) {unknown} are not among the run's classes {classes}")
+        splits[name] = Samples([root / r["file"] for r in rows], [classes.index(r["class"]) for r in rows])
+    if "train" not in splits:
+        raise DataError(f"{run.split_list('train')} not found: is {run.root} a cellcls run folder?")
+    return splits
+
+
+def relative_path(path: Path, root: Path) -> str:
+    """``path`` relative to the data root (as written in split lists and audits), or whole when outside it."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)

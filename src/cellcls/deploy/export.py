@@ -17,7 +17,7 @@ from cellcls.deploy.runtimes import (
     jit_quiet,
     load_exported,
 )
-from cellcls.models.heads import num_outputs, probabilities
+from cellcls.models.heads import Decision, num_outputs
 from cellcls.models.trained import LoadedModel
 from cellcls.run_folder import atomic_write, write_json
 
@@ -27,16 +27,19 @@ SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
 
 class ExportModule(nn.Module):
-    """The trained network with its normalisation in front and the probability function behind."""
+    """The trained network with its normalisation in front and its decision rule's probabilities behind
+    (temperature included; the threshold travels in the model card)."""
 
-    def __init__(self, model: nn.Module, mean: list[float] | None, std: list[float] | None) -> None:
+    def __init__(self, model: nn.Module, mean: list[float] | None, std: list[float] | None,
+                 decision: Decision | None = None) -> None:
         super().__init__()
         self.model = model
         self.normalize = Normalize(mean, std)
+        self.decision = decision or Decision()
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(self.normalize(image))
-        return probabilities(logits), logits
+        return self.decision.probabilities(logits), logits
 
 
 def export_card(loaded: LoadedModel, fmt: str) -> dict[str, Any]:
@@ -67,7 +70,7 @@ def export_model(loaded: LoadedModel, fmt: str, output: Path, opset: int = 18) -
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} is not valid; allowed values: {', '.join(FORMATS)}")
     prep = loaded.preprocessing
-    module = ExportModule(loaded.model, prep["mean"], prep["std"]).to("cpu").eval()
+    module = ExportModule(loaded.model, prep["mean"], prep["std"], loaded.decision).to("cpu").eval()
     height, width = (int(v) for v in prep["image_size"])
     example = torch.rand(2, int(prep["channels"]), height, width)
     card = export_card(loaded, fmt)

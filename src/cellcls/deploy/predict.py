@@ -27,11 +27,14 @@ class Prediction:
     file: Path
     probabilities: np.ndarray
 
+    threshold: float | None = None  # the model's operating point (two classes)
+
     def label(self, classes: Sequence[str]) -> str:
-        return classes[int(labels_of(self.probabilities[None])[0])]
+        return classes[int(labels_of(self.probabilities[None], self.threshold)[0])]
 
     def line(self, classes: Sequence[str]) -> str:
-        return f"{printable(self.file)}: {self.label(classes)} ({100 * self.probabilities.max():.2f}%)"
+        label = self.label(classes)
+        return f"{printable(self.file)}: {label} ({100 * self.probabilities[list(classes).index(label)]:.2f}%)"
 
 
 def list_inputs(location: Path) -> list[Path]:
@@ -62,7 +65,7 @@ def predict_files(
             continue
         batch = torch.stack(images)
         probs = loaded.predict(batch)
-        results += [Prediction(p, pr) for p, pr in zip(chunk, probs)]
+        results += [Prediction(p, pr, loaded.threshold) for p, pr in zip(chunk, probs)]
         if cam_dir is not None:
             cam_dir.mkdir(parents=True, exist_ok=True)
             assert isinstance(loaded, LoadedModel), "Grad-CAM needs a PyTorch checkpoint"

@@ -19,6 +19,7 @@ class Predictor(Protocol):
     preprocessing: dict[str, Any]
     path: Path
     supports_cam: bool
+    threshold: float | None  # two classes: class 1 when its probability reaches it; None: the arg-max
 
     @property
     def card(self) -> dict[str, Any]: ...

@@ -55,6 +55,11 @@ class ExportedModel:
         return list(self.card["classes"])
 
     @property
+    def threshold(self) -> float | None:
+        """Two classes: class 1 when its probability reaches this (the operating point fitted on validation)."""
+        return (self.card.get("decision") or {}).get("threshold")
+
+    @property
     def preprocessing(self) -> dict[str, Any]:
         spec = self.card["input"]
         return {"channels": spec["channels"], "image_size": [spec["height"], spec["width"]], "mean": spec["mean"],

@@ -99,7 +99,7 @@ class Classifier:
             Image.fromarray(plots.cam_overlay(image.numpy(), cam_map)).save(buf, format="PNG")
             result["cam_png"] = base64.b64encode(buf.getvalue()).decode("ascii")
         classes = self.predictor.classes
-        best = int(labels_of(probs[None])[0])
+        best = int(labels_of(probs[None], self.predictor.threshold)[0])
         runner_up = float(np.sort(probs)[-2])
         result.update(ok=True, label=classes[best], confidence=float(probs[best]),
                       probabilities={c: float(p) for c, p in zip(classes, probs)},

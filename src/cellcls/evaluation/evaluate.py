@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from cellcls.config.checks import apply_overrides
@@ -20,10 +20,16 @@ from cellcls.data.cache import decode_split
 from cellcls.data.datamodule import build_data
 from cellcls.data.dataset import CachedImages, load_image
 from cellcls.data.layout import Samples, scan_split
+from cellcls.data.leakage import interval_groups
 from cellcls.data.splits import group_ids
 from cellcls.data.transforms import build_augment, build_transform
-from cellcls.errors import ConfigError
+from cellcls.errors import ConfigError, DataError
 from cellcls.evaluation import plots
+from cellcls.evaluation.calibration import (
+    brier_score,
+    expected_calibration_error,
+    reliability,
+)
 from cellcls.evaluation.figures import (
     cam_grid,
     feature_map_figure,
@@ -33,8 +39,9 @@ from cellcls.evaluation.figures import (
 )
 from cellcls.evaluation.inference import mean_loss, run_inference
 from cellcls.evaluation.metrics import HEADLINE, evaluate_predictions
+from cellcls.evaluation.patients import aggregate, write_patients
 from cellcls.evaluation.report import write_predictions, write_report
-from cellcls.models.heads import probabilities
+from cellcls.models.heads import Decision, labels_of, probabilities
 from cellcls.models.trained import LoadedModel, load_model
 from cellcls.paths import cache_dir
 from cellcls.run_folder import write_json
@@ -79,12 +86,18 @@ def evaluate(
     cam_layer: str | None = None,
     output: str | Path | None = None,
     make_plots: bool = True,
+    group_by: str | None = None,
+    group_rule: str = "auto",
 ) -> tuple[dict[str, Any], Path]:
-    """Score ``checkpoint`` and write the evaluation folder; returns (metrics, folder)."""
+    """Score ``checkpoint`` and write the evaluation folder; returns (metrics, folder).
+
+    ``threshold`` defaults to the checkpoint's operating point; ``group_by=patient`` adds per-patient results
+    (``group_rule``: see :func:`cellcls.evaluation.patients.aggregate`)."""
     loaded = load_model(checkpoint, device)
     cfg = loaded.config
     apply_overrides(cfg, overrides)
     train_samples = None
+    groups: list[str] | None = None
     t = cfg.trainer
     batch = eval_batch_size(t.eval_batch_size, int(cfg.dataset.batch_size), loaded.device)
     if data is not None:
@@ -97,27 +110,38 @@ def evaluate(
             raise ConfigError(f"split={split!r} is not in this data set; available: {', '.join(bundle.loaders)}")
         samples, loader, skipped, name, root = bundle.splits[split], bundle.loaders[split], bundle.skipped, split, bundle.root
         train_samples = bundle.splits["train"]
+        groups = interval_groups(cfg.dataset, samples, bundle.splits)
 
     # the same pass the training run's validation and test used, so the numbers match exactly
     logits, targets = run_inference(loaded.model, loader, loaded.device)
-    probs = probabilities(logits).numpy()
-    groups = group_ids(samples, str(cfg.dataset.group_pattern)) if cfg.dataset.group_pattern else None
+    probs = loaded.decision.probabilities(logits).numpy()
+    if data is not None and cfg.dataset.group_pattern:
+        groups = group_ids(samples, str(cfg.dataset.group_pattern))
     if groups is not None and len(groups) != len(targets):  # uncached images that failed to decode mid-pass
         groups = None
-    result = evaluate_predictions(targets.numpy(), probs, loaded.classes, threshold, n_boot, seed=int(cfg.seed),
-                                  groups=groups)
+    threshold = loaded.threshold if threshold is None else threshold
+    y = targets.numpy()
+    result = evaluate_predictions(y, probs, loaded.classes, threshold, n_boot, seed=int(cfg.seed), groups=groups)
     result = {"checkpoint": str(loaded.path), "epoch": loaded.epoch, "split": name,
-              "loss": mean_loss(loaded.model, logits, targets), **result}
+              "loss": mean_loss(loaded.model, logits, targets), **result,
+              "calibration": calibration_summary(y, probs, logits, loaded.decision)}
     if skipped:
         result["skipped_files"] = [p for p, _ in skipped]
 
     out = Path(output) if output else loaded.run.evaluation(name)
     write_json(out / "metrics.json", result)
-    write_predictions(out / "predictions.csv", samples, probs, loaded.classes, root)
+    write_predictions(out / "predictions.csv", samples, probs, loaded.classes, root, threshold)
+    if group_by is not None:
+        result["per_patient"] = per_patient(y, probs, samples, cfg.dataset, group_by, group_rule, loaded.classes,
+                                            threshold, n_boot, int(cfg.seed), out)
+        write_json(out / "metrics.json", result)
     figures: dict[str, Path] = {}
     if make_plots:
         labels = targets.numpy()
         images = ImageRows(samples, loaded.preprocessing)
+        cal = result["calibration"]
+        figures["reliability diagram"] = plots.save(plots.reliability_diagram(cal["bins"], cal["ece"], name),
+                                                    out / "reliability.png")
         figures["confusion matrix"] = plots.save(plots.confusion_heatmap(result["confusion_matrix"], loaded.classes),
                                                  out / "confusion_matrix.png")
         figures["predictions"] = prediction_grid(images, probs, labels, loaded.classes, out / "predictions.png")
@@ -140,6 +164,34 @@ def evaluate(
     write_report(result, out / "report.md", figures)
     log_evaluation(loaded, name, result, figures)
     return result, out
+
+
+def calibration_summary(y: np.ndarray, probs: np.ndarray, logits: torch.Tensor, decision: Decision) -> dict[str, Any]:
+    """ECE, Brier score and the reliability bins of ``probs``; with a fitted temperature, the uncalibrated ECE too."""
+    out: dict[str, Any] = {"ece": expected_calibration_error(y, probs), "brier": brier_score(y, probs),
+                           "temperature": decision.temperature, "bins": reliability(y, probs)}
+    if decision.temperature != 1.0:
+        raw = probabilities(logits).numpy()
+        out["uncalibrated"] = {"ece": expected_calibration_error(y, raw), "brier": brier_score(y, raw)}
+    return out
+
+
+def per_patient(y: np.ndarray, probs: np.ndarray, samples: Samples, ds: DictConfig, group_by: str, rule: str,
+                classes: list[str], threshold: float | None, n_boot: int, seed: int, out: Path) -> dict[str, Any]:
+    """Metrics over patients (one aggregated prediction each) and ``patients.csv``."""
+    if group_by != "patient":
+        raise ConfigError(f"group_by={group_by!r} is not valid; allowed value: patient")
+    if not ds.group_pattern:
+        raise ConfigError("group_by=patient needs dataset.group_pattern (the patient id in the file name); "
+                          f"the {ds.name} data set has none")
+    if len(y) != len(samples):
+        raise DataError("group_by=patient: some images could not be decoded; fix or remove them (see the warnings)")
+    names, truth, scores, counts = aggregate(y, probs, group_ids(samples, str(ds.group_pattern)), rule)
+    predicted = labels_of(scores, threshold)
+    write_patients(out / "patients.csv", names, truth, scores, counts, predicted, classes)
+    metrics = evaluate_predictions(truth, scores, classes, threshold, n_boot, seed=seed)
+    metrics["rule"] = rule if rule != "auto" else ("max" if len(classes) == 2 else "mean")
+    return metrics
 
 
 def _augmented_grid(cfg, images: ImageRows, labels: Sequence[int], classes: Sequence[str], path: Path) -> Path:

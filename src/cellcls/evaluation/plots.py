@@ -83,6 +83,28 @@ def confusion_heatmap(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -
     return fig
 
 
+def reliability_diagram(bins: Sequence[dict[str, float]], ece: float, title: str = "") -> Figure:
+    """Accuracy against mean confidence per confidence bin (the diagonal is perfect calibration), with the share of
+    images in each bin below."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6), height_ratios=[3, 1], sharex=True, layout="constrained")
+    top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    mids = [(b["low"] + b["high"]) / 2 for b in bins]
+    width = (bins[0]["high"] - bins[0]["low"]) if bins else 0.1
+    top.bar(mids, [b["accuracy"] for b in bins], width=width * 0.9, color="#4c72b0", alpha=0.8, label="accuracy")
+    top.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="black", markersize=4,
+             label="mean confidence of the bin")
+    top.set_ylabel("accuracy of the predicted class")
+    top.set_ylim(0, 1)
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(f"Reliability{': ' + title if title else ''} (ECE {ece:.3f})")
+    total = sum(b["count"] for b in bins) or 1
+    bottom.bar(mids, [b["count"] / total for b in bins], width=width * 0.9, color="grey")
+    bottom.set_xlabel("confidence (probability of the predicted class)")
+    bottom.set_ylabel("share of images")
+    bottom.set_xlim(0, 1)
+    return fig
+
+
 RIGHT, WRONG = "#1a7f37", "#c62828"  # title colours of a correct and a wrong prediction
 
 

@@ -15,19 +15,42 @@ from cellcls.models.heads import labels_of
 from cellcls.run_folder import atomic_write
 
 
+def metric_rows(metrics: dict[str, Any]) -> list[str]:
+    """Markdown table rows: each headline metric with its 95% interval (and the interval's method when not the
+    bootstrap)."""
+    rows = []
+    for key in HEADLINE:
+        if key in metrics:
+            v, (lo, hi) = metrics[key]["value"], metrics[key]["ci95"]
+            note = f" ({metrics[key]['method']})" if "method" in metrics[key] else ""
+            rows.append(f"| {key} | {v:.4f} | {lo:.4f} - {hi:.4f}{note} |")
+    return rows
+
+
 def write_report(result: dict[str, Any], path: Path, figures: dict[str, Path]) -> None:
     lines = [f"# Evaluation: {result['split']}", "",
              f"checkpoint `{result['checkpoint']}` (epoch {result['epoch']}), {result['num_images']} images", "",
              "| metric | value | 95% CI |", "|---|---|---|"]
-    for key in HEADLINE:
-        if key in result:
-            v, (lo, hi) = result[key]["value"], result[key]["ci95"]
-            note = f" ({result[key]['method']})" if "method" in result[key] else ""
-            lines.append(f"| {key} | {v:.4f} | {lo:.4f} - {hi:.4f}{note} |")
+    lines += metric_rows(result)
     lines.append(f"| loss | {result['loss']:.4f} | |")
     if "interval" in result:
         lines += ["", f"Intervals: {result['interval']['method']} ({result['interval']['resamples']} resamples) unless "
                       "the row names another method."]
+    if "threshold" in result:
+        lines += ["", (f"Decision threshold: class {result['classes'][1]} when its probability is at least "
+                       f"{result['threshold']:.4f}.")]
+    cal = result.get("calibration")
+    if cal:
+        before = cal.get("uncalibrated")
+        lines += ["", f"Calibration: ECE {cal['ece']:.4f}, Brier score {cal['brier']:.4f}"
+                  + (f" with temperature {cal['temperature']:.3f} (uncalibrated: ECE {before['ece']:.4f}, "
+                     f"Brier {before['brier']:.4f})" if before else " (no temperature scaling)") + "."]
+    patients = result.get("per_patient")
+    if patients:
+        lines += ["", f"## Per patient ({patients['num_images']} patients, rule: {patients['rule']})", "",
+                  "| metric | value | 95% CI |", "|---|---|---|"]
+        lines += metric_rows(patients)
+        lines += ["", "One row per patient: patients.csv."]
     lines += ["", "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
     for cls in result["classes"]:
         r = result["per_class"][cls]
@@ -41,10 +64,11 @@ def write_report(result: dict[str, Any], path: Path, figures: dict[str, Path]) -
     atomic_write(path, "\n".join(lines) + "\n")
 
 
-def write_predictions(path: Path, samples: Samples, probs: np.ndarray, classes: Sequence[str], root: Path | None) -> None:
+def write_predictions(path: Path, samples: Samples, probs: np.ndarray, classes: Sequence[str], root: Path | None,
+                      threshold: float | None = None) -> None:
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:  # any file name
         writer = csv.writer(fh)
         writer.writerow(["file", "true", "predicted", *[f"p_{c}" for c in classes]])
-        for file, label, p, predicted in zip(samples.paths, samples.labels, probs, labels_of(probs)):
+        for file, label, p, predicted in zip(samples.paths, samples.labels, probs, labels_of(probs, threshold)):
             name = file.relative_to(root).as_posix() if root and file.is_relative_to(root) else str(file)
             writer.writerow([name, classes[label], classes[predicted], *[f"{v:.6f}" for v in p]])

@@ -3,6 +3,9 @@ labels. One rule for the training loop, evaluation, export and serving."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -39,3 +42,29 @@ def labels_of(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
     if threshold is not None and probs.shape[1] == 2:
         return (probs[:, 1] >= threshold).astype(int)
     return probs.argmax(axis=1)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How a model's logits become probabilities and a label: ``probabilities(logits / temperature)``, then for
+    two classes class 1 when its probability is at least ``threshold`` (None: the arg-max)."""
+
+    temperature: float = 1.0
+    threshold: float | None = None
+    operating_point: str | None = None  # e.g. "sensitivity:0.95", what the threshold was chosen for
+    fitted_on: str | None = None  # the split both were fitted on, with its size
+
+    @classmethod
+    def of(cls, stored: dict[str, Any] | None) -> Decision:
+        return cls(**(stored or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of ``logits`` under this rule (temperature applied)."""
+        return probabilities(logits.float() / self.temperature)
+
+    def labels(self, probs: np.ndarray) -> np.ndarray:
+        """Labels of class probabilities under this rule (the threshold for two classes)."""
+        return labels_of(probs, self.threshold)

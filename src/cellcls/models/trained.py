@@ -16,7 +16,7 @@ from cellcls.checkpoint import Checkpoint, load_checkpoint
 from cellcls.data.preprocessing import input_spec, preprocess
 from cellcls.evaluation.metrics import TEST_METRICS, wilson_interval
 from cellcls.models import build_model
-from cellcls.models.heads import probabilities
+from cellcls.models.heads import Decision
 from cellcls.run_folder import BEST, RunFolder
 from cellcls.training.runtime import resolve_device
 
@@ -33,7 +33,12 @@ class LoadedModel:
     epoch: int
     device: torch.device
     metrics: dict[str, Any] = field(default_factory=dict)
+    decision: Decision = field(default_factory=Decision)  # temperature and threshold fitted on validation
     supports_cam = True
+
+    @property
+    def threshold(self) -> float | None:
+        return self.decision.threshold
 
     @property
     def run(self) -> RunFolder:
@@ -50,7 +55,7 @@ class LoadedModel:
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> np.ndarray:
         """Class probabilities ``N x num_classes`` for uint8 images (``N x C x H x W`` at the model's size)."""
-        return probabilities(self.model(self.prepare(images))).cpu().numpy()
+        return self.decision.probabilities(self.model(self.prepare(images))).cpu().numpy()
 
     @property
     def card(self) -> dict[str, Any]:
@@ -64,6 +69,7 @@ class LoadedModel:
             "epoch": self.epoch,
             "checkpoint": str(self.path),
             "metrics": self.metrics,
+            "decision": self.decision.to_dict(),
         }
 
 
@@ -77,7 +83,7 @@ def load_model(location: str | Path, device: str = "auto") -> LoadedModel:
     model.to(dev).eval()
     assert ckpt.path is not None
     return LoadedModel(model, list(ckpt.classes), prep, OmegaConf.create(ckpt.config), ckpt.path, ckpt.epoch, dev,
-                       checkpoint_metrics(ckpt))
+                       checkpoint_metrics(ckpt), Decision.of(ckpt.calibration))
 
 
 def checkpoint_metrics(ckpt: Checkpoint) -> dict[str, Any]:

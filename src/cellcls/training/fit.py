@@ -13,16 +13,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from cellcls.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cellcls.checkpoint import Checkpoint, save_checkpoint
 from cellcls.data.splits import write_split_lists
 from cellcls.data.summary import count_table
 from cellcls.errors import TrainingDiverged, TrainingInterrupted
 from cellcls.evaluation.metrics import metric_mode
 from cellcls.models import count_parameters
 from cellcls.models.summary import summary_table
-from cellcls.run_folder import BEST, RunFolder, atomic_write, write_json
+from cellcls.run_folder import RunFolder, atomic_write
 from cellcls.training import distributed
 from cellcls.training.build import build_job
+from cellcls.training.final import calibrate_and_test
 from cellcls.training.loggers import Loggers, create_loggers
 from cellcls.training.loop import EpochProgress, NonFinite, evaluate, train_one_epoch
 from cellcls.training.preemption import stop_on_signals
@@ -189,22 +190,9 @@ def finish(state: FitState) -> dict[str, Any]:
                                "stopped_early": state.should_stop}
     if not job.runtime.is_main:
         return summary
-    if "test" in job.data.loaders and job.run.best_checkpoint.is_file():
-        best = load_checkpoint(job.run.best_checkpoint, BEST)
-        job.net.load_state_dict(best.model)
-        # the default layout, as `cellcls.evaluate` runs it, so its numbers reproduce these exactly
-        job.net.to(memory_format=torch.contiguous_format)
-        job.runtime.memory_format = torch.contiguous_format
-        test = evaluate(job.net, job.data.loaders["test"], job.runtime)
-        summary["test"] = {
-            "checkpoint": "checkpoints/best.pt", "epoch": best.epoch, "split": "test",
-            "num_images": len(job.data.splits["test"]), "loss": test.loss, "accuracy": test.accuracy,
-            "balanced_accuracy": test.balanced_accuracy,
-            "roc_auc": test.roc_auc if math.isfinite(test.roc_auc) else None,  # undefined with one class
-        }
-        write_json(job.run.test_metrics, summary["test"])
-        log.info("test (best epoch %d): loss %.4f  acc %.4f  balanced acc %.4f  ROC-AUC %.4f",
-                 best.epoch, test.loss, test.accuracy, test.balanced_accuracy, test.roc_auc)
+    test = calibrate_and_test(job, bool(cfg.calibrate), cfg.operating_point)
+    if test is not None:
+        summary["test"] = test
     prep = job.data.preprocessing
     # the model and data first: TensorBoard's HParams table shows its first columns by default
     hparams = {"model": str(cfg.model.name), "dataset": str(cfg.dataset.name),

@@ -1,0 +1,90 @@
+"""Which images of a validation or test split share a patient, a group or a near-duplicate with training.
+
+The groups come from the file names (``dataset.group_pattern``: patients, slides) and from the near-duplicate
+clusters of :mod:`cellcls.data.duplicates` (copies of one original photo). A run logs one warning per leak at start,
+``inspect`` and the audit print them; :func:`group_labels` is also what the grouped hold-outs split on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cellcls.config.schema import DuplicatesConfig
+from cellcls.data.duplicates import cached_duplicates
+from cellcls.data.layout import Samples
+from cellcls.data.splits import group_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Leak:
+    """``images`` of ``split`` (of ``total``) share one of ``groups`` groups of ``kind`` with the training split."""
+
+    split: str
+    kind: str  # "patient" (dataset.group_pattern) or "near-duplicate"
+    images: int
+    total: int
+    groups: int
+
+    def message(self) -> str:
+        what = "a patient/group (dataset.group_pattern)" if self.kind == "patient" else "a near-duplicate cluster"
+        return (f"{self.images} of {self.total} {self.split} images ({self.images / self.total:.0%}) share {what} "
+                f"with the training split ({self.groups} shared); their scores are optimistic")
+
+
+def duplicate_clusters(splits: dict[str, Samples], ds: DictConfig, progress: bool = True) -> dict[Path, str]:
+    """The near-duplicate cluster of every file of ``splits``, found over all of them together (cached)."""
+    # sorted: the same files give the same cache entry, however they are split
+    paths = sorted({p for samples in splits.values() for p in samples.paths})
+    settings = DuplicatesConfig(**OmegaConf.to_container(ds.duplicates, resolve=True))  # type: ignore[arg-type]
+    found = cached_duplicates(paths, settings, progress)
+    return {path: f"cluster:{int(c)}" for path, c in zip(paths, found.cluster, strict=True)}
+
+
+def group_labels(samples: Samples, ds: DictConfig, clusters: dict[Path, str] | None) -> list[str] | None:
+    """The group of each sample that ``dataset.split_by`` keeps on one side of a split (None: by image)."""
+    if ds.split_by == "patient":
+        return group_ids(samples, str(ds.group_pattern))
+    if ds.split_by == "duplicates":
+        assert clusters is not None, "split_by=duplicates needs the clusters"
+        return [clusters[p] for p in samples.paths]
+    return None
+
+
+def interval_groups(ds: DictConfig, samples: Samples, splits: dict[str, Samples]) -> list[str] | None:
+    """The groups a split's confidence intervals resample: patients (``group_pattern``), else near-duplicate
+    clusters when the data set is split by them; None when images are independent as far as cellcls knows."""
+    if ds.group_pattern:
+        return group_ids(samples, str(ds.group_pattern))
+    if ds.split_by == "duplicates":
+        clusters = duplicate_clusters(splits, ds, progress=False)
+        return [clusters[p] for p in samples.paths]
+    return None
+
+
+def find_leaks(splits: dict[str, Samples], ds: DictConfig, clusters: dict[Path, str] | None) -> list[Leak]:
+    """Leaks of each non-training split into training, by patient (when ``group_pattern`` is set) and by
+    near-duplicate cluster (when ``clusters`` are known)."""
+    kinds: dict[str, dict[str, list[str]]] = {}
+    if ds.group_pattern:
+        kinds["patient"] = {name: group_ids(samples, str(ds.group_pattern)) for name, samples in splits.items()}
+    if clusters is not None:
+        kinds["near-duplicate"] = {name: [clusters[p] for p in samples.paths] for name, samples in splits.items()}
+    leaks = []
+    for kind, groups in kinds.items():
+        train = set(groups["train"])
+        for name, ids in groups.items():
+            shared = [g for g in ids if g in train]
+            if name != "train" and shared:
+                leaks.append(Leak(name, kind, len(shared), len(ids), len(set(shared))))
+    return leaks
+
+
+def warn_leaks(leaks: list[Leak]) -> None:
+    for leak in leaks:
+        log.warning("split leakage: %s", leak.message())

@@ -1,0 +1,75 @@
+"""After the last epoch: best.pt's decision rule fitted on validation (``calibrate``, ``operating_point``) and its
+test scores, written to ``test_metrics.json``."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from cellcls.checkpoint import load_checkpoint, save_checkpoint
+from cellcls.evaluation.calibration import (
+    brier_score,
+    expected_calibration_error,
+    fit_decision,
+)
+from cellcls.evaluation.inference import run_inference, score
+from cellcls.evaluation.metrics import sensitivity, specificity
+from cellcls.models.heads import Decision
+from cellcls.run_folder import BEST, write_json
+from cellcls.training.build import Job
+
+log = logging.getLogger(__name__)
+
+
+def _logits(job: Job, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    rt = job.runtime
+    return run_inference(job.net, job.data.loaders[split], rt.device, rt.amp_dtype, rt.memory_format)
+
+
+def calibrate_and_test(job: Job, calibrate: bool, operating_point: str | None) -> dict[str, Any] | None:
+    """Load best.pt into the job; fit and store its decision rule when asked; score it on the test split."""
+    if not job.run.best_checkpoint.is_file():
+        return None
+    best = load_checkpoint(job.run.best_checkpoint, BEST)
+    job.net.load_state_dict(best.model)
+    # the default layout, as `cellcls.evaluate` runs it, so its numbers reproduce these exactly
+    job.net.to(memory_format=torch.contiguous_format)
+    job.runtime.memory_format = torch.contiguous_format
+    decision = Decision()
+    if calibrate or operating_point:
+        decision = fit_decision(*_logits(job, "val"), calibrate, operating_point)
+        best.calibration = decision.to_dict()
+        save_checkpoint(best, job.run.best_checkpoint)
+        log.info("decision rule fitted on %s: temperature %.3f%s", decision.fitted_on, decision.temperature,
+                 f", threshold {decision.threshold:.4f} for {operating_point}" if decision.threshold is not None else "")
+    if "test" not in job.data.loaders:
+        return None
+    logits, targets = _logits(job, "test")
+    test = score(job.net, logits, targets)
+    result: dict[str, Any] = {
+        "checkpoint": "checkpoints/best.pt", "epoch": best.epoch, "split": "test",
+        "num_images": len(job.data.splits["test"]), "loss": test.loss, "accuracy": test.accuracy,
+        "balanced_accuracy": test.balanced_accuracy,
+        "roc_auc": test.roc_auc if math.isfinite(test.roc_auc) else None,  # undefined with one class
+    }
+    if math.isfinite(test.loss):
+        y = targets.numpy()
+        probs = decision.probabilities(logits).numpy()
+        result["ece"], result["brier"] = expected_calibration_error(y, probs), brier_score(y, probs)
+        result["decision"] = decision.to_dict()
+        if decision.threshold is not None:
+            predicted = decision.labels(probs)
+            result["operating_point"] = {"threshold": decision.threshold, "sensitivity": sensitivity(y, predicted),
+                                         "specificity": specificity(y, predicted),
+                                         "accuracy": float((predicted == y).mean())}
+    write_json(job.run.test_metrics, result)
+    log.info("test (best epoch %d): loss %.4f  acc %.4f  balanced acc %.4f  ROC-AUC %.4f",
+             best.epoch, test.loss, test.accuracy, test.balanced_accuracy, test.roc_auc)
+    if "operating_point" in result:
+        op = result["operating_point"]
+        log.info("test at the operating point %s (threshold %.4f): sensitivity %.4f  specificity %.4f",
+                 operating_point, op["threshold"], op["sensitivity"], op["specificity"])
+    return result
