@@ -87,6 +87,33 @@ class RunFolder:
         return self.root / "test_metrics.json"
 
     @property
+    def test_predictions(self) -> Path:
+        """best.pt's probabilities for each test image (what cross-validation pools out of fold)."""
+        return self.root / "test_predictions.csv"
+
+    @property
+    def cv_folds(self) -> Path:
+        """Cross-validation: one row per fold, then the pooled out-of-fold row."""
+        return self.root / "cv_folds.csv"
+
+    @property
+    def cv_predictions(self) -> Path:
+        """Cross-validation: every image's out-of-fold probabilities, with its fold."""
+        return self.root / "cv_predictions.csv"
+
+    @property
+    def cv_metrics(self) -> Path:
+        return self.root / "cv_metrics.json"
+
+    @property
+    def cv_report(self) -> Path:
+        return self.root / "cv_report.md"
+
+    def fold(self, k: int) -> RunFolder:
+        """The run folder of cross-validation fold ``k`` (0-based; named from 1)."""
+        return RunFolder(self.root / f"fold_{k + 1}")
+
+    @property
     def skipped_files(self) -> Path:
         return self.root / "skipped_files.txt"
 

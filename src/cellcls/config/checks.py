@@ -96,6 +96,10 @@ def validate(cfg: DictConfig) -> None:
     _choice("class_weights", cfg.class_weights, ("none", "balanced"))
     if not isinstance(cfg.optim.lr, (int, float)) or cfg.optim.lr < 0:
         raise ConfigError(f"optim.lr must be a number >= 0, got {cfg.optim.lr!r}")
+    if cfg.get("cv") is not None:
+        from cellcls.training.crossval import check_cv
+
+        check_cv(cfg)
     if cfg.get("operating_point"):
         parse_operating_point(str(cfg.operating_point))
     ds = cfg.dataset

@@ -98,6 +98,14 @@ class DatasetConfig:
 
 
 @dataclass
+class CVConfig:
+    """Cross-validation (cellcls.training.crossval): ``cv.folds=5`` trains 5 grouped, stratified folds in one run."""
+
+    folds: int = 0  # 0: no cross-validation; k >= 2: k folds of the training (and validation) folders
+    fold: Optional[int] = None  # set by the driver for each fold's run (0-based); leave unset
+
+
+@dataclass
 class AugmentConfig:
     """Keras ImageDataGenerator's options, as torchvision v2 runs them (cellcls.data.transforms)."""
 
@@ -113,8 +121,8 @@ class AugmentConfig:
 
 # the top level of the training config, besides the groups
 TOP_LEVEL = ("seed", "class_weights", "calibrate", "operating_point")
-GROUPS = ("dataset", "model", "optim", "scheduler", "augment", "trainer", "logger", "callbacks")
-SCHEMAS: dict[str, type] = {"trainer": TrainerConfig, "dataset": DatasetConfig, "augment": AugmentConfig,
+GROUPS = ("dataset", "model", "optim", "scheduler", "augment", "trainer", "logger", "callbacks", "cv")
+SCHEMAS: dict[str, type] = {"trainer": TrainerConfig, "cv": CVConfig, "dataset": DatasetConfig, "augment": AugmentConfig,
                             "dataset.render": RenderConfig, "dataset.duplicates": DuplicatesConfig}
 
 
@@ -122,5 +130,6 @@ def register() -> None:
     """Put the schema into Hydra's ConfigStore (idempotent; done on importing :mod:`cellcls.config`)."""
     cs = ConfigStore.instance()
     cs.store(group="trainer", name="default", node=TrainerConfig)
+    cs.store(group="cv", name="default", node=CVConfig)
     cs.store(group="dataset", name="base", node=DatasetConfig)
     cs.store(group="augment", name="base", node=AugmentConfig)

@@ -34,7 +34,7 @@ from cellcls.data.normalization import (
 )
 from cellcls.data.preprocessing import preprocessing_of
 from cellcls.data.reference import training_reference
-from cellcls.data.splits import stratified_holdout
+from cellcls.data.splits import cross_validation_fold, stratified_holdout
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
 from cellcls.data.transforms import build_transform
 from cellcls.errors import ConfigError, DataError
@@ -90,22 +90,40 @@ def resolve_layout(ds: DictConfig, root: Path) -> tuple[list[str], dict[str, Pat
     return classes, locate_splits(root, classes, names, aliases, int(ds.search_depth))
 
 
+def scan_folders(ds: DictConfig, folders: dict[str, Path], classes: list[str]) -> dict[str, Samples]:
+    """The image files of each split folder the download has, before any hold-out."""
+    aliases = OmegaConf.to_container(ds.class_aliases)
+    return {name: scan_split(folders[name], classes, aliases) for name in SPLITS if name in folders}
+
+
+def fold_of(cfg: DictConfig) -> tuple[int, int] | None:
+    """``(fold, folds)`` when ``cfg`` is one fold of a cross-validation (``cv.fold`` set), else None."""
+    cv = cfg.get("cv")
+    return (int(cv.fold), int(cv.folds)) if cv is not None and cv.fold is not None else None
+
+
 def make_splits(
-    ds: DictConfig, folders: dict[str, Path], classes: list[str], seed: int, progress: bool = True
+    ds: DictConfig, folders: dict[str, Path], classes: list[str], seed: int, progress: bool = True,
+    fold: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Samples], list[Path], list[Leak]]:
     """Train/val/test samples, the non-image files passed over, and what the held-out splits share with training.
 
     A download's own split folders are used where present, else seeded stratified hold-outs from the training
     folder (``test_fraction`` first, then ``val_fraction``), keeping each patient (``split_by=patient``) or each
-    near-duplicate cluster (``split_by=duplicates``) on one side.
+    near-duplicate cluster (``split_by=duplicates``) on one side. With ``fold=(k, K)`` the test split is fold k of a
+    K-fold split of the training (and validation) folders instead; a download's own test folder is left out.
     """
-    aliases = OmegaConf.to_container(ds.class_aliases)
-    scanned = {name: scan_split(folders[name], classes, aliases) for name in SPLITS if name in folders}
+    scanned = scan_folders(ds, folders, classes)
     ignored = [p for s in scanned.values() for p in s.ignored]
     check = str(ds.leakage_check)
     clusters = None
     if ds.split_by == "duplicates" or (check == "duplicates"):
         clusters = duplicate_clusters(scanned, ds, progress)
+    if fold is not None:
+        pool = scanned["train"] + scanned["val"] if "val" in scanned else scanned["train"]
+        scanned = {"train": pool}
+        scanned["train"], scanned["test"] = cross_validation_fold(
+            pool, fold[1], fold[0], seed, classes, group_labels(pool, ds, clusters))
     for split, fraction, offset in (("test", ds.test_fraction, 0), ("val", ds.val_fraction, 1)):
         if split not in scanned and (split == "val" or fraction > 0):
             train = scanned["train"]
@@ -160,6 +178,7 @@ def build_data(
     pipeline: str = "auto",
     eval_batch_size: int | None = None,
     shard: tuple[int, int] | None = None,
+    fold: tuple[int, int] | None = None,
 ) -> DataBundle:
     """Locate, split, decode (once, cached) and wrap the data set ``ds``; only the training split is augmented.
 
@@ -167,11 +186,13 @@ def build_data(
     cache and converts, augments and normalises them there in batches; ``loader`` is a DataLoader applying
     torchvision transforms image by image (the only choice for uncached data). Validation and test batches hold
     ``eval_batch_size`` images (default: ``dataset.batch_size``). With ``shard=(world_size, rank)`` (torchrun) the
-    training split is drawn through a DistributedSampler: each process trains on its share of every epoch.
+    training split is drawn through a DistributedSampler: each process trains on its share of every epoch. With
+    ``fold=(k, K)`` the splits are those of cross-validation fold k (see :func:`make_splits`).
     """
     root = resolve_root(ds)
     classes, folders = resolve_layout(ds, root)
-    splits, ignored, leaks = make_splits(ds, folders, classes, seed if ds.split_seed is None else int(ds.split_seed))
+    splits, ignored, leaks = make_splits(ds, folders, classes, seed if ds.split_seed is None else int(ds.split_seed),
+                                         fold=fold)
     warn_leaks(leaks)
     prep = preprocessing_of(ds)
     use_cache = bool(ds.cache)

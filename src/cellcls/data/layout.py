@@ -25,6 +25,9 @@ class Samples:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def __add__(self, other: Samples) -> Samples:
+        return Samples(self.paths + other.paths, self.labels + other.labels, self.ignored + other.ignored)
+
     def subset(self, indices: Sequence[int]) -> Samples:
         return Samples([self.paths[i] for i in indices], [self.labels[i] for i in indices])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import warnings
 import re
 from pathlib import Path
 
@@ -65,6 +66,28 @@ def stratified_holdout(
         folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         kept, held = next(folds.split(indices, samples.labels, groups))
     return samples.subset(sorted(kept)), samples.subset(sorted(held))
+
+
+def cross_validation_fold(
+    samples: Samples, folds: int, fold: int, seed: int, classes: list[str], groups: list[str] | None = None
+) -> tuple[Samples, Samples]:
+    """Fold ``fold`` of a seeded, stratified (and, with ``groups``, grouped) ``folds``-fold split: (rest, fold).
+
+    Every image is in exactly one fold; no group is in two. A fold that lacks a class is an error: its scores
+    would not measure that class."""
+    labels = np.asarray(samples.labels)
+    keys = groups if groups is not None else [str(i) for i in range(len(samples))]
+    if len(set(keys)) < folds:
+        raise DataError(f"cv.folds={folds}: only {len(set(keys))} groups to spread over the folds; use fewer folds")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # sklearn warns when a class has fewer groups than folds; checked below
+        warnings.simplefilter("ignore", UserWarning)
+        rest, held = list(splitter.split(np.arange(len(samples)), labels, keys))[fold]
+    missing = [c for i, c in enumerate(classes) if not (labels[held] == i).any()]
+    if missing:
+        raise DataError(f"cross-validation fold {fold + 1} of {folds} holds no image of class(es) {missing} (too few "
+                        f"images or groups of that class for {folds} folds); use fewer folds (cv.folds)")
+    return samples.subset(sorted(rest)), samples.subset(sorted(held))
 
 
 def write_split_lists(run: RunFolder, splits: dict[str, Samples], root: Path, classes: list[str]) -> None:

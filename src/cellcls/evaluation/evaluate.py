@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from cellcls.config.checks import apply_overrides
 from cellcls.data.cache import decode_split
-from cellcls.data.datamodule import build_data
+from cellcls.data.datamodule import build_data, fold_of
 from cellcls.data.dataset import CachedImages, load_image
 from cellcls.data.layout import Samples, scan_split
 from cellcls.data.leakage import interval_groups
@@ -105,7 +105,8 @@ def evaluate(
         samples, loader, skipped = _folder_data(loaded, folder, batch)
         name, root = folder.name, folder
     else:
-        bundle = build_data(cfg.dataset, None, int(cfg.seed), loaded.device, str(t.pipeline), batch)
+        bundle = build_data(cfg.dataset, None, int(cfg.seed), loaded.device, str(t.pipeline), batch,
+                            fold=fold_of(cfg))
         if split not in bundle.loaders:
             raise ConfigError(f"split={split!r} is not in this data set; available: {', '.join(bundle.loaders)}")
         samples, loader, skipped, name, root = bundle.splits[split], bundle.loaders[split], bundle.skipped, split, bundle.root

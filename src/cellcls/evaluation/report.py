@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,8 @@ import numpy as np
 from cellcls.data.layout import Samples
 from cellcls.evaluation.metrics import HEADLINE
 from cellcls.models.heads import labels_of
-from cellcls.run_folder import atomic_write
+from cellcls.data.splits import relative_path
+from cellcls.run_folder import atomic_write, write_csv
 
 
 def metric_rows(metrics: dict[str, Any]) -> list[str]:
@@ -66,9 +66,8 @@ def write_report(result: dict[str, Any], path: Path, figures: dict[str, Path]) -
 
 def write_predictions(path: Path, samples: Samples, probs: np.ndarray, classes: Sequence[str], root: Path | None,
                       threshold: float | None = None) -> None:
-    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:  # any file name
-        writer = csv.writer(fh)
-        writer.writerow(["file", "true", "predicted", *[f"p_{c}" for c in classes]])
-        for file, label, p, predicted in zip(samples.paths, samples.labels, probs, labels_of(probs, threshold)):
-            name = file.relative_to(root).as_posix() if root and file.is_relative_to(root) else str(file)
-            writer.writerow([name, classes[label], classes[predicted], *[f"{v:.6f}" for v in p]])
+    """``predictions.csv``: each image (relative to the data root), its true and predicted class and probabilities."""
+    rows = [{"file": relative_path(file, root) if root else str(file), "true": classes[label],
+             "predicted": classes[predicted], **{f"p_{c}": f"{v:.6f}" for c, v in zip(classes, p)}}
+            for file, label, p, predicted in zip(samples.paths, samples.labels, probs, labels_of(probs, threshold))]
+    write_csv(path, rows, columns=("file", "true", "predicted", *[f"p_{c}" for c in classes]))

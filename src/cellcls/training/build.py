@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from cellcls.data.datamodule import DataBundle, build_data
+from cellcls.data.datamodule import DataBundle, build_data, fold_of
 from cellcls.evaluation.metrics import metric_mode
 from cellcls.models import build_model
 from cellcls.models.heads import num_outputs
@@ -67,7 +67,8 @@ def build_job(cfg: DictConfig, run_dir: Path) -> Job:
         distributed.barrier()
     shard = (runtime.dist.world_size, runtime.dist.rank) if runtime.dist.enabled else None
     data = build_data(cfg.dataset, cfg.augment, int(cfg.seed), runtime.device, str(t.pipeline),
-                      eval_batch_size(t.eval_batch_size, int(cfg.dataset.batch_size), runtime.device), shard)
+                      eval_batch_size(t.eval_batch_size, int(cfg.dataset.batch_size), runtime.device), shard,
+                      fold_of(cfg))
     if runtime.is_main and runtime.dist.enabled:
         distributed.barrier()
     cfg.dataset.mean, cfg.dataset.std = data.preprocessing["mean"], data.preprocessing["std"]

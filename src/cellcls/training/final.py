@@ -17,6 +17,7 @@ from cellcls.evaluation.calibration import (
 )
 from cellcls.evaluation.inference import run_inference, score
 from cellcls.evaluation.metrics import sensitivity, specificity
+from cellcls.evaluation.report import write_predictions
 from cellcls.models.heads import Decision
 from cellcls.run_folder import BEST, write_json
 from cellcls.training.build import Job
@@ -66,6 +67,10 @@ def calibrate_and_test(job: Job, calibrate: bool, operating_point: str | None) -
                                          "specificity": specificity(y, predicted),
                                          "accuracy": float((predicted == y).mean())}
     write_json(job.run.test_metrics, result)
+    samples = job.data.splits["test"]
+    if len(samples) == len(targets):  # uncached files that failed to decode mid-pass leave no row to name
+        write_predictions(job.run.test_predictions, samples, decision.probabilities(logits).numpy(), job.data.classes,
+                          job.data.root, decision.threshold)
     log.info("test (best epoch %d): loss %.4f  acc %.4f  balanced acc %.4f  ROC-AUC %.4f",
              best.epoch, test.loss, test.accuracy, test.balanced_accuracy, test.roc_auc)
     if "operating_point" in result:

@@ -22,6 +22,7 @@ from cellcls.errors import (
     describe_os_error,
 )
 from cellcls.run_folder import RunFolder
+from cellcls.training.crossval import cross_validate
 from cellcls.training.fit import fit
 from cellcls.training.sweep import write_status
 
@@ -44,6 +45,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
 
     A run that does not finish says why in ``result.json`` (``failed``, ``diverged``, ``interrupted``) and raises.
     """
+    if int(cfg.cv.folds) >= 2 and cfg.cv.fold is None:  # cross-validation: one ordinary run per fold
+        validate(cfg)
+        return cross_validate(cfg, run_dir, overrides, train)
     try:
         resume = None
         if cfg.trainer.resume == "auto":  # this folder's last checkpoint, if an earlier attempt left one

@@ -1,0 +1,142 @@
+"""Cross-validation: grouped stratified folds, out-of-fold predictions, the per-fold and pooled table, sweeps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+from conftest import TINY, compose_config, real_dataset, run_cli
+
+from cellcls.data.layout import Samples
+from cellcls.data.splits import cross_validation_fold
+from cellcls.errors import ConfigError, DataError
+
+
+def samples(n_per_class: int, per_group: int = 1) -> tuple[Samples, list[str]]:
+    from pathlib import Path
+
+    paths = [Path(f"img_{i}.png") for i in range(2 * n_per_class)]
+    labels = [i % 2 for i in range(2 * n_per_class)]
+    return Samples(paths, labels), [f"g{i // (2 * per_group)}" for i in range(2 * n_per_class)]
+
+
+def test_every_image_is_tested_in_exactly_one_fold_and_no_group_is_split():
+    data, groups = samples(30, per_group=3)
+    held = []
+    for k in range(5):
+        rest, fold = cross_validation_fold(data, 5, k, seed=0, classes=["a", "b"], groups=groups)
+        assert not set(rest.paths) & set(fold.paths) and len(rest) + len(fold) == len(data)
+        fold_groups = {groups[data.paths.index(p)] for p in fold.paths}
+        rest_groups = {groups[data.paths.index(p)] for p in rest.paths}
+        assert not fold_groups & rest_groups
+        assert set(fold.labels) == {0, 1}
+        held += fold.paths
+    assert sorted(map(str, held)) == sorted(map(str, data.paths))
+
+
+def test_a_fold_without_one_class_is_a_clear_error():
+    data, _ = samples(10)
+    data = Samples(data.paths, [0] * 18 + [1] * 2)
+    with pytest.raises(DataError, match=r"fold \d of 5 holds no image of class\(es\) \['b'\].*use fewer folds"):
+        for k in range(5):
+            cross_validation_fold(data, 5, k, seed=0, classes=["a", "b"])
+
+
+def test_one_fold_or_a_fold_out_of_range_is_refused():
+    from cellcls.config.checks import validate
+
+    with pytest.raises(ConfigError, match="cv.folds=1: use 0"):
+        validate(compose_config("cv.folds=1"))
+    with pytest.raises(ConfigError, match="cv.fold=3 must be between 0 and cv.folds - 1 = 2"):
+        validate(compose_config("cv.folds=3", "cv.fold=3"))
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory, cache_root):
+    root = real_dataset("malaria")
+    cwd = tmp_path_factory.mktemp("cv")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CELLCLS_CACHE", str(cache_root))
+        result = run_cli("cellcls.train", "dataset=malaria", f"dataset.root={root}", "dataset.image_size=[32,32]",
+                         "trainer.max_epochs=1", "cv.folds=3", "logger=csv", "trainer.progress_bar=false",
+                         "hydra.run.dir=run", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "run"
+
+
+def read(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cross_validation_scores_every_image_once_by_a_model_that_did_not_train_on_it(cv_run):
+    predictions = read(cv_run / "cv_predictions.csv")
+    files = [r["file"] for r in predictions]
+    assert len(files) == len(set(files)) == 900  # the whole malaria subset: the flat folder is the training pool
+    for k in (1, 2, 3):
+        trained_on = {r["file"] for r in read(cv_run / f"fold_{k}" / "splits" / "train.csv")}
+        validated_on = {r["file"] for r in read(cv_run / f"fold_{k}" / "splits" / "val.csv")}
+        tested = {r["file"] for r in predictions if r["fold"] == str(k)}
+        assert tested and not tested & (trained_on | validated_on)
+
+
+def test_folds_keep_each_patient_on_one_side(cv_run):
+    def patients(rows):
+        return {re.match(r"^(C\d+)", r["file"].rsplit("/", 1)[-1]).group(1) for r in rows}
+
+    by_fold = [patients(r for r in read(cv_run / "cv_predictions.csv") if r["fold"] == str(k)) for k in (1, 2, 3)]
+    assert not (by_fold[0] & by_fold[1] or by_fold[0] & by_fold[2] or by_fold[1] & by_fold[2])
+
+
+def test_the_cv_table_lists_each_fold_their_mean_and_sd_and_the_pooled_scores(cv_run):
+    rows = read(cv_run / "cv_folds.csv")
+    assert [r["fold"] for r in rows] == ["1", "2", "3", "mean", "sd", "pooled"]
+    accuracies = [float(r["accuracy"]) for r in rows[:3]]
+    assert float(rows[3]["accuracy"]) == pytest.approx(sum(accuracies) / 3)
+    metrics = json.loads((cv_run / "cv_metrics.json").read_text())
+    pooled = metrics["pooled"]
+    assert pooled["num_images"] == 900 and pooled["interval"]["groups"] == 100  # patients, not images
+    lo, hi = pooled["accuracy"]["ci95"]
+    assert lo <= pooled["accuracy"]["value"] <= hi
+    assert "Pooled out-of-fold predictions" in (cv_run / "cv_report.md").read_text()
+
+
+def test_result_json_carries_the_cross_validated_score_for_sweeps(cv_run):
+    result = json.loads((cv_run / "result.json").read_text())
+    losses = [json.loads((cv_run / f"fold_{k}" / "test_metrics.json").read_text())["loss"] for k in (1, 2, 3)]
+    assert result["status"] == "ok" and result["monitor"] == "cv_loss" and result["mode"] == "min"
+    assert result["best"] == pytest.approx(sum(losses) / 3)
+
+
+def test_running_the_cross_validation_again_keeps_the_finished_folds(cv_run, cache_root, monkeypatch):
+    from cellcls.training.run import train
+
+    before = {k: (cv_run / f"fold_{k}" / "checkpoints" / "best.pt").stat().st_mtime_ns for k in (1, 2, 3)}
+    cfg = compose_config("dataset=malaria", f"dataset.root={real_dataset('malaria')}", "dataset.image_size=[32,32]",
+                         "trainer.max_epochs=1", "cv.folds=3", "logger=csv", "trainer.progress_bar=false")
+    train(cfg, cv_run, [])
+    after = {k: (cv_run / f"fold_{k}" / "checkpoints" / "best.pt").stat().st_mtime_ns for k in (1, 2, 3)}
+    assert before == after
+
+
+def test_a_sweep_over_cross_validated_runs_ranks_them_by_the_cv_score(tmp_path):
+    result = run_cli("cellcls.train", "-m", "cv.folds=2", "optim.lr=1e-3,1e-2", "logger=csv", "trainer.max_epochs=1",
+                     *TINY, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    rows = read(folder / "summary.csv")
+    assert len(rows) == 2 and all(r["status"] == "ok" and r["monitor"] == "cv_loss" for r in rows)
+    for r in rows:
+        job = json.loads((folder / r["run_dir"].rsplit("/", 1)[-1] / "result.json").read_text())
+        assert float(r["best"]) == pytest.approx(job["best"])
+
+
+def test_evaluate_rebuilds_a_folds_own_test_split(cv_run):
+    from cellcls.evaluation.evaluate import evaluate
+
+    result, _ = evaluate(cv_run / "fold_2", n_boot=20, make_plots=False, output=cv_run / "fold_2" / "eval_check")
+    expected = json.loads((cv_run / "fold_2" / "test_metrics.json").read_text())
+    assert result["num_images"] == expected["num_images"]
+    assert result["accuracy"]["value"] == pytest.approx(expected["accuracy"])
