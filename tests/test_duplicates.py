@@ -130,7 +130,7 @@ def blood_splits(cache_root):
 def test_the_clusters_recover_the_blood_cells_original_photos(blood_splits):
     from sklearn.metrics.cluster import pair_confusion_matrix
 
-    splits, _, clusters = blood_splits
+    _, _, clusters = blood_splits
     truth = manifest_groups()
     files = sorted(clusters)
     (_, false_join), (false_split, together) = pair_confusion_matrix(
@@ -241,3 +241,13 @@ def test_fingerprints_use_the_settings(tmp_path):
     few = fingerprint(image, DuplicatesConfig(keypoints=20))
     many = fingerprint(image, DuplicatesConfig(keypoints=200))
     assert len(few.descriptors) <= 20 < len(many.descriptors)
+
+
+def test_intervals_on_blood_cells_resample_duplicate_clusters(blood_splits, cache_root):
+    from cellcls.data.leakage import interval_groups
+
+    splits, _, clusters = blood_splits
+    cfg = compose_config("dataset=blood_cells", f"dataset.root={real_dataset('blood_cells')}")
+    groups = interval_groups(cfg.dataset, splits["test"], splits)
+    assert groups == [clusters[p] for p in splits["test"].paths]
+    assert 10 < len(set(groups)) < len(groups) / 3  # dozens of photos behind 320 images

@@ -9,6 +9,7 @@ from cellcls.evaluation.metrics import (
     bootstrap_ci,
     evaluate_predictions,
     headline_metrics,
+    wilson_interval,
 )
 
 # five cases: true 0,0,1,1,1 with P(class 1) = .1 .6 .8 .4 .9  ->  predicted 0,1,1,0,1
@@ -106,3 +107,13 @@ def test_a_perfect_proportion_gets_a_wilson_interval_not_a_collapsed_bootstrap()
     lo, hi = r["sensitivity"]["ci95"]
     assert hi == 1.0 and 0.93 < lo < 0.95  # Wilson's 60/60: [0.940, 1.000], not [1.000, 1.000]
     assert "method" not in r["specificity"]  # 30/40: the bootstrap
+
+
+def test_a_perfect_balanced_accuracy_gets_the_mean_of_per_class_wilson_intervals():
+    y = np.array([1] * 60 + [0] * 40)
+    probs = np.array([[0.1, 0.9]] * 60 + [[0.9, 0.1]] * 40)
+    r = evaluate_predictions(y, probs, ["neg", "pos"], n_boot=100)
+    expected = np.mean([wilson_interval(40, 40), wilson_interval(60, 60)], axis=0)
+    assert r["balanced_accuracy"]["ci95"] == pytest.approx(list(expected))
+    assert r["balanced_accuracy"]["ci95"][0] < 0.95
+    assert r["balanced_accuracy"]["method"] == "mean of per-class Wilson intervals (images: 40/60)"

@@ -292,6 +292,16 @@ def test_a_narrow_lead_is_marked_uncertain_and_a_clear_one_is_not():
     assert Classifier(_Fixed([0.3, 0.7]), Limits(uncertain_margin=0.5)).classify("a.png", image, False)["uncertain"]
 
 
+def test_the_server_labels_with_the_models_operating_point():
+    from cellcls.deploy.server import Classifier, Limits
+
+    sensitive = _Fixed([0.7, 0.3])
+    sensitive.threshold = 0.25  # fitted for a target sensitivity: class 1 from p = 0.25 on
+    image = png((120, 120), "RGB", 128)
+    assert Classifier(sensitive, Limits()).classify("a.png", image, False)["label"] == "Parasitized"
+    assert Classifier(_Fixed([0.7, 0.3]), Limits()).classify("a.png", image, False)["label"] == "Uninfected"
+
+
 def test_an_upload_unlike_the_training_images_is_classified_with_warnings():
     from cellcls.deploy.server import Classifier, Limits
 

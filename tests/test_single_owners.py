@@ -13,7 +13,8 @@ from cellcls.run_folder import RunFolder, atomic_write
 
 def test_every_file_a_run_writes_is_named_by_the_run_folder(one_epoch_run):
     run = RunFolder(one_epoch_run)
-    named = {run.config, run.metrics, run.result, run.test_metrics, run.model_summary, run.training_curves,
+    named = {run.config, run.metrics, run.result, run.test_metrics, run.test_predictions, run.model_summary,
+             run.training_curves,
              run.augmented_samples, run.last_checkpoint, run.best_checkpoint,
              *(run.split_list(s) for s in ("train", "val", "test"))}
     written = {p for p in one_epoch_run.rglob("*") if p.is_file() and ".hydra" not in p.parts and "eval" not in p.parts}

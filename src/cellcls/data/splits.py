@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 import logging
-import warnings
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np

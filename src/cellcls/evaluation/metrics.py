@@ -137,12 +137,19 @@ def evaluate_predictions(
     result["interval"] = {"level": 0.95, "method": boot, "resamples": n_boot, "images": len(y_true), "groups": n_groups}
     for name, metric in headline_metrics(len(classes)).items():
         value = metric(y_true, y_pred, probs)
+        unit = "groups" if groups is not None else "images"
         cases = _proportion_cases(name, y_true)
         if cases is not None and value in (0.0, 1.0) and cases.any():
-            n = len(set(np.asarray(groups)[cases])) if groups is not None else int(cases.sum())
+            n = _units(cases, groups)
             lo, hi = wilson_interval(round(value * n), n)
-            result[name] = {"value": value, "ci95": [lo, hi],
-                            "method": f"Wilson ({'groups' if groups is not None else 'images'}: {n})"}
+            result[name] = {"value": value, "ci95": [lo, hi], "method": f"Wilson ({unit}: {n})"}
+            continue
+        if name == "balanced_accuracy" and value in (0.0, 1.0):
+            # the mean of per-class recalls, each at 0 or 1: the mean of their Wilson intervals
+            counts = [_units(y_true == c, groups) for c in labels if (y_true == c).any()]
+            bounds = np.array([wilson_interval(round(value * n), n) for n in counts])
+            result[name] = {"value": value, "ci95": bounds.mean(axis=0).tolist(),
+                            "method": f"mean of per-class Wilson intervals ({unit}: {'/'.join(map(str, counts))})"}
             continue
         lo, hi = bootstrap_ci(y_true, y_pred, probs, metric, n_boot=n_boot, seed=seed, groups=groups)
         result[name] = {"value": value, "ci95": [lo, hi]}
@@ -151,6 +158,11 @@ def evaluate_predictions(
     )
     result["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
     return result
+
+
+def _units(cases: np.ndarray, groups: Sequence[str] | None) -> int:
+    """How many independent units hold ``cases``: their groups when known, else the images."""
+    return len(set(np.asarray(groups)[cases])) if groups is not None else int(cases.sum())
 
 
 def _proportion_cases(name: str, y_true: np.ndarray) -> np.ndarray | None:

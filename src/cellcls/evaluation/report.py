@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from cellcls.data.layout import Samples
+from cellcls.data.splits import relative_path
 from cellcls.evaluation.metrics import HEADLINE
 from cellcls.models.heads import labels_of
-from cellcls.data.splits import relative_path
 from cellcls.run_folder import atomic_write, write_csv
 
 

@@ -135,8 +135,8 @@ def _report(rows: list[dict[str, Any]], pooled: dict[str, Any], folds: int, metr
         return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
 
     lines = [f"# Cross-validation, {folds} folds", "",
-             f"Cross-validated score (the mean over folds of each fold's test {metric}): {cell(rows[folds][metric])} "
-             f"(sd {cell(rows[folds + 1][metric])}).", "",
+             (f"Cross-validated score (the mean over folds of each fold's test {metric}): {cell(rows[folds][metric])} "
+              f"(sd {cell(rows[folds + 1][metric])})."), "",
              "| fold | images | " + " | ".join(TEST_METRICS) + " |", "|---" * (len(TEST_METRICS) + 2) + "|"]
     lines += ["| " + " | ".join(cell(r.get(k)) for k in ("fold", "images", *TEST_METRICS)) + " |" for r in rows]
     lines += ["", f"## Pooled out-of-fold predictions ({pooled['num_images']} images)", "",
