@@ -10,6 +10,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cellcls.data.dicom import dicom_header, is_dicom, read_dicom
 from cellcls.errors import ConfigError, DataError
 
 # The one pixel limit for every image cellcls reads (training, evaluate, predict, inspect, the web app): larger
@@ -55,6 +56,11 @@ def read_image(
     (a resize) while the file is open; any failure is a :class:`DataError` naming the file."""
     label = name or str(source)
     limit = max_pixels() if limit is None else limit
+    if is_dicom(source):
+        im = read_dicom(source, label, limit)
+        mode = "RGB" if channels == 3 else "L"
+        im = im if im.mode == mode else im.convert(mode)
+        return then(im) if then is not None else im
     try:
         with Image.open(source) as im:
             if im.width * im.height > limit:
@@ -77,6 +83,21 @@ def read_image(
         raise DataError(f"{label}: refused as a possible decompression bomb ({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"cannot decode image {label}: {exc}") from exc
+
+
+def image_header(source: Path | BinaryIO, name: str | None = None) -> tuple[int, int, str]:
+    """Width, height and mode (Pillow's, or ``DICOM <photometric interpretation>``) without decoding the pixels;
+    :class:`DataError` when the header cannot be read."""
+    label = name or str(source)
+    if is_dicom(source):
+        return dicom_header(source, label)
+    try:
+        with Image.open(source) as im:
+            return im.width, im.height, im.mode
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{label}: refused as a possible decompression bomb ({exc})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot read the header of image {label}: {exc}") from exc
 
 
 def _has_orientation(im: Image.Image) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cellcls.errors import DataError
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"})
 SKIP_DIRS = re.compile(r"^(__MACOSX|\..*)$")
 
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from cellcls.data.cache import DecodedSplit
-from cellcls.data.decode import decode_image
+from cellcls.data.decode import decode_image, image_header
 from cellcls.data.layout import Samples
 from cellcls.data.normalization import sample_rows
 from cellcls.errors import DataError
@@ -28,12 +27,12 @@ def training_reference(train: Samples, decoded: DecodedSplit | None, prep: dict[
     widths, heights, modes = [], [], set()
     for i in rows:
         try:
-            with Image.open(train.paths[i]) as im:
-                widths.append(im.width)
-                heights.append(im.height)
-                modes.add(im.mode)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            width, height, mode = image_header(train.paths[i])
+        except DataError:
             continue
+        widths.append(width)
+        heights.append(height)
+        modes.add(mode)
     if decoded is not None:
         pixels = np.load(decoded.file, mmap_mode="r")
         kept = [decoded.kept[i] for i in sample_rows(len(decoded.kept))]

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 
-from PIL import Image
-
-from cellcls.data.decode import max_pixels
+from cellcls.data.decode import image_header, max_pixels
 from cellcls.data.layout import Samples
+from cellcls.errors import DataError
 
 
 def count_table(splits: Mapping[str, Samples], classes: list[str]) -> str:
@@ -28,16 +27,15 @@ def image_properties(samples: Samples) -> dict[str, object]:
     limit = max_pixels()
     for path in samples.paths:
         try:
-            with Image.open(path) as im:
-                widths.append(im.size[0])
-                heights.append(im.size[1])
-                modes[im.mode] += 1
-                if im.size[0] * im.size[1] > limit:
-                    too_large.append(path)
-        except Image.DecompressionBombError:
+            width, height, mode = image_header(path)
+        except DataError as exc:
+            (too_large if "decompression bomb" in str(exc) else unreadable).append(path)
+            continue
+        widths.append(width)
+        heights.append(height)
+        modes[mode] += 1
+        if width * height > limit:
             too_large.append(path)
-        except (OSError, ValueError, SyntaxError):
-            unreadable.append(path)
     return {
         "width": (min(widths), max(widths)) if widths else None,
         "height": (min(heights), max(heights)) if heights else None,

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from cellcls.data.dataset import load_image
-from cellcls.data.decode import max_pixels
+from cellcls.data.decode import image_header, max_pixels
 from cellcls.data.reference import unusual
 from cellcls.deploy.batching import MicroBatcher
 from cellcls.deploy.predictor import Predictor
@@ -111,5 +111,5 @@ class Classifier:
         reference = self.predictor.preprocessing.get("reference") or {}
         if not reference:
             return []
-        with Image.open(io.BytesIO(data)) as im:
-            return unusual(reference, im.width, im.height, im.mode, image.numpy())
+        width, height, mode = image_header(io.BytesIO(data))
+        return unusual(reference, width, height, mode, image.numpy())

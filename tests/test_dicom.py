@@ -1,0 +1,123 @@
+"""DICOM input (issue 17, part 2): files made with pydicom from a real chest X-ray, decoded as a viewer shows them."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from conftest import real_dataset
+from PIL import Image
+
+from cellcls.data.decode import decode_image, image_header
+from cellcls.errors import DataError
+
+pydicom = pytest.importorskip("pydicom", reason="DICOM support is the optional extra cellcls[dicom]")
+
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
+
+
+def xray() -> np.ndarray:
+    """A real chest X-ray from the shared subset, as 8-bit grey values."""
+    path = sorted((real_dataset("pneumonia") / "chest_xray" / "test" / "NORMAL").glob("*.jpeg"))[0]
+    return np.asarray(Image.open(path).convert("L"))
+
+
+def write_dicom(path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 8, **elements):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientID = "PRIVATE-123"
+    ds.set_pixel_data(pixels, photometric, bits_stored)
+    for key, value in elements.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def decoded(path) -> np.ndarray:
+    image = xray()
+    return decode_image(path, 1, image.shape)[0].astype(int)
+
+
+def test_an_8_bit_monochrome2_file_decodes_to_its_pixels(tmp_path):
+    image = xray()
+    assert np.abs(decoded(write_dicom(tmp_path / "a.dcm", image)) - image).max() <= 1
+
+
+def test_a_16_bit_file_is_scaled_to_8_bits_over_its_range_not_clipped(tmp_path):
+    image = xray()
+    twelve = image.astype(np.uint16) * 16  # 12-bit values 0..4080
+    out = decoded(write_dicom(tmp_path / "b.dcm", twelve, bits_stored=12))
+    assert out.max() == 255 and np.corrcoef(out.ravel(), image.ravel())[0, 1] > 0.999
+
+
+def test_monochrome1_is_inverted_so_dense_is_bright(tmp_path):
+    image = xray()
+    out = decoded(write_dicom(tmp_path / "c.dcm", 255 - image, "MONOCHROME1"))
+    assert np.abs(out - image).max() <= 1
+
+
+def test_the_files_window_is_applied(tmp_path):
+    image = xray()
+    twelve = image.astype(np.uint16) * 16
+    out = decoded(write_dicom(tmp_path / "d.dcm", twelve, bits_stored=12, WindowCenter=2048, WindowWidth=1024))
+    # values below 1536 are black, above 2560 white: a narrower window than the whole range
+    assert (out[twelve < 1500] == 0).all() and (out[twelve > 2600] == 255).all()
+    middle = (twelve > 1700) & (twelve < 2400)
+    assert 0 < out[middle].min() and out[middle].max() < 255
+
+
+def test_rescale_slope_and_intercept_come_before_the_window(tmp_path):
+    image = xray()
+    stored = image.astype(np.uint16) * 4  # 10-bit values; Hounsfield-like = 2 * stored - 1000
+    out = decoded(write_dicom(tmp_path / "e.dcm", stored, bits_stored=10, RescaleSlope=2, RescaleIntercept=-1000,
+                              WindowCenter=0, WindowWidth=400))
+    real = stored.astype(int) * 2 - 1000
+    assert (out[real < -250] == 0).all() and (out[real > 250] == 255).all()
+
+
+def test_a_dicom_upload_without_an_extension_is_recognised_by_its_marker(tmp_path):
+    path = write_dicom(tmp_path / "f.dcm", xray())
+    stream = io.BytesIO(path.read_bytes())
+    assert decode_image(stream, 1, (64, 64), name="upload").shape == (1, 64, 64)
+    assert image_header(io.BytesIO(path.read_bytes()))[:2] == xray().shape[::-1]
+
+
+def test_a_corrupt_dicom_file_is_a_clear_error_naming_it(tmp_path):
+    good = write_dicom(tmp_path / "g.dcm", xray()).read_bytes()
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(good[: len(good) // 2])  # the pixel data cut short
+    with pytest.raises(DataError, match=r"broken\.dcm"):
+        decode_image(broken, 1, (64, 64))
+
+
+def test_a_multi_frame_file_is_refused_with_the_reason(tmp_path):
+    frames = np.stack([xray()[:64, :64]] * 3)
+    path = write_dicom(tmp_path / "h.dcm", frames)
+    with pytest.raises(DataError, match="multi-frame DICOM file \\(3 frames\\)"):
+        decode_image(path, 1, (64, 64))
+
+
+def test_the_patient_id_never_appears_in_an_error(tmp_path):
+    path = write_dicom(tmp_path / "i.dcm", np.stack([xray()[:32, :32]] * 2))
+    with pytest.raises(DataError) as info:
+        decode_image(path, 1, (32, 32))
+    assert "PRIVATE-123" not in str(info.value)
+
+
+def test_a_dicom_file_in_a_class_folder_is_found_and_cached_like_any_image(tmp_path):
+    from cellcls.data.cache import decode_split
+    from cellcls.data.layout import scan_split
+
+    for cls in ("normal", "pneumonia"):
+        write_dicom((tmp_path / "train" / cls).mkdir(parents=True) or tmp_path / "train" / cls / "x.dcm", xray())
+    samples = scan_split(tmp_path / "train", ["normal", "pneumonia"])
+    assert [p.suffix for p in samples.paths] == [".dcm", ".dcm"]
+    split = decode_split(samples, 1, (64, 64), tmp_path / "cache", progress=False)
+    assert split.kept == [0, 1] and not split.skipped
