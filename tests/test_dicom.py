@@ -121,3 +121,10 @@ def test_a_dicom_file_in_a_class_folder_is_found_and_cached_like_any_image(tmp_p
     assert [p.suffix for p in samples.paths] == [".dcm", ".dcm"]
     split = decode_split(samples, 1, (64, 64), tmp_path / "cache", progress=False)
     assert split.kept == [0, 1] and not split.skipped
+
+
+def test_a_path_given_as_text_is_read_like_a_path(tmp_path):
+    dicom = write_dicom(tmp_path / "j.dcm", xray())
+    png = tmp_path / "k.png"
+    Image.fromarray(xray()).save(png)
+    assert decode_image(str(dicom), 1, (32, 32)).shape == decode_image(str(png), 1, (32, 32)).shape == (1, 32, 32)

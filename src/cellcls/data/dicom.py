@@ -9,6 +9,7 @@ read: patient data is never logged or returned.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,6 +24,8 @@ MAGIC_OFFSET = 128  # the Part 10 preamble, then b"DICM"
 
 def is_dicom(source: Path | BinaryIO) -> bool:
     """Whether ``source`` is a DICOM Part 10 file: its extension, or the ``DICM`` marker after the preamble."""
+    if isinstance(source, (str, os.PathLike)):  # a path given as text is a path too
+        source = Path(source)
     if isinstance(source, Path) and source.suffix.lower() in DICOM_EXTENSIONS:
         return True
     try:
