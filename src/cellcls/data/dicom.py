@@ -41,32 +41,30 @@ def is_dicom(source: Path | BinaryIO) -> bool:
     return head[MAGIC_OFFSET:MAGIC_OFFSET + 4] == b"DICM"
 
 
-def dicom_header(source: Path | BinaryIO, label: str) -> tuple[int, int, str]:
-    """Width, height and a mode name (``DICOM MONOCHROME2``, ...) from the header alone."""
+def _dataset(source: Path | BinaryIO, label: str, pixels: bool):
+    """The parsed file (without its pixel data unless ``pixels``), or a DataError naming ``label``."""
     try:
         import pydicom
         from pydicom.errors import InvalidDicomError
     except ImportError as exc:
         raise DataError(f"{label}: reading DICOM files needs pydicom (pip install 'cellcls[dicom]')") from exc
     try:
-        ds = pydicom.dcmread(source, stop_before_pixels=True)
+        return pydicom.dcmread(source, stop_before_pixels=not pixels)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{label}: not a readable DICOM file ({exc})") from exc
+        raise DataError(f"cannot decode image {label}: not a readable DICOM file ({exc})") from exc
+
+
+def dicom_header(source: Path | BinaryIO, label: str) -> tuple[int, int, str]:
+    """Width, height and a mode name (``DICOM MONOCHROME2``, ...) from the header alone."""
+    ds = _dataset(source, label, pixels=False)
     return int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), f"DICOM {ds.get('PhotometricInterpretation', '')}".strip()
 
 
 def read_dicom(source: Path | BinaryIO, label: str, limit: int) -> Image.Image:
     """The image of a DICOM file as an 8-bit Pillow image (L, or RGB for colour files)."""
-    try:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError as exc:
-        raise DataError(f"{label}: reading DICOM files needs pydicom (pip install 'cellcls[dicom]')") from exc
-    try:
-        ds = pydicom.dcmread(source, force=False)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise DataError(f"cannot decode image {label}: not a readable DICOM file ({exc})") from exc
+    ds = _dataset(source, label, pixels=True)
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     if "PixelData" not in ds:
         raise DataError(f"cannot decode image {label}: the DICOM file holds no pixel data")
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
