@@ -75,6 +75,8 @@ def read_dicom(source: Path | BinaryIO, label: str, limit: int) -> Image.Image:
         raise DataError(f"{label}: a multi-frame DICOM file ({frames} frames); cellcls classifies single images")
     try:
         pixels = ds.pixel_array
+    # pydicom signals a transfer syntax with no installed decoder as NotImplementedError (or RuntimeError,
+    # by handler); ValueError/AttributeError: pixel data that does not match its header
     except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))
