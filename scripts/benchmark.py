@@ -38,7 +38,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cellcls.config import compose_config
 from cellcls.data.cache import decode_split
-from cellcls.data.datamodule import make_splits, resolve_layout, resolve_root
+from cellcls.data.datamodule import (
+    make_splits,
+    resolve_layout,
+    resolve_root,
+    scan_dataset,
+)
 from cellcls.data.transforms import build_augment
 from cellcls.training.build import Job, build_job
 from cellcls.training.loop import evaluate, train_one_epoch
@@ -259,8 +264,8 @@ def measure_cache_build(cfg: DictConfig) -> tuple[int, float]:
     """Decode the training split into an empty cache folder with all cores: (images, seconds)."""
     ds = cfg.dataset
     root = resolve_root(ds)
-    classes, folders = resolve_layout(ds, root)
-    splits, _, _ = make_splits(ds, folders, classes, int(cfg.seed))
+    scanned = scan_dataset(ds, root)
+    splits, _ = make_splits(ds, scanned.splits, scanned.classes, int(cfg.seed))
     with tempfile.TemporaryDirectory(prefix="cellcls-bench-cache-") as tmp:
         start = time.perf_counter()
         decode_split(splits["train"], int(ds.channels), list(ds.image_size), Path(tmp), progress=False)

@@ -109,6 +109,30 @@ def malaria_run(tmp_path_factory, cache_root) -> Path:
     return run_dir
 
 
+def write_dicom(path: Path, pixels, photometric: str = "MONOCHROME2", bits_stored: int = 8, **elements) -> Path:
+    """A DICOM Part 10 file of ``pixels`` made with pydicom (patient ID PRIVATE-123 unless given)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        SecondaryCaptureImageStorage,
+        generate_uid,
+    )
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientID = "PRIVATE-123"
+    ds.set_pixel_data(pixels, photometric, bits_stored)
+    for key, value in elements.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def malaria_images(n: int) -> list[Path]:
     """``n`` real cell images, alternating Parasitized and Uninfected."""
     root = real_dataset("malaria") / "cell_images"

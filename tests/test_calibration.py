@@ -177,8 +177,8 @@ def test_per_patient_results_on_malaria_have_one_row_per_test_patient(malaria_ru
     assert "## Per patient" in (out / "report.md").read_text()
 
 
-def test_per_patient_results_need_a_group_pattern(trained_run, tmp_path):
+def test_per_patient_results_need_to_know_each_images_patient(trained_run, tmp_path):
     from cellcls.evaluation.evaluate import evaluate
 
-    with pytest.raises(ConfigError, match="group_by=patient needs dataset.group_pattern"):
+    with pytest.raises(ConfigError, match="group_by=patient needs each image's patient: dataset.group_pattern .*dataset.table.group"):
         evaluate(trained_run, n_boot=10, make_plots=False, output=tmp_path / "e", group_by="patient")

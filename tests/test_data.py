@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import real_dataset
 from PIL import Image
 
 from cellcls.data.dataset import load_image
@@ -75,6 +76,17 @@ def test_any_pillow_mode_decodes_to_the_requested_channels_and_size(tmp_path, mo
     assert tensor.dtype == torch.uint8 and tensor.shape == (channels, 24, 32)
     if mode == "I;16":  # 16-bit X-rays are rescaled, not clipped to white
         assert tensor.min() < 10 and tensor.max() > 245
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_a_16_bit_xray_keeps_its_contrast_in_8_bits(tmp_path, suffix):
+    xray = sorted((real_dataset("pneumonia") / "chest_xray" / "test" / "NORMAL").glob("*.jpeg"))[0]
+    grey = np.asarray(Image.open(xray).convert("L"))
+    path = tmp_path / f"xray{suffix}"
+    Image.fromarray(grey.astype(np.uint16) * 257).save(path)  # the full 16-bit range, as detector exports are
+    assert Image.open(path).mode.startswith("I;16")
+    out = load_image(path, 1, grey.shape)[0].numpy().astype(int)
+    assert np.abs(out - grey).max() <= 1  # not clipped to white, not flattened
 
 
 def test_exif_orientation_is_honoured(tmp_path):

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import real_dataset
+from conftest import compose_config, real_dataset, write_dicom
 from PIL import Image
 
 from cellcls.data.decode import decode_image, image_header
@@ -14,30 +14,11 @@ from cellcls.errors import DataError
 
 pydicom = pytest.importorskip("pydicom", reason="DICOM support is the optional extra cellcls[dicom]")
 
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
-
 
 def xray() -> np.ndarray:
     """A real chest X-ray from the shared subset, as 8-bit grey values."""
     path = sorted((real_dataset("pneumonia") / "chest_xray" / "test" / "NORMAL").glob("*.jpeg"))[0]
     return np.asarray(Image.open(path).convert("L"))
-
-
-def write_dicom(path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 8, **elements):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientID = "PRIVATE-123"
-    ds.set_pixel_data(pixels, photometric, bits_stored)
-    for key, value in elements.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def decoded(path) -> np.ndarray:
@@ -128,3 +109,52 @@ def test_a_path_given_as_text_is_read_like_a_path(tmp_path):
     png = tmp_path / "k.png"
     Image.fromarray(xray()).save(png)
     assert decode_image(str(dicom), 1, (32, 32)).shape == decode_image(str(png), 1, (32, 32)).shape == (1, 32, 32)
+
+
+def test_a_configured_window_replaces_the_files_own(tmp_path):
+    image = xray()
+    twelve = image.astype(np.uint16) * 16
+    path = write_dicom(tmp_path / "w.dcm", twelve, bits_stored=12, WindowCenter=2048, WindowWidth=4096)
+    out = decode_image(path, 1, image.shape, window=(1000, 500))[0].astype(int)
+    assert (out[twelve < 740] == 0).all() and (out[twelve > 1260] == 255).all()
+    middle = (twelve > 800) & (twelve < 1200)
+    assert np.abs(out[middle] - np.rint((twelve[middle] - 750) / 500 * 255)).max() <= 1
+
+
+def test_the_configured_window_is_part_of_the_model_recipe_and_the_cache_key(tmp_path):
+    from cellcls.data.cache import cache_key
+    from cellcls.data.layout import Samples
+    from cellcls.data.preprocessing import preprocessing_of
+
+    cfg = compose_config("dataset=pneumonia", "dataset.dicom_window=[40,400]")
+    assert preprocessing_of(cfg.dataset)["window"] == [40.0, 400.0]
+    samples = Samples([write_dicom(tmp_path / "x.dcm", xray())], [0])
+    assert cache_key(samples, 1, (64, 64), [40, 400]) != cache_key(samples, 1, (64, 64))
+
+
+def test_the_patient_id_in_the_header_keeps_each_patients_images_on_one_side(tmp_path):
+    from cellcls.data.datamodule import make_splits, resolve_root, scan_dataset
+
+    image = xray()[:128, :128]
+    for i in range(24):
+        cls = ("normal", "pneumonia")[i % 2]
+        folder = tmp_path / "train" / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        # 12 patients, two images each; the file names say nothing of the patient
+        write_dicom(folder / f"img{i:02d}.dcm", np.roll(image, i, axis=1), PatientID=f"P{(i // 2) // 2 * 2 + i % 2:02d}")
+    cfg = compose_config("dataset=folder", f"dataset.root={tmp_path}", "dataset.group_tag=PatientID",
+                         "dataset.split_by=patient", "dataset.val_fraction=0.34")
+    scanned = scan_dataset(cfg.dataset, resolve_root(cfg.dataset))
+    splits, leaks = make_splits(cfg.dataset, scanned.splits, scanned.classes, 0)
+    train, val = set(splits["train"].groups), set(splits["val"].groups)
+    assert len(train | val) == 12 and not train & val and not leaks
+
+
+def test_a_group_tag_that_is_no_dicom_keyword_is_refused_with_examples(tmp_path):
+    from cellcls.data.layout import Samples
+    from cellcls.data.splits import attach_groups
+    from cellcls.errors import ConfigError
+
+    cfg = compose_config("dataset=folder", "dataset.root=/x", "dataset.group_tag=PatientName2")
+    with pytest.raises(ConfigError, match="dataset.group_tag='PatientName2' is not a DICOM keyword"):
+        attach_groups(Samples([write_dicom(tmp_path / "y.dcm", xray())], [0]), cfg.dataset)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import compose_config, copy_images, real_dataset
 
-from cellcls.data.datamodule import make_splits, resolve_layout, resolve_root
+from cellcls.data.datamodule import make_splits, resolve_root, scan_dataset
 from cellcls.errors import DataError
 
 BLOOD = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
@@ -14,9 +14,9 @@ BLOOD = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 def layout(dataset: str, root, *overrides: str):
     cfg = compose_config(f"dataset={dataset}", f"dataset.root={root}", *overrides)
     base = resolve_root(cfg.dataset)
-    classes, folders = resolve_layout(cfg.dataset, base)
-    splits, ignored, _ = make_splits(cfg.dataset, folders, classes, 0)
-    return classes, folders, splits, ignored
+    scanned = scan_dataset(cfg.dataset, base)
+    splits, _ = make_splits(cfg.dataset, scanned.splits, scanned.classes, 0)
+    return scanned.classes, scanned.folders, splits, scanned.ignored
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Server, malaria_images
+from conftest import Server, malaria_images, write_dicom
 from PIL import Image
 
 from cellcls.deploy.export import export_model
@@ -91,6 +91,24 @@ def test_a_bad_upload_gets_its_reason_and_the_others_still_get_answers(server, n
     assert not bad["ok"] and message in bad["error"] and bad["label"] is None
     assert ok["ok"] and ok["label"] in ("Uninfected", "Parasitized")
     assert call(server.url + "health") == (200, {"status": "ok"})
+
+
+def test_a_dicom_upload_is_classified_as_its_pixels_and_no_header_data_comes_back(server, tmp_path):
+    pytest.importorskip("pydicom", reason="DICOM support is the optional extra cellcls[dicom]")
+    import numpy as np
+
+    cell = malaria_images(1)[0]
+    pixels = np.asarray(Image.open(cell).convert("RGB"))
+    dicom = write_dicom(tmp_path / "cell.dcm", pixels, "RGB", PatientName="Doe^Jane")
+    status, out = call(server.url + "api/predict", {"images": [upload("cell.dcm", dicom.read_bytes()),
+                                                               upload(cell.name, cell.read_bytes())]})
+    assert status == 200
+    from_dicom, from_png = out["results"]
+    assert from_dicom["ok"] and from_dicom["label"] == from_png["label"]
+    for cls, p in from_png["probabilities"].items():
+        assert abs(from_dicom["probabilities"][cls] - p) < 1e-5
+    text = json.dumps(out)
+    assert "PRIVATE-123" not in text and "Doe" not in text
 
 
 def test_malformed_requests_get_4xx_with_a_reason_and_the_server_stays_up(server):

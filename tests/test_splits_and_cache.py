@@ -15,8 +15,8 @@ from cellcls.data.cache import decode_split
 from cellcls.data.datamodule import (
     build_data,
     make_splits,
-    resolve_layout,
     resolve_root,
+    scan_dataset,
 )
 from cellcls.data.layout import scan_split
 from cellcls.data.transforms import build_augment
@@ -30,8 +30,8 @@ def patient(path, pattern):
 
 def splits_of(*overrides):
     cfg = compose_config(*overrides)
-    classes, folders = resolve_layout(cfg.dataset, resolve_root(cfg.dataset))
-    return make_splits(cfg.dataset, folders, classes, int(cfg.seed))[0], cfg
+    scanned = scan_dataset(cfg.dataset, resolve_root(cfg.dataset))
+    return make_splits(cfg.dataset, scanned.splits, scanned.classes, int(cfg.seed))[0], cfg
 
 
 def test_malaria_is_split_by_patient_so_no_patient_is_on_two_sides():

@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if done is not None:
         return done
     from cellcls.data.audit import audit_splits, recovery, report_text, write_audit
-    from cellcls.data.datamodule import make_splits, resolve_layout, resolve_root
+    from cellcls.data.datamodule import make_splits, resolve_root, scan_dataset
     from cellcls.data.splits import read_split_lists
 
     own = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in OWN and "=" in a}
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"run={own['run']}: no {run.config.name} there; expected a cellcls run folder")
             cfg = OmegaConf.load(run.config)
             root = resolve_root(cfg.dataset)
-            classes = list(cfg.dataset.classes or resolve_layout(cfg.dataset, root)[0])
+            classes = list(cfg.dataset.classes or scan_dataset(cfg.dataset, root).classes)
             splits = read_split_lists(run, root, classes)
             folder = AuditFolder(Path(own["output"])) if "output" in own else run.audit
         else:
@@ -58,8 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = compose_config(overrides)
             validate(cfg)
             root = resolve_root(cfg.dataset)
-            classes, folders = resolve_layout(cfg.dataset, root)
-            splits = make_splits(cfg.dataset, folders, classes, int(cfg.seed))[0]
+            scanned = scan_dataset(cfg.dataset, root)
+            classes = scanned.classes
+            splits = make_splits(cfg.dataset, scanned.splits, classes, int(cfg.seed))[0]
             folder = AuditFolder(Path(own.get("output", f"audit/{cfg.dataset.name}")))
         settings = DuplicatesConfig(**OmegaConf.to_container(cfg.dataset.duplicates, resolve=True))
         audit = audit_splits(splits, classes, root, settings)

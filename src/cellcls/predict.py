@@ -1,10 +1,11 @@
-"""``python -m cellcls.predict checkpoint=<checkpoint, run folder or exported model> input=<image or folder> [output=<csv>] [cam=true]``
+"""``python -m cellcls.predict checkpoint=<checkpoint, run folder or exported model> input=<image, folder or table> [output=<csv>] [cam=true]``
 
 checkpoint= also takes a model written by ``python -m cellcls.export`` (``.onnx``, run by onnxruntime, or
 ``.torchscript.pt``); it gives the same classes and probabilities as the checkpoint it came from.
 
-Prints "<file>: <class> (xx.xx%)" for each image and, for a folder (searched recursively) or with output=,
-writes a CSV of class probabilities. cam=true saves a Grad-CAM overlay per image in ``<output stem>_cam/``
+Prints "<file>: <class> (xx.xx%)" for each image and, for a folder (searched recursively), a table or with output=,
+writes a CSV of class probabilities. A table (.csv, .tsv, .parquet) lists the images in its ``column=`` (default
+path), or builds each path with ``path_template=`` (e.g. '{image_id}.jpg'), relative to the table's folder. cam=true saves a Grad-CAM overlay per image in ``<output stem>_cam/``
 (``cam/`` beside the CSV, or ``./cam`` without one). Unreadable files are reported and skipped.
 Other settings: device=auto|cpu|cuda, cam_layer=<layer name>, batch_size=<n>.
 """
@@ -17,11 +18,12 @@ from pathlib import Path
 
 from cellcls.cli import as_bool, command_args, fail, own_settings
 from cellcls.data.layout import IMAGE_EXTENSIONS
+from cellcls.data.table import is_table
 from cellcls.deploy.predict import list_inputs, predict_files, write_csv
 from cellcls.deploy.predictor import load_predictor
 from cellcls.errors import ConfigError, DataError, printable
 
-SETTINGS = ("checkpoint", "input", "output", "cam", "cam_layer", "device", "batch_size")
+SETTINGS = ("checkpoint", "input", "output", "cam", "cam_layer", "device", "batch_size", "column", "path_template")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,10 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         own = own_settings(args, SETTINGS, "predict", required=("checkpoint", "input"))
         location = Path(own["input"]).expanduser()
-        files = list_inputs(location)
+        files = list_inputs(location, own.get("column", "path"), own.get("path_template"))
         if not files:
             raise DataError(f"input={location}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-        output = Path(own["output"]) if "output" in own else (Path("predictions.csv") if location.is_dir() else None)
+        many = location.is_dir() or is_table(location)
+        output = Path(own["output"]) if "output" in own else (Path("predictions.csv") if many else None)
         cam_dir = None
         if as_bool("cam", own.get("cam", "false")):
             cam_dir = output.with_name(f"{output.stem}_cam") if output else Path("cam")

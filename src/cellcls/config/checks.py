@@ -114,8 +114,25 @@ def validate(cfg: DictConfig) -> None:
     check_normalization(ds.mean, ds.std, int(ds.channels))
     _choice("dataset.split_by", ds.split_by, ("image", "patient", "duplicates"))
     _choice("dataset.leakage_check", ds.leakage_check, ("auto", "duplicates", "off"))
-    if ds.split_by == "patient" and not ds.group_pattern:
-        raise ConfigError("dataset.split_by=patient needs dataset.group_pattern, a regex whose first group is the patient id")
+    sources = [k for k in ("group_pattern", "group_tag") if ds.get(k)] + (
+        ["table.group"] if ds.get("table") is not None and ds.table.group else [])
+    if len(sources) > 1:
+        raise ConfigError(f"each image's patient comes from one setting; set only one of "
+                          f"{', '.join('dataset.' + k for k in sources)}")
+    if ds.split_by == "patient" and not sources:
+        raise ConfigError("dataset.split_by=patient needs to know each image's patient: dataset.group_pattern (a regex "
+                          "whose first group is the patient id in the file name), dataset.group_tag (a DICOM keyword "
+                          "such as PatientID) or dataset.table.group (a table column)")
+    table = ds.get("table")
+    if table is not None and table.label_map is not None:
+        mapping = OmegaConf.to_container(table.label_map) if OmegaConf.is_config(table.label_map) else table.label_map
+        if not isinstance(mapping, dict) or not all(v is None or isinstance(v, str) for v in mapping.values()):
+            raise ConfigError("dataset.table.label_map must map raw labels to class names (or null to drop their "
+                              f"rows), e.g. {{melanoma: malignant, nevus: benign}}; got {mapping!r}")
+    if ds.get("dicom_window") is not None:
+        window = list(ds.dicom_window)
+        if len(window) != 2 or not window[1] > 0:
+            raise ConfigError(f"dataset.dicom_window must be [centre, width] with width > 0, got {window!r}")
     if ds.group_pattern:
         try:
             re.compile(str(ds.group_pattern))

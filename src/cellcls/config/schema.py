@@ -10,7 +10,7 @@ knows, ``+``-added ones included, naming the nearest valid key. Groups whose key
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -30,14 +30,14 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the training step (minutes of compilation; pays off on long GPU runs)
     num_threads: Any = "auto"  # CPU threads: auto (OMP_NUM_THREADS if set, else the cores shared among ranks) | n
     channels_last: Any = "auto"  # auto | true | false: NHWC memory layout, ~1.9x faster CNN training on the CPU
-    gradient_clip: Optional[float] = None  # max gradient norm, or null
+    gradient_clip: float | None = None  # max gradient norm, or null
     on_nonfinite: str = "stop"  # a NaN/infinite loss: stop the run (status diverged) | skip_batch (bounded, below)
     max_skipped_batches: int = 10  # skip_batch: more non-finite batches than this in one epoch stop the run
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA; CPU runs are reproducible)
     progress_bar: bool = True
     # a run folder or checkpoint to continue from (its last.pt); auto: this run folder's last.pt when there is one
     # (a requeued job, or hydra.run.dir=<folder> run again), else a fresh start
-    resume: Optional[str] = None
+    resume: str | None = None
 
 
 @dataclass
@@ -64,10 +64,26 @@ class DuplicatesConfig:
 
 
 @dataclass
+class TableConfig:
+    """A data set listed in a table (``dataset=csv``; cellcls.data.table): one row per image."""
+
+    file: str | None = None  # the CSV or Parquet file (absolute, or relative to the working folder or root)
+    path: str = "path"  # the column holding each image's path, relative to dataset.root
+    # ... or a path built from columns, e.g. "images/{image_id}.jpg" (HAM10000/ISIC metadata name no extension)
+    path_template: str | None = None
+    label: str = "label"  # the column holding each image's label
+    # raw label -> class (e.g. {melanoma: malignant}); a raw label mapped to null drops its rows. Typed Any: a
+    # null default lets `dataset.table.label_map={...}` set it from the command line (a typed dict refuses new keys)
+    label_map: Any = None
+    group: str | None = None  # the column of each image's patient / lesion: grouped splits and intervals
+    split: str | None = None  # the column naming each image's split (values as in dataset.splits)
+
+
+@dataclass
 class DatasetConfig:
     name: str = "folder"
-    root: Optional[str] = None  # the unzipped download (or a class-folder tree)
-    classes: Optional[list[str]] = None  # null: the training folder's sub-folders, sorted
+    root: str | None = None  # the unzipped download (or a class-folder tree)
+    classes: list[str] | None = None  # null: the training folder's sub-folders, sorted
     class_aliases: dict[str, list[str]] = field(default_factory=dict)  # class -> other folder names for it
     image_size: list[int] = field(default_factory=lambda: [128, 128])  # [height, width] fed to the model
     channels: int = 3  # 3 (RGB) or 1 (greyscale)
@@ -76,14 +92,17 @@ class DatasetConfig:
     mean: Any = "auto"
     std: Any = "auto"
     splits: dict[str, list[str]] = field(default_factory=dict)  # folder names per split (any case)
-    test_split: Optional[str] = None  # a download with several test folders: which one (blood cells)
+    test_split: str | None = None  # a download with several test folders: which one (blood cells)
     val_fraction: float = 0.15  # held out of train (seeded, stratified) when there is no val folder
     test_fraction: float = 0.0  # held out of train first, when there is no test folder
-    split_seed: Optional[int] = None  # seed of the hold-out splits; null: the run's seed
+    split_seed: int | None = None  # seed of the hold-out splits; null: the run's seed
     # image | patient (the group_pattern's id in the file name) | duplicates (near-duplicate clusters: copies of
     # one original photo stay on one side)
     split_by: str = "image"
-    group_pattern: Optional[str] = None  # regex on the file name whose first group is the patient id
+    group_pattern: str | None = None  # regex on the file name whose first group is the patient id
+    group_tag: str | None = None  # ... or a DICOM header keyword holding it (PatientID)
+    # [centre, width] applied to DICOM pixel values after the modality LUT, instead of the file's own VOI LUT/window
+    dicom_window: list[float] | None = None
     # warn at start when val/test share groups with train. auto: patients (group_pattern), and near-duplicate
     # clusters when split_by=duplicates | duplicates: near-duplicates always (every image fingerprinted once,
     # cached) | off
@@ -93,7 +112,8 @@ class DatasetConfig:
     batch_size: int = 32
     num_workers: int = 0  # DataLoader worker processes (trainer.pipeline=loader)
     cache: bool = True  # decode and resize each image once into $CELLCLS_CACHE/decoded (memory-mapped)
-    render: Optional[RenderConfig] = None  # the synthetic set only
+    render: RenderConfig | None = None  # the synthetic set only
+    table: TableConfig | None = None  # dataset=csv only
     duplicates: DuplicatesConfig = field(default_factory=DuplicatesConfig)
 
 
@@ -102,7 +122,7 @@ class CVConfig:
     """Cross-validation (cellcls.training.crossval): ``cv.folds=5`` trains 5 grouped, stratified folds in one run."""
 
     folds: int = 0  # 0: no cross-validation; k >= 2: k folds of the training (and validation) folders
-    fold: Optional[int] = None  # set by the driver for each fold's run (0-based); leave unset
+    fold: int | None = None  # set by the driver for each fold's run (0-based); leave unset
 
 
 @dataclass
@@ -123,7 +143,8 @@ class AugmentConfig:
 TOP_LEVEL = ("seed", "class_weights", "calibrate", "operating_point")
 GROUPS = ("dataset", "model", "optim", "scheduler", "augment", "trainer", "logger", "callbacks", "cv")
 SCHEMAS: dict[str, type] = {"trainer": TrainerConfig, "cv": CVConfig, "dataset": DatasetConfig, "augment": AugmentConfig,
-                            "dataset.render": RenderConfig, "dataset.duplicates": DuplicatesConfig}
+                            "dataset.render": RenderConfig, "dataset.table": TableConfig,
+                            "dataset.duplicates": DuplicatesConfig}
 
 
 def register() -> None:

@@ -53,8 +53,10 @@ def file_list_key(paths: Sequence[Path], settings: str) -> str:
     return digest.hexdigest()[:20]
 
 
-def cache_key(samples: Samples, channels: int, size: Sequence[int]) -> str:
-    return file_list_key(samples.paths, f"v{CACHE_VERSION}|{channels}|{tuple(size)}|{max_pixels()}")
+def cache_key(samples: Samples, channels: int, size: Sequence[int], window: Sequence[float] | None = None) -> str:
+    # a configured DICOM window changes the pixels; without one the key is what it always was
+    extra = f"|window={[float(v) for v in window]}" if window is not None else ""
+    return file_list_key(samples.paths, f"v{CACHE_VERSION}|{channels}|{tuple(size)}|{max_pixels()}{extra}")
 
 
 # Below this many images threads are enough; above it, worker processes (Pillow's PNG reader parses chunks in
@@ -64,7 +66,8 @@ CHUNK = 64
 
 
 def _decode_all(
-    file: Path, pixels: np.ndarray, samples: Samples, channels: int, size: Sequence[int], workers: int
+    file: Path, pixels: np.ndarray, samples: Samples, channels: int, size: Sequence[int], workers: int,
+    window: Sequence[float] | None = None,
 ) -> Iterator[tuple[int, str | None]]:
     """Decode every sample into its row of ``pixels`` (the memmap of ``file``), yielding (row, error or None)
     in order as rows finish."""
@@ -75,18 +78,22 @@ def _decode_all(
         # the workers only run Pillow and NumPy, which are safe after fork
         jobs = [[(i, str(samples.paths[i])) for i in range(start, min(start + CHUNK, n))] for start in range(0, n, CHUNK)]
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
-            for done in pool.map(decode_rows, repeat(str(file)), jobs, repeat(channels), repeat(list(size))):
+            for done in pool.map(decode_rows, repeat(str(file)), jobs, repeat(channels), repeat(list(size)),
+                                 repeat(window)):
                 yield from done
         return
     # Pillow releases the GIL while decoding and resizing; each thread writes its row itself
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        yield from zip(range(n), pool.map(lambda i: _decode_into(pixels, i, samples.paths[i], channels, size), range(n)))
+        yield from zip(range(n), pool.map(lambda i: _decode_into(pixels, i, samples.paths[i], channels, size, window),
+                                          range(n)))
 
 
-def _decode_into(pixels: np.ndarray, i: int, path: Path, channels: int, size: Sequence[int]) -> str | None:
+def _decode_into(
+    pixels: np.ndarray, i: int, path: Path, channels: int, size: Sequence[int], window: Sequence[float] | None
+) -> str | None:
     """Decode image ``i`` straight into its row of the cache; the reason when it cannot be read."""
     try:
-        pixels[i] = decode_image(path, channels, size)
+        pixels[i] = decode_image(path, channels, size, window=window)
     except DataError as exc:
         return str(exc.__cause__ or exc)
     return None
@@ -100,9 +107,10 @@ def decode_split(
     workers: int | None = None,
     desc: str = "decoding",
     progress: bool = True,
+    window: Sequence[float] | None = None,
 ) -> DecodedSplit:
     """Decode ``samples`` into the cache unless an entry for exactly these files and settings exists."""
-    key = cache_key(samples, channels, size)
+    key = cache_key(samples, channels, size, window)
     base = cache_root / "decoded"
     entry = base / key
     index = entry / "index.json"
@@ -119,7 +127,7 @@ def decode_split(
         )
         kept: list[int] = []
         skipped: list[tuple[str, str]] = []
-        rows = _decode_all(tmp / "images.npy", pixels, samples, channels, size, workers or os.cpu_count() or 1)
+        rows = _decode_all(tmp / "images.npy", pixels, samples, channels, size, workers or os.cpu_count() or 1, window)
         for i, error in tqdm(rows, total=len(samples), desc=desc, disable=not progress, mininterval=1.0, leave=False):
             if error is not None:
                 skipped.append((str(samples.paths[i]), error))

@@ -34,8 +34,9 @@ from cellcls.data.normalization import (
 )
 from cellcls.data.preprocessing import preprocessing_of
 from cellcls.data.reference import training_reference
-from cellcls.data.splits import cross_validation_fold, stratified_holdout
+from cellcls.data.splits import attach_groups, cross_validation_fold, stratified_holdout
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
+from cellcls.data.table import load_table
 from cellcls.data.transforms import build_transform
 from cellcls.errors import ConfigError, DataError
 from cellcls.paths import cache_dir
@@ -90,10 +91,28 @@ def resolve_layout(ds: DictConfig, root: Path) -> tuple[list[str], dict[str, Pat
     return classes, locate_splits(root, classes, names, aliases, int(ds.search_depth))
 
 
-def scan_folders(ds: DictConfig, folders: dict[str, Path], classes: list[str]) -> dict[str, Samples]:
-    """The image files of each split folder the download has, before any hold-out."""
+@dataclass
+class Scanned:
+    """A data set as its source lists it, before any hold-out: classes, the images of each split it names, the
+    non-image files passed over and the table rows whose file does not exist."""
+
+    classes: list[str]
+    splits: dict[str, Samples]
+    folders: dict[str, Path] = field(default_factory=dict)  # class-folder data sets: each split's folder
+    ignored: list[Path] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+
+
+def scan_dataset(ds: DictConfig, root: Path) -> Scanned:
+    """The images of each split that the download's folders (or ``dataset.table``) name, with their groups."""
+    if ds.get("table") is not None:
+        table = load_table(ds, root)
+        splits = {name: attach_groups(table.splits[name], ds) for name in SPLITS if name in table.splits}
+        return Scanned(table.classes, splits, missing=table.missing)
+    classes, folders = resolve_layout(ds, root)
     aliases = OmegaConf.to_container(ds.class_aliases)
-    return {name: scan_split(folders[name], classes, aliases) for name in SPLITS if name in folders}
+    splits = {name: attach_groups(scan_split(folders[name], classes, aliases), ds) for name in SPLITS if name in folders}
+    return Scanned(classes, splits, folders, [p for s in splits.values() for p in s.ignored])
 
 
 def fold_of(cfg: DictConfig) -> tuple[int, int] | None:
@@ -103,18 +122,17 @@ def fold_of(cfg: DictConfig) -> tuple[int, int] | None:
 
 
 def make_splits(
-    ds: DictConfig, folders: dict[str, Path], classes: list[str], seed: int, progress: bool = True,
+    ds: DictConfig, scanned: dict[str, Samples], classes: list[str], seed: int, progress: bool = True,
     fold: tuple[int, int] | None = None,
-) -> tuple[dict[str, Samples], list[Path], list[Leak]]:
-    """Train/val/test samples, the non-image files passed over, and what the held-out splits share with training.
+) -> tuple[dict[str, Samples], list[Leak]]:
+    """Train/val/test samples from the ``scanned`` splits, and what the held-out splits share with training.
 
-    A download's own split folders are used where present, else seeded stratified hold-outs from the training
-    folder (``test_fraction`` first, then ``val_fraction``), keeping each patient (``split_by=patient``) or each
+    A download's own splits are used where present, else seeded stratified hold-outs from the training split
+    (``test_fraction`` first, then ``val_fraction``), keeping each patient (``split_by=patient``) or each
     near-duplicate cluster (``split_by=duplicates``) on one side. With ``fold=(k, K)`` the test split is fold k of a
-    K-fold split of the training (and validation) folders instead; a download's own test folder is left out.
+    K-fold split of the training (and validation) images instead; a download's own test split is left out.
     """
-    scanned = scan_folders(ds, folders, classes)
-    ignored = [p for s in scanned.values() for p in s.ignored]
+    scanned = dict(scanned)
     check = str(ds.leakage_check)
     clusters = None
     if ds.split_by == "duplicates" or (check == "duplicates"):
@@ -131,7 +149,7 @@ def make_splits(
             scanned["train"], scanned[split] = stratified_holdout(train, float(fraction), seed + offset, groups)
     splits = {name: scanned[name] for name in SPLITS if name in scanned}
     leaks = find_leaks(splits, ds, clusters) if check != "off" else []
-    return splits, ignored, leaks
+    return splits, leaks
 
 
 def _require_every_class(samples: Samples, classes: list[str], split: str) -> None:
@@ -150,7 +168,7 @@ def _training_statistics(
     pixels = []
     for i in sample_rows(len(train)):
         try:
-            pixels.append(decode_image(train.paths[i], prep["channels"], prep["image_size"]))
+            pixels.append(decode_image(train.paths[i], prep["channels"], prep["image_size"], window=prep.get("window")))
         except DataError:
             continue  # reported when training reaches it
     if not pixels:
@@ -190,9 +208,10 @@ def build_data(
     ``fold=(k, K)`` the splits are those of cross-validation fold k (see :func:`make_splits`).
     """
     root = resolve_root(ds)
-    classes, folders = resolve_layout(ds, root)
-    splits, ignored, leaks = make_splits(ds, folders, classes, seed if ds.split_seed is None else int(ds.split_seed),
-                                         fold=fold)
+    scanned = scan_dataset(ds, root)
+    classes = scanned.classes
+    splits, leaks = make_splits(ds, scanned.splits, classes, seed if ds.split_seed is None else int(ds.split_seed),
+                                fold=fold)
     warn_leaks(leaks)
     prep = preprocessing_of(ds)
     use_cache = bool(ds.cache)
@@ -200,13 +219,13 @@ def build_data(
     workers = int(ds.num_workers)
     generator = torch.Generator().manual_seed(seed)
     loaders: dict[str, DataLoader | DeviceBatches] = {}
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = list(scanned.missing)
     train_sampler: DistributedSampler | None = None
     decoded: dict[str, DecodedSplit] = {}
     if use_cache:  # every split first: `auto` normalisation needs the training split's pixels
         for name, samples in splits.items():
             decoded[name] = decode_split(samples, prep["channels"], prep["image_size"], cache_dir(),
-                                         desc=f"decoding {name} (first use)")
+                                         desc=f"decoding {name} (first use)", window=prep["window"])
             if decoded[name].decoded:
                 log.info("decoded %d %s images into the cache %s", decoded[name].decoded, name, decoded[name].file.parent)
             skipped += decoded[name].skipped
@@ -222,7 +241,7 @@ def build_data(
         if use_cache:
             dataset = CachedImages(decoded[name].file, decoded[name].kept, samples.labels, transform)
         else:
-            dataset = ImageFiles(samples, prep["channels"], prep["image_size"], transform)
+            dataset = ImageFiles(samples, prep["channels"], prep["image_size"], transform, prep["window"])
         _require_every_class(samples, classes, name)
         batch_size = int(ds.batch_size) if name == "train" or not eval_batch_size else int(eval_batch_size)
         sampler = None
@@ -248,4 +267,4 @@ def build_data(
             persistent_workers=workers > 0,
             collate_fn=None if use_cache else skip_none_collate,
         )
-    return DataBundle(root, classes, splits, loaders, prep, generator, ignored, skipped, train_sampler)
+    return DataBundle(root, classes, splits, loaders, prep, generator, scanned.ignored, skipped, train_sampler)

@@ -17,10 +17,11 @@ from cellcls.errors import DataError
 
 
 def load_image(
-    source: Path | BinaryIO, channels: int, size: Sequence[int], name: str | None = None, limit: int | None = None
+    source: Path | BinaryIO, channels: int, size: Sequence[int], name: str | None = None, limit: int | None = None,
+    window: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """:func:`cellcls.data.decode.decode_image` as a ``channels x H x W`` uint8 tensor."""
-    return torch.from_numpy(decode_image(source, channels, size, name, limit))
+    return torch.from_numpy(decode_image(source, channels, size, name, limit, window))
 
 
 class CachedImages(Dataset):
@@ -63,8 +64,10 @@ class ImageFiles(Dataset):
         channels: int,
         image_size: Sequence[int],
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        window: Sequence[float] | None = None,
     ) -> None:
         self.samples = samples
+        self.window = window
         self.channels = channels
         self.image_size = tuple(int(s) for s in image_size)
         self.transform = transform
@@ -74,7 +77,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         try:
-            image = load_image(self.samples.paths[index], self.channels, self.image_size)
+            image = load_image(self.samples.paths[index], self.channels, self.image_size, window=self.window)
         except DataError as exc:  # one bad file must not end a long run; skip_none_collate drops it
             warnings.warn(f"skipping unreadable image: {exc}", stacklevel=1)
             return None

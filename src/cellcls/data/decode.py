@@ -29,19 +29,20 @@ def max_pixels() -> int:
 
 
 def decode_image(
-    source: Path | BinaryIO, channels: int, size: Sequence[int], name: str | None = None, limit: int | None = None
+    source: Path | BinaryIO, channels: int, size: Sequence[int], name: str | None = None, limit: int | None = None,
+    window: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Decode a file (or an open binary stream) to a ``channels x H x W`` uint8 array: EXIF orientation applied,
     any Pillow mode converted to L or RGB, resized with antialiasing to ``size`` (height, width).
 
     Images over ``limit`` pixels (default :func:`max_pixels`) are refused before their pixels are decoded
     (decompression bombs, and no 144-megapixel scan is worth decoding for a 128-pixel model); ``name`` is what
-    error messages call a stream.
+    error messages call a stream; ``window`` (centre, width) replaces a DICOM file's own window.
     """
     def resize(im: Image.Image) -> Image.Image:
         return im.resize((int(size[1]), int(size[0])), Image.Resampling.BILINEAR, reducing_gap=None)
 
-    im = read_image(source, channels, name, limit, resize)
+    im = read_image(source, channels, name, limit, resize, window)
     return np.asarray(im).reshape(im.height, im.width, -1).transpose(2, 0, 1).copy()  # writable, C order
 
 
@@ -51,13 +52,14 @@ def read_image(
     name: str | None = None,
     limit: int | None = None,
     then: Callable[[Image.Image], Image.Image] | None = None,
+    window: Sequence[float] | None = None,
 ) -> Image.Image:
     """Open an image the way :func:`decode_image` does (pixel limit, EXIF orientation, L or RGB) and apply ``then``
     (a resize) while the file is open; any failure is a :class:`DataError` naming the file."""
     label = name or str(source)
     limit = max_pixels() if limit is None else limit
     if is_dicom(source):
-        im = read_dicom(source, label, limit)
+        im = read_dicom(source, label, limit, window)
         mode = "RGB" if channels == 3 else "L"
         im = im if im.mode == mode else im.convert(mode)
         return then(im) if then is not None else im
@@ -116,14 +118,16 @@ def _to_l(im: Image.Image) -> Image.Image:
     return Image.fromarray(scaled.astype(np.uint8))
 
 
-def decode_rows(file: str, jobs: Sequence[tuple[int, str]], channels: int, size: Sequence[int]) -> list[tuple[int, str | None]]:
+def decode_rows(
+    file: str, jobs: Sequence[tuple[int, str]], channels: int, size: Sequence[int], window: Sequence[float] | None = None
+) -> list[tuple[int, str | None]]:
     """Decode ``(row, path)`` jobs straight into the rows of the ``.npy`` cache ``file`` (a worker process's
     task); returns each row with the reason it could not be read, or None."""
     pixels = np.load(file, mmap_mode="r+")
     done: list[tuple[int, str | None]] = []
     for row, path in jobs:
         try:
-            pixels[row] = decode_image(Path(path), channels, size)
+            pixels[row] = decode_image(Path(path), channels, size, window=window)
             done.append((row, None))
         except DataError as exc:
             done.append((row, str(exc.__cause__ or exc)))

@@ -10,13 +10,14 @@ read: patient data is never logged or returned.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
-from cellcls.errors import DataError
+from cellcls.errors import ConfigError, DataError
 
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
 MAGIC_OFFSET = 128  # the Part 10 preamble, then b"DICM"
@@ -60,8 +61,31 @@ def dicom_header(source: Path | BinaryIO, label: str) -> tuple[int, int, str]:
     return int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), f"DICOM {ds.get('PhotometricInterpretation', '')}".strip()
 
 
-def read_dicom(source: Path | BinaryIO, label: str, limit: int) -> Image.Image:
-    """The image of a DICOM file as an 8-bit Pillow image (L, or RGB for colour files)."""
+def header_values(paths: Sequence[Path], keyword: str) -> list[str | None]:
+    """The value of the header element ``keyword`` (e.g. ``PatientID``) of each file; None where a file is not a
+    readable DICOM file or lacks it. Only that element is parsed."""
+    try:
+        import pydicom
+        from pydicom.datadict import tag_for_keyword
+        from pydicom.errors import InvalidDicomError
+    except ImportError as exc:
+        raise ConfigError("dataset.group_tag reads DICOM headers: it needs pydicom (pip install 'cellcls[dicom]')") from exc
+    if tag_for_keyword(keyword) is None:
+        raise ConfigError(f"dataset.group_tag={keyword!r} is not a DICOM keyword (e.g. PatientID, StudyInstanceUID)")
+    values: list[str | None] = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[keyword])
+            value = str(ds.get(keyword, "") or "").strip()
+        except (InvalidDicomError, OSError, ValueError, EOFError):  # no group; counted by the caller
+            value = ""
+        values.append(value or None)
+    return values
+
+
+def read_dicom(source: Path | BinaryIO, label: str, limit: int, window: Sequence[float] | None = None) -> Image.Image:
+    """The image of a DICOM file as an 8-bit Pillow image (L, or RGB for colour files); ``window`` (centre, width,
+    in modality units such as Hounsfield) replaces the file's own VOI LUT or window (``dataset.dicom_window``)."""
     ds = _dataset(source, label, pixels=True)
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -87,7 +111,11 @@ def read_dicom(source: Path | BinaryIO, label: str, limit: int) -> Image.Image:
         return Image.fromarray(_to_uint8(pixels, *_stored_range(ds)), mode="RGB")
     values = apply_modality_lut(pixels, ds)
     low, high = float(values.min()), float(values.max())
-    if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
+    if window is not None:  # linear, as DICOM's window: centre +- width / 2 spans the output range
+        centre, width = (float(v) for v in window)
+        low, high = centre - width / 2, centre + width / 2
+        values = np.clip(np.asarray(values, dtype=np.float64), low, high)
+    elif "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
         values = apply_voi_lut(values, ds)
         low, high = _voi_range(ds, values)
     values = np.asarray(values, dtype=np.float64)

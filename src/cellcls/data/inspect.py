@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from cellcls.config.checks import validate
-from cellcls.data.datamodule import make_splits, resolve_layout, resolve_root
-from cellcls.data.splits import group_ids
+from cellcls.data.datamodule import make_splits, resolve_root, scan_dataset
+from cellcls.data.splits import group_source
 from cellcls.data.summary import count_table, image_properties
 from cellcls.errors import ConfigError, DataError
 from cellcls.paths import config_dir
@@ -23,11 +23,12 @@ from cellcls.training.losses import balanced_class_weights
 
 def group_lines(ds: DictConfig, splits: dict) -> list[str]:
     """How many patients (groups) each split holds and how many it shares with train: what makes a split honest."""
-    if not ds.group_pattern:
-        return ["patients/groups: not known from the file names (dataset.group_pattern is unset), so a split cannot "
-                "keep one patient's images together; counts are images"]
-    groups = {name: set(group_ids(samples, str(ds.group_pattern))) for name, samples in splits.items()}
-    lines = [f"patients/groups per split (dataset.group_pattern={ds.group_pattern}):"]
+    source = group_source(ds)
+    if source is None or any(samples.groups is None for samples in splits.values()):
+        return ["patients/groups: not known (none of dataset.group_pattern, dataset.group_tag, dataset.table.group is "
+                "set), so a split cannot keep one patient's images together; counts are images"]
+    groups = {name: set(samples.groups or []) for name, samples in splits.items()}
+    lines = [f"patients/groups per split ({source}):"]
     for name, found in groups.items():
         shared = f"; {len(found & groups['train'])} also in train" if name != "train" else ""
         lines.append(f"  {name:<5} {len(found)}{shared}")
@@ -38,11 +39,17 @@ def describe(cfg: DictConfig) -> str:
     """The report ``inspect`` prints for a composed training config."""
     ds = cfg.dataset
     root = resolve_root(ds)
-    classes, folders = resolve_layout(ds, root)
-    splits, ignored, leaks = make_splits(ds, folders, classes, int(cfg.seed))
+    scanned = scan_dataset(ds, root)
+    classes, ignored = scanned.classes, scanned.ignored
+    splits, leaks = make_splits(ds, scanned.splits, classes, int(cfg.seed))
     lines = [f"data set {ds.name} at {root}"]
-    lines += [f"  {name:<5} folder: {path}" for name, path in folders.items()]
-    held = [s for s in ("val", "test") if s in splits and s not in folders]
+    lines += [f"  {name:<5} folder: {path}" for name, path in scanned.folders.items()]
+    if ds.get("table") is not None:
+        lines.append(f"  table: {ds.table.file} ({', '.join(f'{n} {len(s)}' for n, s in scanned.splits.items())} "
+                     f"images by its split column)" if ds.table.split else f"  table: {ds.table.file}")
+    if scanned.missing:
+        lines.append(f"  {len(scanned.missing)} row(s) name a missing file (skipped), e.g. {scanned.missing[0][1]}")
+    held = [s for s in ("val", "test") if s in splits and s not in scanned.splits]
     if held:
         lines.append(f"  held out of train: {', '.join(held)} (split_by={ds.split_by}, seed={cfg.seed})")
     lines += ["", "images per class:", count_table(splits, classes), "", "class balance:"]

@@ -16,20 +16,27 @@ SKIP_DIRS = re.compile(r"^(__MACOSX|\..*)$")
 
 @dataclass
 class Samples:
-    """Image files and their class indices, plus what was passed over while scanning."""
+    """Image files and their class indices, plus what was passed over while scanning.
+
+    ``groups`` (when known) is each file's patient, lesion or slide: from the file name (``dataset.group_pattern``),
+    a DICOM header (``dataset.group_tag``) or a table column (``dataset.table.group``); see
+    :func:`cellcls.data.splits.attach_groups`."""
 
     paths: list[Path] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
+    groups: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __add__(self, other: Samples) -> Samples:
-        return Samples(self.paths + other.paths, self.labels + other.labels, self.ignored + other.ignored)
+        groups = None if self.groups is None or other.groups is None else self.groups + other.groups
+        return Samples(self.paths + other.paths, self.labels + other.labels, self.ignored + other.ignored, groups)
 
     def subset(self, indices: Sequence[int]) -> Samples:
-        return Samples([self.paths[i] for i in indices], [self.labels[i] for i in indices])
+        groups = None if self.groups is None else [self.groups[i] for i in indices]
+        return Samples([self.paths[i] for i in indices], [self.labels[i] for i in indices], groups=groups)
 
 
 def _subdirs(folder: Path) -> list[Path]:

@@ -1,6 +1,7 @@
 """Which images of a validation or test split share a patient, a group or a near-duplicate with training.
 
-The groups come from the file names (``dataset.group_pattern``: patients, slides) and from the near-duplicate
+The groups are the samples' own (patients, lesions, slides: from the file names, DICOM headers or a table column; see
+:func:`cellcls.data.splits.attach_groups`) and the near-duplicate
 clusters of :mod:`cellcls.data.duplicates` (copies of one original photo). A run logs one warning per leak at start,
 ``inspect`` and the audit print them; :func:`group_labels` is also what the grouped hold-outs split on.
 """
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from cellcls.config.schema import DuplicatesConfig
 from cellcls.data.duplicates import cached_duplicates
 from cellcls.data.layout import Samples
-from cellcls.data.splits import group_ids
+from cellcls.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +27,13 @@ class Leak:
     """``images`` of ``split`` (of ``total``) share one of ``groups`` groups of ``kind`` with the training split."""
 
     split: str
-    kind: str  # "patient" (dataset.group_pattern) or "near-duplicate"
+    kind: str  # "patient" (the samples' groups) or "near-duplicate"
     images: int
     total: int
     groups: int
 
     def message(self) -> str:
-        what = "a patient/group (dataset.group_pattern)" if self.kind == "patient" else "a near-duplicate cluster"
+        what = "a patient/group" if self.kind == "patient" else "a near-duplicate cluster"
         return (f"{self.images} of {self.total} {self.split} images ({self.images / self.total:.0%}) share {what} "
                 f"with the training split ({self.groups} shared); their scores are optimistic")
 
@@ -49,7 +50,10 @@ def duplicate_clusters(splits: dict[str, Samples], ds: DictConfig, progress: boo
 def group_labels(samples: Samples, ds: DictConfig, clusters: dict[Path, str] | None) -> list[str] | None:
     """The group of each sample that ``dataset.split_by`` keeps on one side of a split (None: by image)."""
     if ds.split_by == "patient":
-        return group_ids(samples, str(ds.group_pattern))
+        if samples.groups is None:
+            raise DataError("dataset.split_by=patient: the images have no patient groups; set dataset.group_pattern, "
+                            "dataset.group_tag or dataset.table.group")
+        return samples.groups
     if ds.split_by == "duplicates":
         assert clusters is not None, "split_by=duplicates needs the clusters"
         return [clusters[p] for p in samples.paths]
@@ -57,10 +61,14 @@ def group_labels(samples: Samples, ds: DictConfig, clusters: dict[Path, str] | N
 
 
 def interval_groups(ds: DictConfig, samples: Samples, splits: dict[str, Samples]) -> list[str] | None:
-    """The groups a split's confidence intervals resample: patients (``group_pattern``), else near-duplicate
-    clusters when the data set is split by them; None when images are independent as far as cellcls knows."""
-    if ds.group_pattern:
-        return group_ids(samples, str(ds.group_pattern))
+    """The groups a split's confidence intervals resample: patients (the samples' groups, or those of the same files
+    in ``splits``), else near-duplicate clusters when the data set is split by them; None when images are independent
+    as far as cellcls knows."""
+    if samples.groups is not None:
+        return samples.groups
+    known = {p: g for s in splits.values() if s.groups is not None for p, g in zip(s.paths, s.groups, strict=True)}
+    if known:
+        return [known.get(p, f"file:{p.name}") for p in samples.paths]
     if ds.split_by == "duplicates":
         clusters = duplicate_clusters(splits, ds, progress=False)
         return [clusters[p] for p in samples.paths]
@@ -68,11 +76,11 @@ def interval_groups(ds: DictConfig, samples: Samples, splits: dict[str, Samples]
 
 
 def find_leaks(splits: dict[str, Samples], ds: DictConfig, clusters: dict[Path, str] | None) -> list[Leak]:
-    """Leaks of each non-training split into training, by patient (when ``group_pattern`` is set) and by
+    """Leaks of each non-training split into training, by patient (when the samples have groups) and by
     near-duplicate cluster (when ``clusters`` are known)."""
     kinds: dict[str, dict[str, list[str]]] = {}
-    if ds.group_pattern:
-        kinds["patient"] = {name: group_ids(samples, str(ds.group_pattern)) for name, samples in splits.items()}
+    if all(samples.groups is not None for samples in splits.values()):
+        kinds["patient"] = {name: list(samples.groups or []) for name, samples in splits.items()}
     if clusters is not None:
         kinds["near-duplicate"] = {name: [clusters[p] for p in samples.paths] for name, samples in splits.items()}
     leaks = []

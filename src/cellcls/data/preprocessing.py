@@ -28,6 +28,7 @@ def preprocessing_of(ds: DictConfig) -> dict[str, Any]:
         "channels": int(ds.channels),
         "mean": numbers(ds.mean),
         "std": numbers(ds.std),
+        "window": numbers(ds.get("dicom_window")),  # DICOM only: [centre, width] replacing the file's window
         "resize": "bilinear",
         "scale": "1/255",
     }
@@ -73,6 +74,7 @@ def input_spec(preprocessing: dict[str, Any]) -> dict[str, Any]:
         "width": width,
         "resize": "bilinear with antialiasing to height x width (Pillow Image.resize, BILINEAR), EXIF orientation applied",
         "scale": "pixel / 255",
+        "dicom_window": list(preprocessing["window"]) if preprocessing.get("window") is not None else None,
         "mean": list(preprocessing["mean"]) if preprocessing.get("mean") is not None else None,
         "std": list(preprocessing["std"]) if preprocessing.get("std") is not None else None,
         "training_range": preprocessing.get("reference") or None,  # see cellcls.data.reference

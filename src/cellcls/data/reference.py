@@ -41,7 +41,7 @@ def training_reference(train: Samples, decoded: DecodedSplit | None, prep: dict[
         means = []
         for i in rows:
             try:
-                means.append(float(decode_image(train.paths[i], prep["channels"], prep["image_size"]).mean()) / 255)
+                means.append(float(decode_image(train.paths[i], prep["channels"], prep["image_size"], window=prep.get("window")).mean()) / 255)
             except DataError:
                 continue
     if not means or not widths:

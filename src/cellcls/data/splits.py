@@ -9,8 +9,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+from cellcls.data.dicom import header_values
 from cellcls.data.layout import Samples
 from cellcls.errors import ConfigError, DataError
 from cellcls.run_folder import RunFolder, write_csv
@@ -42,6 +44,36 @@ def group_ids(samples: Samples, pattern: str) -> list[str]:
     return groups
 
 
+def group_source(ds: DictConfig) -> str | None:
+    """The setting that says which patient (lesion, slide) each image belongs to, or None when none does."""
+    table = ds.get("table")
+    for name, value in (("dataset.group_pattern", ds.group_pattern), ("dataset.group_tag", ds.get("group_tag")),
+                        ("dataset.table.group", table.group if table is not None else None)):
+        if value:
+            return f"{name}={value}"
+    return None
+
+
+def attach_groups(samples: Samples, ds: DictConfig) -> Samples:
+    """``samples`` with each file's group: the first group of ``dataset.group_pattern`` in its name, or the DICOM
+    header keyword ``dataset.group_tag`` (PatientID); kept as they are when already known (a table's group column)
+    or when neither is set."""
+    if samples.groups is not None:
+        return samples
+    if ds.group_pattern:
+        samples.groups = group_ids(samples, str(ds.group_pattern))
+    elif ds.get("group_tag"):
+        tag = str(ds.group_tag)
+        values = header_values(samples.paths, tag)
+        missing = sum(v is None for v in values)
+        if missing:
+            # counts only: header values are patient data and stay out of the logs
+            log.warning("%d of %d file(s) have no readable DICOM %s (dataset.group_tag); each is its own group",
+                        missing, len(values), tag)
+        samples.groups = [f"file:{p.name}" if v is None else v for p, v in zip(samples.paths, values, strict=True)]
+    return samples
+
+
 def stratified_holdout(
     samples: Samples, fraction: float, seed: int, groups: list[str] | None = None
 ) -> tuple[Samples, Samples]:
@@ -54,7 +86,12 @@ def stratified_holdout(
         raise ConfigError(f"a hold-out fraction (dataset.val_fraction / test_fraction) must be in (0, 1), got {fraction}")
     indices = np.arange(len(samples))
     if groups is None:
-        kept, held = train_test_split(indices, test_size=fraction, stratify=samples.labels, random_state=seed)
+        try:
+            kept, held = train_test_split(indices, test_size=fraction, stratify=samples.labels, random_state=seed)
+        except ValueError as exc:  # sklearn: a class too small to stratify
+            counts = np.bincount(np.asarray(samples.labels))
+            raise DataError(f"cannot hold out {fraction:.0%} stratified by class: the training images per class are "
+                            f"{counts.tolist()} (each class needs at least 2, and enough for both sides)") from exc
     else:
         n_splits = max(2, round(1 / fraction))
         n_groups = len(set(groups))

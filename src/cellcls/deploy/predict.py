@@ -14,6 +14,7 @@ from PIL import Image
 
 from cellcls.data.dataset import load_image
 from cellcls.data.layout import IMAGE_EXTENSIONS
+from cellcls.data.table import is_table, table_paths
 from cellcls.deploy.predictor import Predictor
 from cellcls.errors import DataError, printable
 from cellcls.evaluation import plots
@@ -37,8 +38,11 @@ class Prediction:
         return f"{printable(self.file)}: {label} ({100 * self.probabilities[list(classes).index(label)]:.2f}%)"
 
 
-def list_inputs(location: Path) -> list[Path]:
-    """The image file, or every image below the folder (sorted; other files are left alone)."""
+def list_inputs(location: Path, column: str = "path", template: str | None = None) -> list[Path]:
+    """The image file, every image below the folder (sorted; other files are left alone), or the images a table
+    (CSV/Parquet) lists in ``column`` (or by ``template``), relative to its folder, in its order."""
+    if is_table(location):
+        return table_paths(location, column, template)
     if location.is_file():
         return [location]
     if location.is_dir():
@@ -57,7 +61,7 @@ def predict_files(
         chunk, images = [], []
         for path in files[start : start + batch_size]:
             try:
-                images.append(load_image(path, prep["channels"], prep["image_size"]))
+                images.append(load_image(path, prep["channels"], prep["image_size"], window=prep.get("window")))
                 chunk.append(path)
             except DataError as exc:
                 skipped.append((path, str(exc.__cause__ or exc)))

@@ -73,7 +73,8 @@ class Classifier:
         if len(data) > self.limits.max_image_bytes:
             raise DataError(f"{name} is {len(data) / 2**20:.1f} MB; the limit is {self.limits.max_image_mb:g} MB per image")
         prep = self.predictor.preprocessing
-        return load_image(io.BytesIO(data), prep["channels"], prep["image_size"], name=name, limit=self.limits.max_pixels)
+        return load_image(io.BytesIO(data), prep["channels"], prep["image_size"], name=name, limit=self.limits.max_pixels,
+                          window=prep.get("window"))
 
     def classify_base64(self, name: str, text: str, cam: bool = True) -> dict[str, Any]:
         """:meth:`classify` for a file sent as base64 text (the JSON API's form)."""

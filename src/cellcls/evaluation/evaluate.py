@@ -5,7 +5,9 @@ predictions.csv and figures; the scores and figures also go to the run's loggers
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import operator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from cellcls.config.checks import apply_overrides
+from cellcls.config.schema import TableConfig
 from cellcls.data.cache import decode_split
 from cellcls.data.datamodule import build_data, fold_of
 from cellcls.data.dataset import CachedImages, load_image
 from cellcls.data.layout import Samples, scan_split
 from cellcls.data.leakage import interval_groups
-from cellcls.data.splits import group_ids
+from cellcls.data.splits import attach_groups
+from cellcls.data.table import is_table, load_table
 from cellcls.data.transforms import build_augment, build_transform
 from cellcls.errors import ConfigError, DataError
 from cellcls.evaluation import plots
@@ -60,19 +64,32 @@ class ImageRows:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return load_image(self.samples.paths[int(i)], self.prep["channels"], self.prep["image_size"]).numpy()
+        return load_image(self.samples.paths[int(i)], self.prep["channels"], self.prep["image_size"],
+                          window=self.prep.get("window")).numpy()
 
 
-def _folder_data(loaded: LoadedModel, folder: Path, batch_size: int) -> tuple[Samples, DataLoader, list]:
-    """A class-folder directory scored with the checkpoint's classes (matched case-insensitively)."""
-    aliases = OmegaConf.to_container(loaded.config.dataset.class_aliases)
-    samples = scan_split(folder, loaded.classes, aliases)
+def _external_data(loaded: LoadedModel, data: Path, batch_size: int) -> tuple[Samples, DataLoader, list, Path]:
+    """A class-folder directory, or a table (``dataset.table`` settings; paths relative to the table's folder,
+    every row whatever its split), scored with the checkpoint's classes; returns its images root too."""
+    ds = loaded.config.dataset
+    missing: list[tuple[str, str]] = []
+    if is_table(data):
+        table = OmegaConf.merge(OmegaConf.structured(TableConfig), ds.get("table") or {}, {"file": str(data), "split": None})
+        external = OmegaConf.merge(ds, {"table": table, "classes": list(loaded.classes)})
+        root = data.parent
+        found = load_table(external, root)
+        samples = functools.reduce(operator.add, found.splits.values())
+        missing = found.missing
+    else:
+        root = data
+        samples = attach_groups(scan_split(data, loaded.classes, OmegaConf.to_container(ds.class_aliases)), ds)
     prep = loaded.preprocessing
-    decoded = decode_split(samples, prep["channels"], prep["image_size"], cache_dir(), desc=f"decoding {folder.name}")
+    decoded = decode_split(samples, prep["channels"], prep["image_size"], cache_dir(), desc=f"decoding {data.name}",
+                           window=prep.get("window"))
     kept = samples.subset(decoded.kept)
     transform = build_transform(None, prep["mean"], prep["std"])
     dataset = CachedImages(decoded.file, decoded.kept, kept.labels, transform)
-    return kept, DataLoader(dataset, batch_size=batch_size), decoded.skipped
+    return kept, DataLoader(dataset, batch_size=batch_size), missing + decoded.skipped, root
 
 
 def evaluate(
@@ -101,9 +118,12 @@ def evaluate(
     t = cfg.trainer
     batch = eval_batch_size(t.eval_batch_size, int(cfg.dataset.batch_size), loaded.device)
     if data is not None:
-        folder = Path(data).expanduser().resolve()
-        samples, loader, skipped = _folder_data(loaded, folder, batch)
-        name, root = folder.name, folder
+        source = Path(data).expanduser().resolve()
+        if not source.exists():
+            raise DataError(f"data={data}: no such folder or table")
+        samples, loader, skipped, root = _external_data(loaded, source, batch)
+        name = source.stem if source.is_file() else source.name
+        groups = samples.groups
     else:
         bundle = build_data(cfg.dataset, None, int(cfg.seed), loaded.device, str(t.pipeline), batch,
                             fold=fold_of(cfg))
@@ -116,8 +136,6 @@ def evaluate(
     # the same pass the training run's validation and test used, so the numbers match exactly
     logits, targets = run_inference(loaded.model, loader, loaded.device)
     probs = loaded.decision.probabilities(logits).numpy()
-    if data is not None and cfg.dataset.group_pattern:
-        groups = group_ids(samples, str(cfg.dataset.group_pattern))
     if groups is not None and len(groups) != len(targets):  # uncached images that failed to decode mid-pass
         groups = None
     threshold = loaded.threshold if threshold is None else threshold
@@ -182,12 +200,12 @@ def per_patient(y: np.ndarray, probs: np.ndarray, samples: Samples, ds: DictConf
     """Metrics over patients (one aggregated prediction each) and ``patients.csv``."""
     if group_by != "patient":
         raise ConfigError(f"group_by={group_by!r} is not valid; allowed value: patient")
-    if not ds.group_pattern:
-        raise ConfigError("group_by=patient needs dataset.group_pattern (the patient id in the file name); "
-                          f"the {ds.name} data set has none")
+    if samples.groups is None:
+        raise ConfigError("group_by=patient needs each image's patient: dataset.group_pattern (in the file name), "
+                          f"dataset.group_tag (DICOM) or dataset.table.group; the {ds.name} data set has none")
     if len(y) != len(samples):
         raise DataError("group_by=patient: some images could not be decoded; fix or remove them (see the warnings)")
-    names, truth, scores, counts = aggregate(y, probs, group_ids(samples, str(ds.group_pattern)), rule)
+    names, truth, scores, counts = aggregate(y, probs, samples.groups, rule)
     predicted = labels_of(scores, threshold)
     write_patients(out / "patients.csv", names, truth, scores, counts, predicted, classes)
     metrics = evaluate_predictions(truth, scores, classes, threshold, n_boot, seed=seed)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls.data.datamodule import resolve_layout, resolve_root, scan_folders
+from cellcls.data.datamodule import resolve_root, scan_dataset
 from cellcls.data.layout import Samples
 from cellcls.data.leakage import interval_groups
 from cellcls.errors import ConfigError, DataError
@@ -116,8 +116,7 @@ def _classes(folder: RunFolder) -> list[str]:
 
 
 def _scanned(cfg: DictConfig) -> dict[str, Samples]:
-    classes, folders = resolve_layout(cfg.dataset, resolve_root(cfg.dataset))
-    return scan_folders(cfg.dataset, folders, classes)
+    return scan_dataset(cfg.dataset, resolve_root(cfg.dataset)).splits
 
 
 def _as_arrays(rows: list[dict[str, Any]], classes: list[str], cfg: DictConfig) -> tuple[Samples, np.ndarray, np.ndarray]:

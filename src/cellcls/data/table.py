@@ -1,0 +1,218 @@
+"""Data sets listed in a table (``dataset=csv``): a CSV or Parquet file with one row per image.
+
+Each row gives an image path (relative to ``dataset.root``, or built from columns by ``path_template``), a label
+(mapped to a class by ``label_map``), and optionally a group (patient, lesion) and a split. Rows that name an unknown
+label or split, repeat an image, leave the images root or are empty are refused all at once, each named by its line;
+rows whose file does not exist are skipped and listed, as unreadable images are.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cellcls.data.layout import Samples
+from cellcls.errors import ConfigError, DataError, nearest
+
+log = logging.getLogger(__name__)
+PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
+TABLE_SUFFIXES = frozenset({".csv", ".tsv"}) | PARQUET_SUFFIXES
+SHOWN = 20  # bad rows listed in one error; the rest are counted
+
+
+@dataclass
+class TableData:
+    """What a table holds: its classes, the images of each split it names, and the rows passed over."""
+
+    classes: list[str]
+    splits: dict[str, Samples]
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (path, why) for rows whose file does not exist
+    dropped: int = 0  # rows whose label label_map maps to null
+
+
+def is_table(path: Path) -> bool:
+    """Whether ``path`` is a file cellcls reads as a table (by extension)."""
+    return path.suffix.lower() in TABLE_SUFFIXES and path.is_file()
+
+
+def table_file(setting: str, root: Path) -> Path:
+    """``dataset.table.file``: absolute, relative to the working folder, or relative to the images root."""
+    given = Path(setting).expanduser()
+    for candidate in (given, root / given):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise DataError(f"dataset.table.file={setting}: no such file (looked in the working folder and in {root})")
+
+
+def read_rows(file: Path) -> tuple[list[str], Iterator[tuple[str, dict[str, str]]]]:
+    """The column names and ``(where, row)`` pairs of a CSV/TSV (``line N``, as an editor numbers it) or Parquet
+    (``row N``, 0-based as pandas shows it) file; every value as text, empty for missing."""
+    if file.suffix.lower() in PARQUET_SUFFIXES:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise DataError(f"{file}: reading Parquet tables needs pyarrow (pip install 'cellcls[parquet]')") from exc
+        try:
+            table = pq.read_table(file)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{file}: not a readable Parquet file ({exc})") from exc
+        columns = list(table.column_names)
+        return columns, ((f"row {i}", {k: "" if v is None else str(v) for k, v in r.items()})
+                         for i, r in enumerate(table.to_pylist()))
+    fh = file.open(newline="", encoding="utf-8-sig")  # -sig: Excel writes a byte-order mark
+    reader = csv.DictReader(fh, delimiter="\t" if file.suffix.lower() == ".tsv" else ",")
+    try:
+        columns = list(reader.fieldnames or [])
+    except (UnicodeDecodeError, csv.Error) as exc:
+        fh.close()
+        raise DataError(f"{file}: not a readable UTF-8 CSV file ({exc})") from exc
+
+    def rows() -> Iterator[tuple[str, dict[str, str]]]:
+        with fh:
+            try:
+                for row in reader:
+                    yield f"line {reader.line_num}", {k: (v or "").strip() for k, v in row.items() if k is not None}
+            except (UnicodeDecodeError, csv.Error) as exc:
+                raise DataError(f"{file} line {reader.line_num}: cannot be read ({exc})") from exc
+
+    return columns, rows()
+
+
+def table_paths(file: Path, column: str = "path", template: str | None = None) -> list[Path]:
+    """The image paths a table lists (its ``column``, or ``template`` filled from its columns), relative to the
+    table's folder; what ``predict input=<table>`` predicts."""
+    columns, rows = read_rows(file)
+    _require_columns(file, columns, {f"path_template ({{{c}}})": c for c in _template_columns(template)}
+                     if template else {"path": column})
+    paths = []
+    for where, row in rows:
+        value = template.format(**row) if template else row[column]
+        if not value:
+            raise DataError(f"{file} {where}: empty path")
+        paths.append(Path(os.path.normpath(file.parent / value)))
+    return paths
+
+
+def _require_columns(file: Path, columns: Sequence[str], wanted: Mapping[str, str | None]) -> None:
+    for setting, column in wanted.items():
+        if column and column not in columns:
+            raise DataError(f"{file}: no column {column!r} (dataset.table.{setting}){nearest(column, columns)}; "
+                            f"the table's columns: {', '.join(columns)}")
+
+
+def _template_columns(template: str) -> list[str]:
+    import string
+
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+class _ClassOf:
+    """A mapped label's class index: the class names and ``dataset.class_aliases``, case-insensitive."""
+
+    def __init__(self, classes: Sequence[str], aliases: Mapping[str, Sequence[str]]) -> None:
+        self.index = {c.lower(): i for i, c in enumerate(classes)}
+        for i, c in enumerate(classes):
+            self.index.update({a.lower(): i for a in aliases.get(c, [])})
+
+    def __call__(self, label: str) -> int | None:
+        return self.index.get(label.lower())
+
+
+def load_table(ds: DictConfig, root: Path) -> TableData:
+    """The images a ``dataset.table`` lists under ``root``, by split (all in ``train`` without a split column)."""
+    t = ds.table
+    if not t.get("file"):
+        raise ConfigError("dataset.table.file is not set: give the CSV or Parquet file listing the images")
+    file = table_file(str(t.file), root)
+    columns, rows = read_rows(file)
+    template = str(t.path_template) if t.path_template else None
+    wanted = {"label": str(t.label), "group": t.group, "split": t.split}
+    if template:
+        wanted.update({f"path_template ({{{c}}})": c for c in _template_columns(template)})
+    else:
+        wanted["path"] = str(t.path)
+    _require_columns(file, columns, wanted)
+    label_map: dict[str, Any] = {str(k): v for k, v in (OmegaConf.to_container(t.label_map) if t.label_map else {}).items()}
+    split_names = {str(n).lower(): split for split, names in OmegaConf.to_container(ds.splits).items()
+                   for n in ([names] if isinstance(names, str) else names or [])}
+    base = Path(os.path.normpath(root))
+
+    errors: list[str] = []
+    entries: list[tuple[str, Path, str, str | None, str]] = []  # where, path, label, group, split
+    seen: dict[Path, str] = {}
+    dropped = 0
+    for where, row in rows:
+        try:
+            raw_path = template.format(**row) if template else row[str(t.path)]
+        except (KeyError, ValueError, IndexError) as exc:
+            errors.append(f"{where}: dataset.table.path_template {template!r} cannot be filled ({exc})")
+            continue
+        raw_label = row[str(t.label)]
+        if not raw_path or not raw_label:
+            errors.append(f"{where}: empty {'path' if not raw_path else 'label'}")
+            continue
+        path = Path(os.path.normpath(base / raw_path))  # lexical: a symlinked image folder inside root is fine
+        if path != base and base not in path.parents:
+            errors.append(f"{where}: path {raw_path!r} is outside the images root {root} (dataset.root)")
+            continue
+        if path in seen:
+            errors.append(f"{where}: repeats the image of {seen[path]} ({raw_path}); list each image once")
+            continue
+        seen[path] = where
+        label = label_map.get(raw_label, raw_label)
+        if label is None:
+            dropped += 1
+            continue
+        split = "train"
+        if t.split:
+            split = split_names.get(row[str(t.split)].lower(), "")
+            if not split:
+                errors.append(f"{where}: split {row[str(t.split)]!r} is not one of {', '.join(split_names)} "
+                              "(dataset.splits)")
+                continue
+        group = row[str(t.group)] if t.group else None
+        entries.append((where, path, str(label), (group or f"row:{where}") if t.group else None, split))
+
+    if ds.classes:
+        classes = [str(c) for c in ds.classes]
+    elif label_map:  # the map names the classes; a raw label outside it must be one of them
+        classes = sorted({str(v) for v in label_map.values() if v is not None})
+    else:
+        classes = sorted({e[2] for e in entries})
+    class_of = _ClassOf(classes, OmegaConf.to_container(ds.class_aliases) or {})
+    for where, _, label, _, _ in entries:
+        if class_of(label) is None:
+            errors.append(f"{where}: label {label!r} is not a class ({', '.join(classes)}); map it with "
+                          "dataset.table.label_map (a label mapped to null drops its rows)")
+    if errors:
+        more = f"\n  ... and {len(errors) - SHOWN} more" if len(errors) > SHOWN else ""
+        raise DataError(f"{file}: {len(errors)} row(s) cannot be used:\n  " + "\n  ".join(errors[:SHOWN]) + more)
+    if len(classes) < 2:
+        raise DataError(f"{file}: the labels name {len(classes)} class(es) {classes}; a classifier needs at least 2")
+
+    splits: dict[str, Samples] = {}
+    missing: list[tuple[str, str]] = []
+    for where, path, label, group, split in entries:
+        if not path.is_file():
+            missing.append((str(path), f"{file.name} {where}: no such file"))
+            continue
+        samples = splits.setdefault(split, Samples(groups=[] if t.group else None))
+        samples.paths.append(path)
+        samples.labels.append(int(class_of(label)))  # type: ignore[arg-type]  # checked above
+        if samples.groups is not None:
+            samples.groups.append(str(group))
+    if missing:
+        log.warning("%d of %d row(s) of %s name a file that does not exist under %s; skipped, e.g. %s", len(missing),
+                    len(entries), file.name, root, missing[0][1])
+    if "train" not in splits:
+        raise DataError(f"{file}: no training images (rows whose file exists, with split "
+                        f"{', '.join(n for n, s in split_names.items() if s == 'train')})" if t.split else
+                        f"{file}: none of its {len(entries)} image file(s) exist under dataset.root={root}")
+    return TableData(classes, splits, missing, dropped)
