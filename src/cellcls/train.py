@@ -30,12 +30,10 @@ from cellcls.errors import (
 from cellcls.paths import config_dir
 from cellcls.training.distributed import rank_run_dir
 from cellcls.training.run import job_device, train
-from cellcls.training.sweep import direction
 
 log = logging.getLogger("cellcls.train")
 
 
-OmegaConf.register_new_resolver("cellcls_direction", direction, replace=True)
 OmegaConf.register_new_resolver("cellcls_rank_dir", rank_run_dir, replace=True)
 
 

@@ -22,7 +22,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
 
 
 # group choices and Hydra's own settings on a command line; every other `key=value` names a setting
-_NOT_SETTINGS = ("experiment", "hparams_search", "hydra")
+_NOT_SETTINGS = ("experiment", "hydra")
 # maps whose entries the user names: a new entry is not a typo (its own keys are checked when the job starts)
 _OPEN = ("dataset.splits", "dataset.class_aliases", "callbacks", "logger")
 

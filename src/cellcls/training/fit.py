@@ -6,6 +6,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from cellcls.models.summary import summary_table
 from cellcls.run_folder import RunFolder, atomic_write
 from cellcls.training import distributed
 from cellcls.training.build import build_job
+from cellcls.training.callbacks import Callback
 from cellcls.training.final import calibrate_and_test
 from cellcls.training.loggers import Loggers, create_loggers
 from cellcls.training.loop import EpochProgress, NonFinite, evaluate, train_one_epoch
@@ -33,14 +35,19 @@ from cellcls.training.state import FitState, Monitor, restore
 log = logging.getLogger(__name__)
 
 
-def fit(cfg: DictConfig, run_dir: Path, resume: Checkpoint | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+def fit(
+    cfg: DictConfig, run_dir: Path, resume: Checkpoint | None = None, overrides: list[str] | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, Any]:
     """Train to ``trainer.max_epochs`` or until a callback stops it; test ``best.pt``; return a summary.
+    ``callbacks`` run after the configured ones (named ``extra_<i>`` in checkpoints).
 
     Raises :class:`~cellcls.errors.TrainingDiverged` (non-finite loss or weights; nothing of that epoch is saved) and
     :class:`~cellcls.errors.TrainingInterrupted` (a signal; ``last.pt`` then holds the exact position).
     """
     try:
         job = build_job(cfg, run_dir)
+        job.callbacks.update({f"extra_{i}": cb for i, cb in enumerate(callbacks)})
         t = cfg.trainer
         monitor = Monitor(str(t.monitor), metric_mode(str(t.monitor), str(t.monitor_mode)))
         loggers = create_loggers(cfg.logger, job.run) if job.runtime.is_main else Loggers(job.run)

@@ -22,6 +22,7 @@ from cellcls.errors import (
     describe_os_error,
 )
 from cellcls.run_folder import RunFolder
+from cellcls.training.callbacks import Callback
 from cellcls.training.crossval import cross_validate
 from cellcls.training.fit import fit
 from cellcls.training.sweep import write_status
@@ -35,13 +36,16 @@ def resume_config(stored: dict, overrides: Sequence[str]) -> DictConfig:
     Group choices (``model=...``) cannot change a run half-way and are ignored with a warning.
     """
     cfg = OmegaConf.create(stored)
-    for line in apply_overrides(cfg, overrides, skip=(*GROUPS, "experiment", "hparams_search")):
+    for line in apply_overrides(cfg, overrides, skip=(*GROUPS, "experiment")):
         log.warning("ignored on resume: %s (the checkpoint's setting is kept)", line)
     return cfg
 
 
-def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def train(
+    cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks: Sequence[Callback] = ()
+) -> dict[str, Any]:
     """Train as ``cfg`` says, writing into ``run_dir``; returns the run's summary (best value, test metrics).
+    ``callbacks`` join the configured ones (a search's pruning callback).
 
     A run that does not finish says why in ``result.json`` (``failed``, ``diverged``, ``interrupted``) and raises.
     """
@@ -60,7 +64,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
             cfg.trainer.resume = str(resume.path)
         validate(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
-        summary = fit(cfg, run_dir, resume, list(overrides))
+        summary = fit(cfg, run_dir, resume, list(overrides), callbacks)
     except TrainingInterrupted as exc:
         write_status(run_dir, "interrupted", list(overrides), str(exc))
         exc.pass_on()  # under submitit: requeue (and exit)

@@ -107,5 +107,5 @@ class SweepSummary(Callback):
 
 
 def direction(monitor: str, mode: str = "auto") -> str:
-    """Optuna's direction for the monitored metric ('minimize' for losses)."""
+    """Optuna's direction for the monitored metric ('minimize' for losses; python -m cellcls.tune)."""
     return "minimize" if metric_mode(monitor, mode) == "min" else "maximize"
