@@ -1,10 +1,11 @@
-"""``python -m cellcls.evaluate checkpoint=<checkpoint or run folder> [split=test] [data=<dir>] [settings]``
+"""``python -m cellcls.evaluate checkpoint=<checkpoint or run folder> [split=test] [data=<dir or table>] [settings]``
 
-Scores a trained model on a split of its data set (rebuilt from the checkpoint alone) or on any class-folder
-directory (``data=<dir>``), and writes ``<run>/eval/<split or folder>/``: metrics.json (each headline metric with a
+Scores a trained model on a split of its data set (rebuilt from the checkpoint alone), on any class-folder
+directory (``data=<dir>``) or on a table (``data=<file>.csv|.tsv|.parquet``: read with the run's ``dataset.table``
+settings, paths relative to the table's folder, every row), and writes ``<run>/eval/<split or folder>/``: metrics.json (each headline metric with a
 95% bootstrap interval), report.md, predictions.csv and figures, also logged through the run's loggers (TensorBoard, MLflow).
 
-Settings: split=train|val|test, data=<dir>, threshold=<p> (binary: class 1 when its probability >= p; default: the
+Settings: split=train|val|test, data=<dir or table>, threshold=<p> (binary: class 1 when its probability >= p; default: the
 operating point fitted in training, else the arg-max), bootstrap=<n> (resamples, 1000), device=auto|cpu|cuda,
 cam_layer=<layer name>, output=<dir>, plots=true|false, group_by=patient (per-patient results and patients.csv;
 group_rule=auto|max|mean), and dataset.<key>=<value> to change the data set's settings (e.g. dataset.root=<dir>).

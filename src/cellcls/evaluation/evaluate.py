@@ -1,6 +1,6 @@
-"""Scoring a trained model on a split of its data set (rebuilt from the checkpoint alone) or on any class-folder
-directory, and writing the evaluation folder: metrics.json (headline metrics with 95% bootstrap intervals), report.md,
-predictions.csv and figures; the scores and figures also go to the run's loggers."""
+"""Scoring a trained model on a split of its data set (rebuilt from the checkpoint alone), on any class-folder
+directory or on a table of images, and writing the evaluation folder: metrics.json (headline metrics with 95%
+bootstrap intervals), report.md, predictions.csv and figures; the scores and figures also go to the run's loggers."""
 
 from __future__ import annotations
 
