@@ -65,7 +65,7 @@ def test_the_shipped_search_composes_with_every_choice_it_can_make():
     spec = load_search("malaria")
     for optim in spec.params["optim"].choices:
         cfg = compose_config(*spec.overrides, f"optim={optim}", "optim.lr=0.001", "dataset.root=/data")
-        assert cfg.optim.name == optim and cfg.trainer.max_epochs == 10
+        assert cfg.optim.name == optim and cfg.trainer.max_epochs == 20
 
 
 def test_a_search_runs_its_trials_writes_the_summary_plots_and_best_experiment_and_resumes(tmp_path, capsys):
