@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cellcls.cli import command_args, fail
+from cellcls.cli import command_args, fail, split_own
 from cellcls.config.checks import validate
 from cellcls.config.schema import DuplicatesConfig
 from cellcls.errors import ConfigError, DataError
@@ -37,8 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cellcls.data.datamodule import make_splits, resolve_root, scan_dataset
     from cellcls.data.splits import read_split_lists
 
-    own = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in OWN and "=" in a}
-    overrides = [a for a in args if a.split("=", 1)[0] not in OWN]
+    own, overrides = split_own(args, OWN)
     try:
         if "run" in own:
             if overrides:

@@ -45,6 +45,13 @@ def own_settings(argv: Sequence[str], allowed: Sequence[str], command: str, requ
     return own
 
 
+def split_own(argv: Sequence[str], own: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """A command's own ``key=value`` settings (keys in ``own``) and everything else, passed on as training overrides
+    (audit, tune)."""
+    settings = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if "=" in a and a.split("=", 1)[0] in own}
+    return settings, [a for a in argv if a.split("=", 1)[0] not in own]
+
+
 def as_bool(name: str, value: str) -> bool:
     if value.lower() in ("1", "true", "yes", "on"):
         return True

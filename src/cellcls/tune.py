@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cellcls.cli import command_args, fail
+from cellcls.cli import command_args, fail, split_own
 from cellcls.errors import ConfigError, DataError
 
 OWN = ("search", "trials", "jobs", "storage", "output", "study", "pruner", "worker")
@@ -28,8 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, done = command_args(argv, __doc__)
     if done is not None:
         return done
-    own = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a and a.split("=", 1)[0] in OWN}
-    overrides = [a for a in args if a.split("=", 1)[0] not in OWN]
+    own, overrides = split_own(args, OWN)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:

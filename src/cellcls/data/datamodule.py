@@ -18,7 +18,13 @@ from cellcls.data.cache import DecodedSplit, decode_split
 from cellcls.data.dataset import CachedImages, ImageFiles, skip_none_collate
 from cellcls.data.decode import decode_image
 from cellcls.data.device_loader import DeviceBatches
-from cellcls.data.layout import Samples, discover_classes, locate_splits, scan_split
+from cellcls.data.layout import (
+    Samples,
+    discover_classes,
+    locate_splits,
+    scan_split,
+    split_names,
+)
 from cellcls.data.leakage import (
     Leak,
     duplicate_clusters,
@@ -75,14 +81,9 @@ def resolve_root(ds: DictConfig) -> Path:
     return root.resolve()
 
 
-def _split_names(ds: DictConfig) -> dict[str, list[str]]:
-    names = OmegaConf.to_container(ds.splits, resolve=True)
-    return {k: [str(n) for n in ([v] if isinstance(v, str) else (v or []))] for k, v in names.items()}
-
-
 def resolve_layout(ds: DictConfig, root: Path) -> tuple[list[str], dict[str, Path]]:
     """Class names and the folder of each split present in the download."""
-    names = _split_names(ds)
+    names = split_names(OmegaConf.to_container(ds.splits, resolve=True))
     aliases = OmegaConf.to_container(ds.class_aliases)
     classes = list(ds.classes) if ds.classes else None
     if classes is None:  # a user's own data set: the training folder's sub-folders are the classes

@@ -39,6 +39,12 @@ class Samples:
         return Samples([self.paths[i] for i in indices], [self.labels[i] for i in indices], groups=groups)
 
 
+def split_names(splits: Mapping[str, object]) -> dict[str, list[str]]:
+    """``dataset.splits`` (as a plain mapping) with each split's names as a list of strings: the folder names of a
+    download, or the values of a table's split column."""
+    return {k: [str(n) for n in ([v] if isinstance(v, str) else (v or []))] for k, v in splits.items()}  # type: ignore[union-attr]
+
+
 def _subdirs(folder: Path) -> list[Path]:
     try:
         return sorted(p for p in folder.iterdir() if p.is_dir() and not SKIP_DIRS.match(p.name))
@@ -46,7 +52,8 @@ def _subdirs(folder: Path) -> list[Path]:
         return []
 
 
-def _names(cls: str, aliases: Mapping[str, Sequence[str]] | None) -> list[str]:
+def class_names(cls: str, aliases: Mapping[str, Sequence[str]] | None) -> list[str]:
+    """The names (lower case) a class goes by: its own and its ``dataset.class_aliases``."""
     return [cls.lower()] + [a.lower() for a in (aliases or {}).get(cls, [])]
 
 
@@ -57,7 +64,7 @@ def match_class_dirs(
     found = {p.name.lower(): p for p in _subdirs(folder)}
     dirs = []
     for cls in classes:
-        match = next((found[n] for n in _names(cls, aliases) if n in found), None)
+        match = next((found[n] for n in class_names(cls, aliases) if n in found), None)
         if match is None:
             return None
         dirs.append(match)
@@ -72,7 +79,7 @@ def find_class_dirs(split_dir: Path, classes: Sequence[str], aliases: Mapping[st
     if dirs is None:
         found = [p.name for p in _subdirs(split_dir)]
         have = {n.lower() for n in found}
-        missing = [c for c in classes if not any(n in have for n in _names(c, aliases))]
+        missing = [c for c in classes if not any(n in have for n in class_names(c, aliases))]
         raise DataError(
             f"{split_dir}: no folder for class(es) {missing}; expected one sub-folder per class "
             f"{list(classes)} (case-insensitive), found {found or 'no sub-folders'}"

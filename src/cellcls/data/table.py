@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls.data.layout import Samples
+from cellcls.data.layout import Samples, class_names, split_names
 from cellcls.errors import ConfigError, DataError, nearest
 
 log = logging.getLogger(__name__)
@@ -113,18 +113,6 @@ def _template_columns(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-class _ClassOf:
-    """A mapped label's class index: the class names and ``dataset.class_aliases``, case-insensitive."""
-
-    def __init__(self, classes: Sequence[str], aliases: Mapping[str, Sequence[str]]) -> None:
-        self.index = {c.lower(): i for i, c in enumerate(classes)}
-        for i, c in enumerate(classes):
-            self.index.update({a.lower(): i for a in aliases.get(c, [])})
-
-    def __call__(self, label: str) -> int | None:
-        return self.index.get(label.lower())
-
-
 def load_table(ds: DictConfig, root: Path) -> TableData:
     """The images a ``dataset.table`` lists under ``root``, by split (all in ``train`` without a split column)."""
     t = ds.table
@@ -140,8 +128,8 @@ def load_table(ds: DictConfig, root: Path) -> TableData:
         wanted["path"] = str(t.path)
     _require_columns(file, columns, wanted)
     label_map: dict[str, Any] = {str(k): v for k, v in (OmegaConf.to_container(t.label_map) if t.label_map else {}).items()}
-    split_names = {str(n).lower(): split for split, names in OmegaConf.to_container(ds.splits).items()
-                   for n in ([names] if isinstance(names, str) else names or [])}
+    split_of = {n.lower(): split for split, names in split_names(OmegaConf.to_container(ds.splits, resolve=True)).items()
+                for n in names}
     base = Path(os.path.normpath(root))
 
     errors: list[str] = []
@@ -172,9 +160,9 @@ def load_table(ds: DictConfig, root: Path) -> TableData:
             continue
         split = "train"
         if t.split:
-            split = split_names.get(row[str(t.split)].lower(), "")
+            split = split_of.get(row[str(t.split)].lower(), "")
             if not split:
-                errors.append(f"{where}: split {row[str(t.split)]!r} is not one of {', '.join(split_names)} "
+                errors.append(f"{where}: split {row[str(t.split)]!r} is not one of {', '.join(split_of)} "
                               "(dataset.splits)")
                 continue
         group = row[str(t.group)] if t.group else None
@@ -186,9 +174,10 @@ def load_table(ds: DictConfig, root: Path) -> TableData:
         classes = sorted({str(v) for v in label_map.values() if v is not None})
     else:
         classes = sorted({e[2] for e in entries})
-    class_of = _ClassOf(classes, OmegaConf.to_container(ds.class_aliases) or {})
+    aliases = OmegaConf.to_container(ds.class_aliases) or {}
+    index = {name: i for i, c in enumerate(classes) for name in class_names(c, aliases)}  # case-insensitive
     for where, _, label, _, _ in entries:
-        if class_of(label) is None:
+        if label.lower() not in index:
             errors.append(f"{where}: label {label!r} is not a class ({', '.join(classes)}); map it with "
                           "dataset.table.label_map (a label mapped to null drops its rows)")
     if errors:
@@ -205,7 +194,7 @@ def load_table(ds: DictConfig, root: Path) -> TableData:
             continue
         samples = splits.setdefault(split, Samples(groups=[] if t.group else None))
         samples.paths.append(path)
-        samples.labels.append(int(class_of(label)))  # type: ignore[arg-type]  # checked above
+        samples.labels.append(index[label.lower()])
         if samples.groups is not None:
             samples.groups.append(str(group))
     if missing:
@@ -213,6 +202,6 @@ def load_table(ds: DictConfig, root: Path) -> TableData:
                     len(entries), file.name, root, missing[0][1])
     if "train" not in splits:
         raise DataError(f"{file}: no training images (rows whose file exists, with split "
-                        f"{', '.join(n for n, s in split_names.items() if s == 'train')})" if t.split else
+                        f"{', '.join(n for n, s in split_of.items() if s == 'train')})" if t.split else
                         f"{file}: none of its {len(entries)} image file(s) exist under dataset.root={root}")
     return TableData(classes, splits, missing, dropped)

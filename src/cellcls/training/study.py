@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from cellcls.config import compose_config
 from cellcls.run_folder import RunFolder, write_json
 from cellcls.training.sweep import direction
@@ -39,23 +41,18 @@ class Study:
     storage: str | None = None
     worker: int = 0  # which worker process runs this study's trials (0: the command itself)
 
-    def base_config(self):
-        return compose_config([*self.spec.overrides, *self.overrides])
-
-    def direction(self) -> str:
-        t = self.base_config().trainer
-        return direction(str(t.monitor), str(t.monitor_mode))
-
     def open(self):
-        """The Optuna study, created on first use and loaded (resumed) after."""
+        """The Optuna study, created on first use and loaded (resumed) after; its direction follows
+        ``trainer.monitor``."""
         import optuna
 
+        t = compose_config([*self.spec.overrides, *self.overrides]).trainer
         study = optuna.create_study(study_name=self.spec.study, storage=make_storage(self.storage, self.output),
                                     sampler=make_sampler(dict(self.spec.sampler)),
-                                    pruner=make_pruner(dict(self.spec.pruner)), direction=self.direction(),
-                                    load_if_exists=True)
+                                    pruner=make_pruner(dict(self.spec.pruner)),
+                                    direction=direction(str(t.monitor), str(t.monitor_mode)), load_if_exists=True)
         if "monitor" not in study.user_attrs:  # named in the summary
-            study.set_user_attr("monitor", str(self.base_config().trainer.monitor))
+            study.set_user_attr("monitor", str(t.monitor))
         return study
 
     def trial_dir(self, number: int) -> Path:
@@ -179,7 +176,7 @@ def report(study: Study) -> str:
         choices = {k: v for k, v in full.hydra.runtime.choices.items() if "/" not in k}
         plain = compose(config_name="train", overrides=[f"{g}={c}" for g, c in choices.items()
                                                         if c is not None and g != "experiment"])
-    best_cfg = compose_config(overrides)
+    best_cfg = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])  # the trial's config, as train sees it
     configs = study.output / "configs"
     header = (f"The best trial (#{best.number}, {optuna_study.direction.name.lower()} value {best.value:.6g}) of the "
               f"cellcls study {study.spec.study}:\n  python -m cellcls.train --config-dir {configs} experiment=best")
