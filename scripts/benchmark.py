@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py recipe=s1_malaria_lenet dataset.root=~/data/malaria [device=auto|cpu|cuda]
     python scripts/benchmark.py scaling=1000,10000,50000 [device=...]
+    python scripts/benchmark.py recipe=s1_malaria_lenet dataset.root=... model=timm model.arch=efficientnet_b0
 
 The first form measures, on the same data, model, batch size and augmentation (any ``key=value`` Hydra override
 is passed on to the recipe):
@@ -45,6 +46,7 @@ from cellcls.data.datamodule import (
     scan_dataset,
 )
 from cellcls.data.transforms import build_augment
+from cellcls.models import model_label
 from cellcls.training.build import Job, build_job
 from cellcls.training.loop import evaluate, train_one_epoch
 from cellcls.training.runtime import resolve_device
@@ -100,8 +102,9 @@ def sync(device: torch.device) -> None:
 
 
 def train_epoch(job: Job) -> None:
-    """One epoch of cellcls' training, the call fit makes."""
-    train_one_epoch(job.model, job.net, job.data.loaders["train"], job.loss_fn, job.optimizer, job.scaler, job.runtime)
+    """One epoch of cellcls' training, the call fit makes (with the run's accumulation, MixUp/CutMix and EMA)."""
+    train_one_epoch(job.model, job.net, job.data.loaders["train"], job.loss_fn, job.optimizer, job.scaler, job.runtime,
+                    accumulate=int(job.cfg.trainer.accumulate_grad_batches), mix=job.mix, ema=job.ema)
 
 
 # ---- (a) cellcls ---------------------------------------------------------------------------------------------
@@ -161,7 +164,7 @@ def fresh_model(trainer: Job, cfg: DictConfig, layout: torch.memory_format):
     prep = trainer.data.preprocessing
     model = build_model(OmegaConf.to_container(cfg.model, resolve=True), prep["channels"], len(trainer.data.classes),
                         prep["image_size"]).to(trainer.runtime.device, memory_format=layout).train()
-    optimizer = build_optimizer(model.parameters(), OmegaConf.to_container(cfg.optim, resolve=True))
+    optimizer = build_optimizer(model, OmegaConf.to_container(cfg.optim, resolve=True))
     return model, optimizer
 
 
@@ -316,7 +319,7 @@ def main_benchmark(own: dict[str, str], overrides: list[str]) -> None:
         if own.get("profile", "false").lower() == "true":
             print(profile_cellcls(trainer, cfg))
     result = {
-        "recipe": own.get("recipe", "default"), "device": machine(device), "images": a["train_images"],
+        "recipe": f"{own.get('recipe', 'default')} ({model_label(cfg.model)})", "device": machine(device), "images": a["train_images"],
         "batch": int(cfg.dataset.batch_size), "cellcls": a["train_images_per_s"], "naive": b, "ceiling": c,
         "eval": a["eval_images_per_s"], "cache_per_s": cache_images / cache_s,
         "cache_per_s_per_core": cache_images / cache_s / cores(), "peak_rss_mb": peak_rss_mb(),

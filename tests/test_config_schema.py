@@ -65,3 +65,29 @@ def test_plateau_settings_have_one_source():
 
     cfg = compose_config("scheduler=plateau")
     assert (cfg.scheduler.factor, cfg.scheduler.patience) == (0.3, 2)
+
+
+def test_every_optimiser_takes_the_parameter_grouping_settings_from_one_schema():
+    from cellcls.config.schema import ParamGroupsConfig
+
+    for optim in ("adam", "adamw", "sgd", "adagrad", "adadelta"):
+        cfg = compose_config(f"optim={optim}", "optim.backbone_lr_scale=0.1")
+        validate(cfg)
+        assert cfg.optim.decay_norm_and_bias == ParamGroupsConfig.decay_norm_and_bias
+        assert cfg.optim.backbone_lr_scale == 0.1
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("label_smoothing=1.5", "label_smoothing must be a number in \\[0, 1\\)"),
+    ("trainer.ema_decay=1.0", "trainer.ema_decay must be between 0 and 1"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be an integer >= 1"),
+])
+def test_fine_tuning_settings_out_of_range_are_refused_by_name(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config(override))
+
+
+def test_a_timm_models_options_are_checked_against_its_arguments():
+    validate(compose_config("model=timm", "model.arch=efficientnet_b0", "model.drop_path_rate=0.1"))
+    with pytest.raises(ConfigError, match="did you mean 'model.pretrained'"):
+        validate(compose_config("model=timm", "+model.pretrainde=true"))

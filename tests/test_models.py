@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18 as tv_resnet18
 
+from cellcls.errors import ConfigError
 from cellcls.models import build_model, count_parameters
 
 
@@ -117,5 +118,5 @@ def test_resnet18_loads_local_weights_and_adapts_them_to_grayscale(tmp_path):
 
 
 def test_resnet18_weights_file_that_does_not_exist_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model.weights"):
+    with pytest.raises(ConfigError, match="model.weights: no file at"):
         build_model({"name": "resnet18", "weights": str(tmp_path / "missing.pt")}, 3, 2, (64, 64))

@@ -27,14 +27,15 @@ VERSION = 2
 @dataclass
 class Checkpoint:
     epoch: int
-    model: dict[str, Any]  # the network's state dict
+    model: dict[str, Any]  # the validated network's state dict (the weights' EMA when trainer.ema_decay is set)
     model_spec: dict[str, Any]  # the `model` config section: name, head and architecture options
     classes: list[str]
     preprocessing: dict[str, Any]  # see cellcls.data.preprocessing.Preprocessing
     config: dict[str, Any]  # the run's resolved config
     history: list[dict[str, Any]] = field(default_factory=list)  # one row of metrics per epoch
     monitor: dict[str, Any] = field(default_factory=dict)  # metric, mode, best, best_epoch
-    training: dict[str, Any] = field(default_factory=dict)  # optimizer, scheduler, scaler, callbacks (resume)
+    # optimizer, scheduler, scaler, callbacks, position and, with an EMA, the raw weights (resume)
+    training: dict[str, Any] = field(default_factory=dict)
     # the decision rule fitted on validation (cellcls.models.heads.Decision): temperature, threshold; {} = none
     calibration: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION

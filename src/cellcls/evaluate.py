@@ -8,7 +8,8 @@ settings, paths relative to the table's folder, every row), and writes ``<run>/e
 Settings: split=train|val|test, data=<dir or table>, threshold=<p> (binary: class 1 when its probability >= p; default: the
 operating point fitted in training, else the arg-max), bootstrap=<n> (resamples, 1000), device=auto|cpu|cuda,
 cam_layer=<layer name>, output=<dir>, plots=true|false, group_by=patient (per-patient results and patients.csv;
-group_rule=auto|max|mean), and dataset.<key>=<value> to change the data set's settings (e.g. dataset.root=<dir>).
+group_rule=auto|max|mean), tta=none|hflip|vflip|flips (test-time augmentation: logits averaged over flipped copies;
+written to <split>_tta-<mode>/), and dataset.<key>=<value> to change the data set's settings (e.g. dataset.root=<dir>).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from cellcls.evaluation.evaluate import evaluate
 from cellcls.evaluation.metrics import HEADLINE
 
 SETTINGS = ("checkpoint", "split", "data", "threshold", "bootstrap", "device", "cam_layer", "output", "plots",
-            "group_by", "group_rule")
+            "group_by", "group_rule", "tta")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             own["checkpoint"], own.get("split", "test"), own.get("data"), overrides, threshold,
             int(own.get("bootstrap", 1000)), own.get("device", "auto"), own.get("cam_layer"), own.get("output"),
             as_bool("plots", own.get("plots", "true")), own.get("group_by"), own.get("group_rule", "auto"),
+            own.get("tta", "none"),
         )
     except (ConfigError, DataError, FileNotFoundError, ValueError, OSError) as exc:
         return fail(exc)

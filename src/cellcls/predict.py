@@ -7,7 +7,8 @@ Prints "<file>: <class> (xx.xx%)" for each image and, for a folder (searched rec
 writes a CSV of class probabilities. A table (.csv, .tsv, .parquet) lists the images in its ``column=`` (default
 path), or builds each path with ``path_template=`` (e.g. '{image_id}.jpg'), relative to the table's folder. cam=true saves a Grad-CAM overlay per image in ``<output stem>_cam/``
 (``cam/`` beside the CSV, or ``./cam`` without one). Unreadable files are reported and skipped.
-Other settings: device=auto|cpu|cuda, cam_layer=<layer name>, batch_size=<n>.
+Other settings: device=auto|cpu|cuda, cam_layer=<layer name>, batch_size=<n>, tta=none|hflip|vflip|flips (test-time
+augmentation: each image's logits averaged over its flipped copies; checkpoints only).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from cellcls.deploy.predict import list_inputs, predict_files, write_csv
 from cellcls.deploy.predictor import load_predictor
 from cellcls.errors import ConfigError, DataError, printable
 
-SETTINGS = ("checkpoint", "input", "output", "cam", "cam_layer", "device", "batch_size", "column", "path_template")
+SETTINGS = ("checkpoint", "input", "output", "cam", "cam_layer", "device", "batch_size", "column", "path_template",
+            "tta")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cam_dir = None
         if as_bool("cam", own.get("cam", "false")):
             cam_dir = output.with_name(f"{output.stem}_cam") if output else Path("cam")
-        loaded = load_predictor(own["checkpoint"], own.get("device", "auto"))
+        loaded = load_predictor(own["checkpoint"], own.get("device", "auto"), own.get("tta", "none"))
         if cam_dir is not None and not loaded.supports_cam:
             raise ConfigError(f"cam=true needs the PyTorch checkpoint (Grad-CAM takes gradients); {loaded.path} is an exported model")
         predictions, skipped = predict_files(loaded, files, int(own.get("batch_size", 64)), cam_dir, own.get("cam_layer"))

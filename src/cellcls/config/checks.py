@@ -18,7 +18,7 @@ from cellcls.errors import ConfigError, nearest
 from cellcls.evaluation.calibration import parse_operating_point
 from cellcls.evaluation.metrics import EPOCH_METRICS
 from cellcls.models import MODEL_KEYS, MODELS
-from cellcls.training.optim import OPTIMIZERS, SCHEDULERS
+from cellcls.training.optim import OPTIMIZERS, PARAM_GROUP_KEYS, SCHEDULERS
 
 PRECISIONS = ("auto", "32", "bf16", "16")
 
@@ -48,7 +48,7 @@ def check_keys(cfg: DictConfig) -> None:
         _unknown("model", cfg.model.keys(), [*MODEL_KEYS, *_signature_keys(MODELS[model], skip=3)])
     optim = str(cfg.optim.name)
     if optim in OPTIMIZERS:
-        _unknown("optim", cfg.optim.keys(), ["name", *_signature_keys(OPTIMIZERS[optim], skip=1)])
+        _unknown("optim", cfg.optim.keys(), ["name", *PARAM_GROUP_KEYS, *_signature_keys(OPTIMIZERS[optim], skip=1)])
     if str(cfg.scheduler.name) in SCHEDULERS:
         _unknown("scheduler", cfg.scheduler.keys(), ["name", *SCHEDULERS[str(cfg.scheduler.name)]])
     for group, skip in (("callbacks", 0), ("logger", 1)):  # loggers take the run folder first
@@ -93,7 +93,13 @@ def validate(cfg: DictConfig) -> None:
     _positive_int("trainer.max_skipped_batches", t.max_skipped_batches, minimum=0)
     if t.gradient_clip is not None and not t.gradient_clip > 0:
         raise ConfigError(f"trainer.gradient_clip must be a positive number or null, got {t.gradient_clip!r}")
+    _positive_int("trainer.accumulate_grad_batches", t.accumulate_grad_batches)
+    if t.get("ema_decay") is not None and not 0 < t.ema_decay < 1:
+        raise ConfigError(f"trainer.ema_decay must be between 0 and 1 (e.g. 0.999) or null, got {t.ema_decay!r}")
     _choice("class_weights", cfg.class_weights, ("none", "balanced"))
+    smoothing = cfg.get("label_smoothing") or 0.0
+    if not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+        raise ConfigError(f"label_smoothing must be a number in [0, 1) (e.g. 0.1), got {smoothing!r}")
     if not isinstance(cfg.optim.lr, (int, float)) or cfg.optim.lr < 0:
         raise ConfigError(f"optim.lr must be a number >= 0, got {cfg.optim.lr!r}")
     if cfg.get("cv") is not None:

@@ -9,7 +9,7 @@ knows, ``+``-added ones included, naming the nearest valid key. Groups whose key
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -31,6 +31,10 @@ class TrainerConfig:
     num_threads: Any = "auto"  # CPU threads: auto (OMP_NUM_THREADS if set, else the cores shared among ranks) | n
     channels_last: Any = "auto"  # auto | true | false: NHWC memory layout, ~1.9x faster CNN training on the CPU
     gradient_clip: float | None = None  # max gradient norm, or null
+    accumulate_grad_batches: int = 1  # optimiser step every k batches (an effective batch of k x dataset.batch_size)
+    # exponential moving average of the weights (e.g. 0.999), validated, checkpointed (best.pt holds it) and
+    # exported instead of the raw weights; its decay warms up as min(decay, (1 + n) / (10 + n)) over n updates
+    ema_decay: float | None = None
     on_nonfinite: str = "stop"  # a NaN/infinite loss: stop the run (status diverged) | skip_batch (bounded, below)
     max_skipped_batches: int = 10  # skip_batch: more non-finite batches than this in one epoch stop the run
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA; CPU runs are reproducible)
@@ -137,10 +141,26 @@ class AugmentConfig:
     hflip: bool = False  # p = 0.5
     vflip: bool = False  # p = 0.5
     fill: Any = 0  # constant border fill (0-255), one value or one per channel; Keras' 'nearest' has no v2 equivalent
+    # beyond Keras: none | randaugment | trivialaugment (torchvision v2's policies, after the affine and flips; image
+    # by image on either pipeline), with randaugment's op count and magnitude (0-30)
+    policy: str = "none"
+    policy_ops: int = 2
+    policy_magnitude: int = 9
+    mixup: float = 0.0  # MixUp's Beta(alpha, alpha); 0: off. Whole batches, in the training step, on either pipeline
+    cutmix: float = 0.0  # CutMix's alpha; 0: off. With mixup too, each batch gets one of the two at random
+
+
+@dataclass
+class ParamGroupsConfig:
+    """cellcls' own ``optim`` settings (every ``optim/*.yaml`` extends them; the rest are the optimiser's arguments):
+    how parameters are grouped (cellcls.training.optim.param_groups)."""
+
+    backbone_lr_scale: float = 1.0  # the backbone's LR as a share of optim.lr (the classifier head gets optim.lr)
+    decay_norm_and_bias: bool = True  # false: no weight decay on biases and normalisation weights
 
 
 # the top level of the training config, besides the groups
-TOP_LEVEL = ("seed", "class_weights", "calibrate", "operating_point")
+TOP_LEVEL = ("seed", "class_weights", "label_smoothing", "calibrate", "operating_point")
 GROUPS = ("dataset", "model", "optim", "scheduler", "augment", "trainer", "logger", "callbacks", "cv")
 SCHEMAS: dict[str, type] = {"trainer": TrainerConfig, "cv": CVConfig, "dataset": DatasetConfig, "augment": AugmentConfig,
                             "dataset.render": RenderConfig, "dataset.table": TableConfig,
@@ -154,3 +174,5 @@ def register() -> None:
     cs.store(group="cv", name="default", node=CVConfig)
     cs.store(group="dataset", name="base", node=DatasetConfig)
     cs.store(group="augment", name="base", node=AugmentConfig)
+    # a plain mapping, not the dataclass: each optimiser's file adds its own arguments to it
+    cs.store(group="optim", name="base", node=asdict(ParamGroupsConfig()))

@@ -3,7 +3,8 @@
 Each image gets its own random affine (rotation, whole-pixel shift, zoom, x-shear) and flips, drawn from the same
 distributions as :func:`cellcls.data.transforms.build_augment`'s per-image torchvision transforms, and resampled
 with the same geometry (torchvision's inverse affine matrix, pixel-centre grid, bilinear, constant fill with its
-mask blending). Flips are folded into the sampling grid, so one ``grid_sample`` call does the lot.
+mask blending). Flips are folded into the sampling grid, so one ``grid_sample`` call does the lot. ``augment.policy``
+(RandAugment/TrivialAugment) follows image by image: torchvision has no batched form of them.
 """
 
 from __future__ import annotations
@@ -64,10 +65,16 @@ class BatchAugment:
         )
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if not self.settings.any:
-            return images
-        n, _, h, w = images.shape
-        return self.apply(images, self.sample(n, h, w, generator))
+        a = self.settings
+        if a.affine or a.hflip or a.vflip:
+            n, _, h, w = images.shape
+            images = self.apply(images, self.sample(n, h, w, generator))
+        policy = a.policy_transform([f / 255 for f in a.fill] if len(a.fill) > 1 else a.fill[0] / 255)
+        if policy is not None:
+            # torchvision has no batched RandAugment/TrivialAugment: image by image, as on the loader path (the ops
+            # draw from torch's global generator, which the trainer seeds per epoch)
+            images = torch.stack([policy(image) for image in images])
+        return images
 
     def apply(self, images: torch.Tensor, p: AffineParams) -> torch.Tensor:
         """``images`` transformed with the given parameters (deterministic; for tests and replays)."""

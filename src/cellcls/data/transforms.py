@@ -19,6 +19,8 @@ from cellcls.config.schema import AugmentConfig
 from cellcls.data.preprocessing import Normalize, to_unit
 from cellcls.errors import ConfigError, nearest
 
+POLICIES = ("none", "randaugment", "trivialaugment")
+
 
 @dataclass(frozen=True)
 class AugmentSettings:
@@ -31,6 +33,11 @@ class AugmentSettings:
     hflip: bool = False
     vflip: bool = False
     fill: tuple[float, ...] = (0.0,)  # border fill, 0-255, one value or one per channel
+    policy: str = "none"  # none | randaugment | trivialaugment
+    policy_ops: int = 2
+    policy_magnitude: int = 9
+    mixup: float = 0.0  # Beta alpha; 0 = off (batch-level: cellcls.data.mixing)
+    cutmix: float = 0.0
 
     @property
     def affine(self) -> bool:
@@ -38,7 +45,16 @@ class AugmentSettings:
 
     @property
     def any(self) -> bool:
-        return self.affine or self.hflip or self.vflip
+        """Whether any per-image transform is on (MixUp/CutMix act on whole batches, in the training step)."""
+        return self.affine or self.hflip or self.vflip or self.policy != "none"
+
+    def policy_transform(self, fill: float | list[float]) -> v2.Transform | None:
+        """torchvision v2's RandAugment / TrivialAugmentWide, or None."""
+        if self.policy == "randaugment":
+            return v2.RandAugment(num_ops=self.policy_ops, magnitude=self.policy_magnitude, fill=fill)
+        if self.policy == "trivialaugment":
+            return v2.TrivialAugmentWide(fill=fill)
+        return None
 
 
 def parse_augment(cfg: Mapping[str, Any]) -> AugmentSettings:
@@ -53,9 +69,18 @@ def parse_augment(cfg: Mapping[str, Any]) -> AugmentSettings:
     for key, (value, hi) in limits.items():
         if not 0 <= float(value) <= hi:
             raise ConfigError(f"augment.{key} must be between 0 and {hi:g}, got {value:g}")
+    if a.policy not in POLICIES:
+        raise ConfigError(f"augment.policy={a.policy!r} is not valid; allowed values: {', '.join(POLICIES)}")
+    if not 0 <= int(a.policy_magnitude) <= 30 or int(a.policy_ops) < 1:
+        raise ConfigError(f"augment.policy_ops must be >= 1 and augment.policy_magnitude in 0-30, got "
+                          f"{a.policy_ops} and {a.policy_magnitude}")
+    for key in ("mixup", "cutmix"):
+        if float(getattr(a, key)) < 0:
+            raise ConfigError(f"augment.{key} is a Beta distribution's alpha (> 0 turns it on), got {getattr(a, key)}")
     fill = (float(a.fill),) if isinstance(a.fill, (int, float)) else tuple(float(v) for v in a.fill)
     return AugmentSettings(float(a.rotation), float(a.shift), math.degrees(float(a.shear)), float(a.zoom),
-                           bool(a.hflip), bool(a.vflip), fill)
+                           bool(a.hflip), bool(a.vflip), fill, str(a.policy), int(a.policy_ops),
+                           int(a.policy_magnitude), float(a.mixup), float(a.cutmix))
 
 
 def build_augment(cfg: Mapping[str, Any]) -> list[v2.Transform]:
@@ -77,6 +102,9 @@ def build_augment(cfg: Mapping[str, Any]) -> list[v2.Transform]:
         transforms.append(v2.RandomHorizontalFlip(0.5))
     if a.vflip:
         transforms.append(v2.RandomVerticalFlip(0.5))
+    policy = a.policy_transform(a.fill[0] if len(a.fill) == 1 else list(a.fill))
+    if policy is not None:
+        transforms.append(policy)
     return transforms
 
 

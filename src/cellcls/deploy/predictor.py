@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from cellcls.deploy.runtimes import is_exported, load_exported
+from cellcls.errors import ConfigError
 from cellcls.models.trained import load_model
+from cellcls.models.tta import check_tta
 
 
 class Predictor(Protocol):
@@ -27,11 +29,15 @@ class Predictor(Protocol):
     def predict(self, images: torch.Tensor) -> np.ndarray: ...
 
 
-def load_predictor(location: str | Path, device: str = "auto") -> Predictor:
-    """A checkpoint, a run folder (its best.pt) or an exported ONNX/TorchScript file, ready to predict."""
+def load_predictor(location: str | Path, device: str = "auto", tta: str = "none") -> Predictor:
+    """A checkpoint, a run folder (its best.pt) or an exported ONNX/TorchScript file, ready to predict; ``tta``
+    (test-time flips, checkpoints only) averages each image's logits over its flipped copies."""
     path = Path(location).expanduser()
     if path.is_file() and is_exported(path):
+        if check_tta(tta) != "none":
+            raise ConfigError(f"tta={tta} runs on a PyTorch checkpoint; {path} is an exported model (give its "
+                              "checkpoint or run folder)")
         return load_exported(path, device)
     if path.suffix.lower() == ".onnx":
         raise FileNotFoundError(f"checkpoint={path}: no such ONNX file")
-    return load_model(path, device)
+    return load_model(path, device, tta)

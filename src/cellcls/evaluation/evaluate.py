@@ -105,12 +105,14 @@ def evaluate(
     make_plots: bool = True,
     group_by: str | None = None,
     group_rule: str = "auto",
+    tta: str = "none",
 ) -> tuple[dict[str, Any], Path]:
     """Score ``checkpoint`` and write the evaluation folder; returns (metrics, folder).
 
     ``threshold`` defaults to the checkpoint's operating point; ``group_by=patient`` adds per-patient results
-    (``group_rule``: see :func:`cellcls.evaluation.patients.aggregate`)."""
-    loaded = load_model(checkpoint, device)
+    (``group_rule``: see :func:`cellcls.evaluation.patients.aggregate`); ``tta`` averages the logits over flipped
+    copies of each image (:mod:`cellcls.models.tta`; the folder is then ``<split>_tta-<mode>``)."""
+    loaded = load_model(checkpoint, device, tta)
     cfg = loaded.config
     apply_overrides(cfg, overrides)
     train_samples = None
@@ -134,20 +136,21 @@ def evaluate(
         groups = interval_groups(cfg.dataset, samples, bundle.splits)
 
     # the same pass the training run's validation and test used, so the numbers match exactly
-    logits, targets = run_inference(loaded.model, loader, loaded.device)
+    logits, targets = run_inference(loaded.scorer, loader, loaded.device)
     probs = loaded.decision.probabilities(logits).numpy()
     if groups is not None and len(groups) != len(targets):  # uncached images that failed to decode mid-pass
         groups = None
     threshold = loaded.threshold if threshold is None else threshold
     y = targets.numpy()
     result = evaluate_predictions(y, probs, loaded.classes, threshold, n_boot, seed=int(cfg.seed), groups=groups)
-    result = {"checkpoint": str(loaded.path), "epoch": loaded.epoch, "split": name,
+    folder = name if tta == "none" else f"{name}_tta-{tta}"  # with and without TTA side by side
+    result = {"checkpoint": str(loaded.path), "epoch": loaded.epoch, "split": name, "tta": tta,
               "loss": mean_loss(loaded.model, logits, targets), **result,
               "calibration": calibration_summary(y, probs, logits, loaded.decision)}
     if skipped:
         result["skipped_files"] = [p for p, _ in skipped]
 
-    out = Path(output) if output else loaded.run.evaluation(name)
+    out = Path(output) if output else loaded.run.evaluation(folder)
     write_json(out / "metrics.json", result)
     write_predictions(out / "predictions.csv", samples, probs, loaded.classes, root, threshold)
     if group_by is not None:
@@ -181,7 +184,7 @@ def evaluate(
             figures["training curves"] = plots.save(plots.training_curves(rows, record.get("best_epoch"), stopped),
                                                     out / "training_curves.png")
     write_report(result, out / "report.md", figures)
-    log_evaluation(loaded, name, result, figures)
+    log_evaluation(loaded, folder, result, figures)
     return result, out
 
 

@@ -14,6 +14,7 @@ from cellcls.models.heads import num_outputs
 from cellcls.models.lenet import lenet
 from cellcls.models.resnet import resnet18
 from cellcls.models.skin_cnn import skin_cnn
+from cellcls.models.timm_model import timm_model
 from cellcls.models.xray_cnn import xray_cnn
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -22,21 +23,29 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "skin_cnn": skin_cnn,
     "xray_cnn": xray_cnn,
     "resnet18": resnet18,
+    "timm": timm_model,
 }
 
 
 # keys every `model` config has; the rest are the architecture function's keyword arguments
 MODEL_KEYS = ("name", "single_logit", "init")
+# architecture options that fetch starting weights: a rebuilt trained model takes its weights from its checkpoint
+WEIGHT_KEYS = ("weights", "pretrained")
 
 
 def build_model(
-    spec: Mapping[str, Any], in_channels: int, num_classes: int, image_size: Sequence[int]
+    spec: Mapping[str, Any], in_channels: int, num_classes: int, image_size: Sequence[int],
+    starting_weights: bool = True,
 ) -> nn.Module:
     """Build the model named by ``spec['name']`` with the remaining keys as its keyword arguments.
 
-    ``spec`` is the ``model`` config section (``name``, ``single_logit`` and architecture options).
+    ``spec`` is the ``model`` config section (``name``, ``single_logit`` and architecture options). With
+    ``starting_weights=False`` the architecture is built without loading ``weights``/``pretrained`` (a checkpoint's
+    own weights follow).
     """
     spec = dict(spec)
+    if not starting_weights:
+        spec = {k: v for k, v in spec.items() if k not in WEIGHT_KEYS}
     name = spec.pop("name", None)
     if name not in MODELS:
         raise ValueError(f"model.name={name!r} is not a known model; choose one of {sorted(MODELS)}")
@@ -44,10 +53,16 @@ def build_model(
     init = spec.pop("init", "torch")
     if init not in ("keras", "torch"):
         raise ValueError(f"model.init={init!r} is not valid; allowed values: keras, torch")
-    if init == "keras" and spec.get("weights"):
-        raise ValueError("model.init=keras would overwrite the weights loaded from model.weights; use model.init=torch")
+    if init == "keras" and (spec.get("weights") or spec.get("pretrained")):
+        raise ValueError("model.init=keras would overwrite the starting weights (model.weights / model.pretrained); "
+                         "use model.init=torch")
     model = MODELS[name](in_channels, outputs, list(image_size), **spec)
     return keras_init_(model) if init == "keras" else model
+
+
+def model_label(spec: Mapping[str, Any]) -> str:
+    """The model's name for people (logs, model cards, hyper-parameter tables): ``timm:<arch>`` for a timm model."""
+    return f"timm:{spec.get('arch')}" if spec.get("name") == "timm" else str(spec.get("name"))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -59,3 +74,24 @@ def l2_penalty(model: nn.Module) -> torch.Tensor | float:
     """Keras-style kernel L2 terms the model declares (``coef * sum(w**2)``)."""
     terms = getattr(model, "l2_terms", None)
     return sum((coef * p.pow(2).sum() for p, coef in terms()), 0.0) if terms else 0.0
+
+
+def head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of the classifier head (the rest is the backbone): a seed model's ``classifier``,
+    torchvision's ``fc``, or what a timm model's ``pretrained_cfg`` names."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if cfg and cfg.get("classifier"):
+        names = cfg["classifier"]
+        return tuple(f"{n}." for n in ([names] if isinstance(names, str) else names))
+    children = dict(model.named_children())
+    for name in ("classifier", "fc", "head"):
+        if name in children:
+            return (f"{name}.",)
+    raise ValueError(f"{type(model).__name__} has no classifier head cellcls can find (classifier, fc or head)")
+
+
+def split_backbone(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """(backbone, head) named parameters, for a backbone LR scale and freezing the backbone."""
+    head = head_prefixes(model)
+    named = list(model.named_parameters())
+    return [p for p in named if not p[0].startswith(head)], [p for p in named if p[0].startswith(head)]

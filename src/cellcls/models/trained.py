@@ -15,8 +15,9 @@ from torch import nn
 from cellcls.checkpoint import Checkpoint, load_checkpoint
 from cellcls.data.preprocessing import input_spec, preprocess
 from cellcls.evaluation.metrics import TEST_METRICS, wilson_interval
-from cellcls.models import build_model
+from cellcls.models import build_model, model_label
 from cellcls.models.heads import Decision
+from cellcls.models.tta import check_tta, with_tta
 from cellcls.run_folder import BEST, RunFolder
 from cellcls.training.runtime import resolve_device
 
@@ -34,7 +35,13 @@ class LoadedModel:
     device: torch.device
     metrics: dict[str, Any] = field(default_factory=dict)
     decision: Decision = field(default_factory=Decision)  # temperature and threshold fitted on validation
+    tta: str = "none"  # test-time flips averaged by `predict` and `scorer` (cellcls.models.tta)
     supports_cam = True
+
+    @property
+    def scorer(self) -> nn.Module:
+        """The network that scores images: ``model``, or its flip average under ``tta``."""
+        return with_tta(self.model, self.tta)
 
     @property
     def threshold(self) -> float | None:
@@ -55,13 +62,13 @@ class LoadedModel:
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> np.ndarray:
         """Class probabilities ``N x num_classes`` for uint8 images (``N x C x H x W`` at the model's size)."""
-        return self.decision.probabilities(self.model(self.prepare(images))).cpu().numpy()
+        return self.decision.probabilities(self.scorer(self.prepare(images))).cpu().numpy()
 
     @property
     def card(self) -> dict[str, Any]:
         """What a person or a client needs to know of the model: name, classes, input, metrics (JSON-ready)."""
         return {
-            "model": str(self.config.model.name),
+            "model": model_label(self.config.model),
             "dataset": str(self.config.dataset.name) if "dataset" in self.config else None,  # None: built by hand
             "classes": list(self.classes),
             "input": input_spec(self.preprocessing),
@@ -70,20 +77,23 @@ class LoadedModel:
             "checkpoint": str(self.path),
             "metrics": self.metrics,
             "decision": self.decision.to_dict(),
+            "tta": self.tta,
         }
 
 
-def load_model(location: str | Path, device: str = "auto") -> LoadedModel:
-    """The model of a checkpoint file, or of a run folder's ``checkpoints/best.pt``."""
+def load_model(location: str | Path, device: str = "auto", tta: str = "none") -> LoadedModel:
+    """The model of a checkpoint file, or of a run folder's ``checkpoints/best.pt``; ``tta`` averages its logits
+    over flipped copies of each image (:mod:`cellcls.models.tta`)."""
     ckpt = load_checkpoint(location, name=BEST)
     dev = resolve_device(device, setting="device")
     prep = ckpt.preprocessing
-    model = build_model(ckpt.model_spec, prep["channels"], len(ckpt.classes), prep["image_size"])
+    model = build_model(ckpt.model_spec, prep["channels"], len(ckpt.classes), prep["image_size"],
+                        starting_weights=False)
     model.load_state_dict(ckpt.model)
     model.to(dev).eval()
     assert ckpt.path is not None
     return LoadedModel(model, list(ckpt.classes), prep, OmegaConf.create(ckpt.config), ckpt.path, ckpt.epoch, dev,
-                       checkpoint_metrics(ckpt), Decision.of(ckpt.calibration))
+                       checkpoint_metrics(ckpt), Decision.of(ckpt.calibration), check_tta(tta))
 
 
 def checkpoint_metrics(ckpt: Checkpoint) -> dict[str, Any]:

@@ -13,17 +13,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from cellcls.data.datamodule import DataBundle, build_data, fold_of
+from cellcls.data.mixing import BatchMix, build_mix
 from cellcls.evaluation.metrics import metric_mode
 from cellcls.models import build_model
 from cellcls.models.heads import num_outputs
 from cellcls.run_folder import RunFolder
 from cellcls.training import distributed
 from cellcls.training.callbacks import Callback
+from cellcls.training.ema import EMA
 from cellcls.training.losses import ClassificationLoss, balanced_class_weights
-from cellcls.training.optim import build_optimizer, build_scheduler
+from cellcls.training.optim import Scheduler, build_optimizer, build_scheduler
 from cellcls.training.runtime import (
     Runtime,
     eval_batch_size,
@@ -36,8 +37,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Job:
-    """One training job's parts. ``net`` is the plain network (evaluation, checkpoints); ``model`` what the
-    training step calls (``net``, or its DDP / ``torch.compile`` wrapper)."""
+    """One training job's parts. ``net`` is the plain network; ``model`` what the training step calls (``net``, or
+    its DDP / ``torch.compile`` wrapper); ``ema`` the weights' moving average when ``trainer.ema_decay`` is set;
+    ``mix`` MixUp/CutMix of whole training batches."""
 
     cfg: DictConfig
     run: RunFolder
@@ -47,18 +49,26 @@ class Job:
     model: nn.Module
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: LRScheduler | ReduceLROnPlateau | None
+    scheduler: Scheduler | None
     scaler: torch.amp.GradScaler
     callbacks: dict[str, Callback]
+    ema: EMA | None = None
+    mix: BatchMix | None = None
 
     @property
     def model_spec(self) -> dict[str, Any]:
         return OmegaConf.to_container(self.cfg.model, resolve=True)  # type: ignore[return-value]
 
+    @property
+    def validated(self) -> nn.Module:
+        """The network that is validated and checkpointed as ``model``: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.net
 
-def build_job(cfg: DictConfig, run_dir: Path) -> Job:
+
+def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True) -> Job:
     """Build a job from a validated config. The config is updated in place with what the data decided
-    (measured ``auto`` normalisation, the absolute data root), so checkpoints record what was trained on."""
+    (measured ``auto`` normalisation, the absolute data root), so checkpoints record what was trained on.
+    ``starting_weights=False`` (a resumed run) skips ``model.weights``/``model.pretrained``: the checkpoint's follow."""
     seed_everything(int(cfg.seed))
     t = cfg.trainer
     runtime = setup_runtime(t)
@@ -77,7 +87,7 @@ def build_job(cfg: DictConfig, run_dir: Path) -> Job:
 
     prep, classes = data.preprocessing, data.classes
     spec = OmegaConf.to_container(cfg.model, resolve=True)
-    net = build_model(spec, prep["channels"], len(classes), prep["image_size"]).to(runtime.device)
+    net = build_model(spec, prep["channels"], len(classes), prep["image_size"], starting_weights).to(runtime.device)
     net = net.to(memory_format=runtime.memory_format)
     model: nn.Module = net
     if runtime.dist.enabled:
@@ -90,10 +100,14 @@ def build_job(cfg: DictConfig, run_dir: Path) -> Job:
         weights = balanced_class_weights(data.splits["train"].labels, len(classes))
         log.info("class weights (balanced): %s", {c: round(float(w), 3) for c, w in zip(classes, weights)})
     # Keras weights only the training loss; validation and test use the unweighted loss
-    loss_fn = ClassificationLoss(num_outputs(len(classes), bool(spec.get("single_logit"))), weights).to(runtime.device)
-    optimizer = build_optimizer(net.parameters(), OmegaConf.to_container(cfg.optim, resolve=True))
+    loss_fn = ClassificationLoss(num_outputs(len(classes), bool(spec.get("single_logit"))), weights,
+                                 float(cfg.get("label_smoothing") or 0.0)).to(runtime.device)
+    optimizer = build_optimizer(net, OmegaConf.to_container(cfg.optim, resolve=True))
     mode = metric_mode(str(t.monitor), str(t.monitor_mode))
     scheduler = build_scheduler(optimizer, OmegaConf.to_container(cfg.scheduler, resolve=True), int(t.max_epochs), mode)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype is torch.float16)
     callbacks = {name: instantiate(node) for name, node in cfg.callbacks.items() if node is not None}
-    return Job(cfg, RunFolder(run_dir), runtime, data, net, model, loss_fn, optimizer, scheduler, scaler, callbacks)
+    ema = EMA(net, float(t.ema_decay)) if t.get("ema_decay") else None
+    mix = build_mix(OmegaConf.to_container(cfg.augment, resolve=True) if cfg.get("augment") else None, len(classes))
+    return Job(cfg, RunFolder(run_dir), runtime, data, net, model, loss_fn, optimizer, scheduler, scaler, callbacks,
+               ema, mix)

@@ -1,7 +1,7 @@
 """Callbacks: what happens around the epoch loop, each one swappable from the ``callbacks`` config group.
 
 Every entry of ``callbacks`` is ``name: {_target_: <class>, <arguments>}``; ``callbacks.<name>=null`` drops it.
-The loop calls, in order: ``on_fit_start``; per epoch ``on_train_batch`` (each batch, before the step),
+The loop calls, in order: ``on_fit_start``; per epoch ``on_epoch_start``, ``on_train_batch`` (each batch, before the step),
 ``on_validation_end`` (may set ``state.should_stop``), then the LR scheduler and the loggers, then ``on_epoch_end``
 (checkpoints see the finished epoch); ``on_fit_end`` after the final test. A callback's ``state_dict`` is saved in
 the checkpoint under its name, so a resumed run continues where it stopped.
@@ -30,6 +30,7 @@ class Callback:
     """Base class: every hook is optional."""
 
     def on_fit_start(self, state: FitState) -> None: ...
+    def on_epoch_start(self, state: FitState, epoch: int) -> None: ...
     def on_train_batch(self, state: FitState, step: int, images: torch.Tensor, targets: torch.Tensor) -> None: ...
     def on_validation_end(self, state: FitState, metrics: dict[str, float]) -> None: ...
     def on_epoch_end(self, state: FitState, metrics: dict[str, float]) -> None: ...
@@ -73,6 +74,34 @@ class EarlyStopping(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.wait = int(state.get("wait", 0))
         self.best = float(state.get("best", math.nan))
+
+
+class FreezeBackbone(Callback):
+    """Train only the classifier head for the first ``epochs`` epochs, then everything (fine-tuning a pretrained
+    backbone without wrecking it through a random head's first gradients). BatchNorm statistics keep adapting."""
+
+    def __init__(self, epochs: int = 0) -> None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"callbacks.freeze_backbone.epochs must be an integer >= 0, got {epochs!r}")
+        self.epochs = epochs
+
+    def on_fit_start(self, state: FitState) -> None:
+        if self.epochs and state.job.runtime.dist.enabled:
+            raise ValueError("callbacks.freeze_backbone.epochs > 0 cannot change which weights train under DDP "
+                             "(torchrun); set it to 0 there")
+
+    def on_epoch_start(self, state: FitState, epoch: int) -> None:
+        if not self.epochs or epoch > self.epochs + 1:
+            return
+        from cellcls.models import split_backbone
+
+        frozen = epoch <= self.epochs
+        backbone, head = split_backbone(state.job.net)
+        for _, p in backbone:
+            p.requires_grad_(not frozen)
+        if frozen and epoch == 1 or not frozen:
+            log.info("epoch %d: %s", epoch, f"backbone frozen for {self.epochs} epoch(s); training the head's "
+                     f"{sum(p.numel() for _, p in head):,} parameters" if frozen else "backbone unfrozen")
 
 
 class ModelCheckpoint(Callback):

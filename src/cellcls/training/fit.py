@@ -12,14 +12,13 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from cellcls.checkpoint import Checkpoint, save_checkpoint
 from cellcls.data.splits import write_split_lists
 from cellcls.data.summary import count_table
 from cellcls.errors import TrainingDiverged, TrainingInterrupted
 from cellcls.evaluation.metrics import metric_mode
-from cellcls.models import count_parameters
+from cellcls.models import count_parameters, model_label
 from cellcls.models.summary import summary_table
 from cellcls.run_folder import RunFolder, atomic_write
 from cellcls.training import distributed
@@ -28,6 +27,7 @@ from cellcls.training.callbacks import Callback
 from cellcls.training.final import calibrate_and_test
 from cellcls.training.loggers import Loggers, create_loggers
 from cellcls.training.loop import EpochProgress, NonFinite, evaluate, train_one_epoch
+from cellcls.training.optim import step_scheduler
 from cellcls.training.preemption import stop_on_signals
 from cellcls.training.runtime import epoch_seed
 from cellcls.training.state import FitState, Monitor, restore
@@ -46,7 +46,7 @@ def fit(
     :class:`~cellcls.errors.TrainingInterrupted` (a signal; ``last.pt`` then holds the exact position).
     """
     try:
-        job = build_job(cfg, run_dir)
+        job = build_job(cfg, run_dir, starting_weights=resume is None)
         job.callbacks.update({f"extra_{i}": cb for i, cb in enumerate(callbacks)})
         t = cfg.trainer
         monitor = Monitor(str(t.monitor), metric_mode(str(t.monitor), str(t.monitor_mode)))
@@ -96,18 +96,21 @@ def run_epoch(state: FitState, epoch: int) -> None:
         for cb in job.callbacks.values():
             cb.on_train_batch(state, step, images, targets)
 
+    for cb in job.callbacks.values():
+        cb.on_epoch_start(state, epoch)
     show = bool(t.progress_bar and job.runtime.is_main)
     resume, state.position = state.position, None
     try:
         done = train_one_epoch(
             job.model, job.net, job.data.loaders["train"], job.loss_fn, job.optimizer, job.scaler, job.runtime,
             t.gradient_clip, on_batch, f"epoch {epoch}/{t.max_epochs}" if show else None,
-            NonFinite(str(t.on_nonfinite), int(t.max_skipped_batches)), resume, state.stop_request)
+            NonFinite(str(t.on_nonfinite), int(t.max_skipped_batches)), resume, state.stop_request,
+            int(t.accumulate_grad_batches), job.mix, job.ema)
     except TrainingDiverged as exc:
         raise diverged(state, epoch, str(exc)) from None
     if not done.complete:
         interrupt(state, epoch, done)
-    val = evaluate(job.net, job.data.loaders["val"], job.runtime)
+    val = evaluate(job.validated, job.data.loaders["val"], job.runtime)
     if not math.isfinite(val.loss):
         raise diverged(state, epoch, f"the validation loss is {val.loss:g} after the epoch")
     metrics = {"train_loss": done.loss, "train_accuracy": done.accuracy, "val_loss": val.loss,
@@ -120,10 +123,7 @@ def run_epoch(state: FitState, epoch: int) -> None:
     for cb in job.callbacks.values():
         cb.on_validation_end(state, metrics)
     state.should_stop = distributed.broadcast_flag(state.should_stop)
-    if isinstance(job.scheduler, ReduceLROnPlateau):
-        job.scheduler.step(monitored)
-    elif job.scheduler is not None:
-        job.scheduler.step()
+    step_scheduler(job.scheduler, monitored)
     metrics["epoch_time_s"] = time.perf_counter() - started
     state.history.append({"epoch": epoch, **metrics})
     # checkpoints first: metrics.csv never lists an epoch that last.pt does not hold
@@ -181,7 +181,7 @@ def describe(state: FitState, first: bool) -> None:
         log.warning("ignored %d non-image file(s), e.g. %s", len(data.ignored), data.ignored[0])
     log.info("data %s at %s\n%s", cfg.dataset.name, data.root, count_table(data.splits, data.classes))
     rt = job.runtime
-    log.info("model %s: %s parameters, device %s, precision %s%s", cfg.model.name, f"{count_parameters(job.net):,}",
+    log.info("model %s: %s parameters, device %s, precision %s%s", model_label(cfg.model), f"{count_parameters(job.net):,}",
              rt.device, rt.amp_dtype or "float32", f", {rt.dist.world_size} processes (DDP)" if rt.dist.enabled else "")
     log.info("model summary\n%s", table)
     if first:
@@ -202,7 +202,7 @@ def finish(state: FitState) -> dict[str, Any]:
         summary["test"] = test
     prep = job.data.preprocessing
     # the model and data first: TensorBoard's HParams table shows its first columns by default
-    hparams = {"model": str(cfg.model.name), "dataset": str(cfg.dataset.name),
+    hparams = {"model": model_label(cfg.model), "dataset": str(cfg.dataset.name),
                "image_size": "x".join(str(v) for v in (*prep["image_size"], prep["channels"])),
                "parameters": count_parameters(job.net), "epochs": len(state.history),
                "max_epochs": int(cfg.trainer.max_epochs), "optim": str(cfg.optim.name), "lr": float(cfg.optim.lr),

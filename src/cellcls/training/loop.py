@@ -12,11 +12,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cellcls.data.mixing import BatchMix
 from cellcls.errors import TrainingDiverged
 from cellcls.evaluation.inference import Scores, run_inference, score
 from cellcls.models import l2_penalty
 from cellcls.models.heads import predicted_labels
 from cellcls.training import distributed
+from cellcls.training.ema import EMA
+from cellcls.training.losses import hard_labels
 from cellcls.training.runtime import Runtime
 
 BatchHook = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -84,10 +87,16 @@ def train_one_epoch(
     nonfinite: NonFinite = NonFinite(),
     resume: EpochProgress | None = None,
     interrupted: Callable[[], bool] | None = None,
+    accumulate: int = 1,
+    mix: BatchMix | None = None,
+    ema: EMA | None = None,
 ) -> EpochProgress:
     """Train ``model`` (``net`` itself, or its DDP/compiled wrapper) over ``loader`` once.
 
-    ``on_batch(step, images, targets)`` sees each batch before the step. A non-finite loss raises
+    The optimiser steps once every ``accumulate`` batches (and after the last) on their summed gradients of
+    ``loss / accumulate``; ``ema`` follows each step. ``mix`` (MixUp/CutMix) mixes each batch on the device; the
+    reported training accuracy counts a mixed image as its larger share's class.
+    ``on_batch(step, images, targets)`` sees each batch before the step (and before mixing). A non-finite loss raises
     :class:`~cellcls.errors.TrainingDiverged` before it reaches the weights (on CUDA within 16 steps: checking every
     step would stall the GPU). When ``interrupted()`` turns true the epoch stops after the current step and the
     returned progress is not ``complete``; ``resume`` continues such an epoch where it stopped.
@@ -106,9 +115,11 @@ def train_one_epoch(
         next(batches)
     if done.rng:
         _set_rng_state(done.rng, device)
+    total = len(loader) if hasattr(loader, "__len__") else None
     bar = tqdm(batches, desc=progress, leave=False, disable=progress is None, mininterval=0.5, dynamic_ncols=True,
-               initial=done.step, total=len(loader) if hasattr(loader, "__len__") else None)
+               initial=done.step, total=total)
     step = done.step - 1
+    optimizer.zero_grad(set_to_none=True)
     for step, (images, targets) in enumerate(bar, start=done.step):
         if targets.numel() == 0:  # every image of the batch failed to decode (uncached mode)
             continue
@@ -116,6 +127,8 @@ def train_one_epoch(
             on_batch(step, images, targets)
         images = images.to(device, non_blocking=True, memory_format=runtime.memory_format)
         targets = targets.to(device, non_blocking=True)
+        if mix is not None:
+            images, targets = mix(images, targets)
         with runtime.autocast():
             logits = model(images)
             loss = loss_fn(logits, targets) + l2_penalty(net)
@@ -124,24 +137,28 @@ def train_one_epoch(
             if nonfinite.action == "skip_batch" and skipped < nonfinite.max_skipped:
                 skipped += 1
                 bad.zero_()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)  # the window's other gradients go with it
                 continue
             raise TrainingDiverged(f"the training loss is {float(loss.detach()):g} at step {step + 1}"
                                    + (f" ({skipped} batches skipped before)" if skipped else ""))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if gradient_clip:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(net.parameters(), float(gradient_clip))
-        scaler.step(optimizer)
-        scaler.update()
+        scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
+        window_end = (step + 1) % accumulate == 0 or (total is not None and step + 1 == total)
+        if window_end:
+            if gradient_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(net.parameters(), float(gradient_clip))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(net)
         n = targets.shape[0]
         total_loss += loss.detach().double() * n
-        correct += (predicted_labels(logits.detach()) == targets).sum()
+        correct += (predicted_labels(logits.detach()) == hard_labels(targets)).sum()
         seen += n
         if progress is not None and step % 20 == 0:
             bar.set_postfix(loss=f"{float(total_loss) / seen:.4f}", acc=f"{int(correct) / seen:.4f}", refresh=False)
-        if interrupted is not None and interrupted():
+        if window_end and interrupted is not None and interrupted():
             bar.close()
             return EpochProgress(step + 1, float(total_loss), int(correct), seen, skipped, False, _rng_state(device))
     bar.close()

@@ -17,25 +17,48 @@ def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Ten
     return torch.tensor(weights, dtype=torch.float32)
 
 
-class ClassificationLoss(nn.Module):
-    """Cross-entropy for ``C`` logits, binary cross-entropy for one logit.
+def is_soft(targets: torch.Tensor) -> bool:
+    """Whether ``targets`` are class-probability rows (``N x C``, from MixUp/CutMix) rather than class indices."""
+    return targets.is_floating_point() and targets.ndim == 2
 
-    With class weights each sample's loss is scaled by its class' weight and the batch mean is taken over
-    samples (Keras' ``class_weight`` semantics), not divided by the sum of weights as torch's ``weight=`` does.
+
+def hard_labels(targets: torch.Tensor) -> torch.Tensor:
+    """Class indices of either kind of target (the largest share of a mixed row)."""
+    return targets.argmax(dim=1) if is_soft(targets) else targets
+
+
+class ClassificationLoss(nn.Module):
+    """Cross-entropy for ``C`` logits, binary cross-entropy for one logit; targets are class indices or, from
+    MixUp/CutMix, class-probability rows. ``label_smoothing`` moves that share of each target to a uniform
+    distribution over the classes (torch's ``label_smoothing``; for one logit the target becomes t(1 - e) + e/2).
+
+    With class weights each sample's loss is scaled by its class' weight (a mixed row: the mix of its classes'
+    weights) and the batch mean is taken over samples (Keras' ``class_weight`` semantics), not divided by the sum of
+    weights as torch's ``weight=`` does.
     """
 
-    def __init__(self, num_outputs: int, class_weights: torch.Tensor | None = None) -> None:
+    def __init__(self, num_outputs: int, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
         super().__init__()
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.num_outputs = num_outputs
+        self.label_smoothing = float(label_smoothing)
         self.register_buffer("class_weights", class_weights if class_weights is not None else None)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
+        eps, soft = self.label_smoothing, is_soft(targets)
         if self.num_outputs == 1:
-            per_sample = F.binary_cross_entropy_with_logits(logits.squeeze(1), targets.float(), reduction="none")
+            t = targets[:, 1].float() if soft else targets.float()
+            t = t * (1 - eps) + eps / 2 if eps else t
+            per_sample = F.binary_cross_entropy_with_logits(logits.squeeze(1), t, reduction="none")
+        elif soft:
+            t = targets.float() * (1 - eps) + eps / logits.shape[1] if eps else targets.float()
+            per_sample = F.cross_entropy(logits, t, reduction="none")
         else:
-            per_sample = F.cross_entropy(logits, targets, reduction="none")
+            per_sample = F.cross_entropy(logits, targets, reduction="none", label_smoothing=eps)
         if self.class_weights is not None:
-            per_sample = per_sample * self.class_weights[targets]
+            weights = targets.float() @ self.class_weights if soft else self.class_weights[targets]
+            per_sample = per_sample * weights
         return per_sample.mean()
 

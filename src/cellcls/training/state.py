@@ -71,10 +71,12 @@ class FitState:
         return Normalize(self.job.data.preprocessing["mean"], self.job.data.preprocessing["std"])
 
     def checkpoint(self, position: EpochProgress | None = None) -> Checkpoint:
-        """The job's state after the last complete epoch (and, mid-epoch, how far the next one got)."""
+        """The job's state after the last complete epoch (and, mid-epoch, how far the next one got). ``model`` holds
+        the validated weights (the moving average when ``trainer.ema_decay`` is set; the raw ones then go to
+        ``training['ema']['net']`` for resuming)."""
         job = self.job
         return Checkpoint(
-            epoch=self.epoch, model=job.net.state_dict(), model_spec=job.model_spec, classes=job.data.classes,
+            epoch=self.epoch, model=job.validated.state_dict(), model_spec=job.model_spec, classes=job.data.classes,
             preprocessing=job.data.preprocessing, config=OmegaConf.to_container(job.cfg, resolve=True),
             history=list(self.history),
             monitor={"metric": self.monitor.metric, "mode": self.monitor.mode, "best": self.monitor.best,
@@ -85,6 +87,7 @@ class FitState:
                 "scaler": job.scaler.state_dict() if job.scaler.is_enabled() else None,
                 "callbacks": {name: cb.state_dict() for name, cb in job.callbacks.items()},
                 "position": {"epoch": self.epoch + 1, **position.state_dict()} if position is not None else None,
+                "ema": {"net": job.net.state_dict(), **job.ema.state_dict()} if job.ema is not None else None,
             },
         )
 
@@ -93,7 +96,15 @@ def restore(state: FitState, ckpt: Checkpoint) -> int:
     """Load a checkpoint's training state into the job; returns the last complete epoch (a mid-epoch position
     goes to ``state.position``)."""
     job = state.job
-    job.net.load_state_dict(ckpt.model)
+    ema = ckpt.training.get("ema")
+    if job.ema is not None and ema:
+        job.net.load_state_dict(ema["net"])
+        job.ema.module.load_state_dict(ckpt.model)
+        job.ema.load_state_dict(ema)
+    else:  # a run that adds EMA on resuming starts its average from the checkpoint's weights
+        job.net.load_state_dict(ckpt.model)
+        if job.ema is not None:
+            job.ema.module.load_state_dict(ckpt.model)
     job.optimizer.load_state_dict(ckpt.training["optimizer"])
     if job.scheduler is not None and ckpt.training.get("scheduler") is not None:
         job.scheduler.load_state_dict(ckpt.training["scheduler"])
