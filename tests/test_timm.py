@@ -129,3 +129,8 @@ def test_every_model_splits_into_a_backbone_and_its_classifier_head(spec, head):
     backbone, heads = split_backbone(build_model(spec, 3, 2, [64, 64]))
     assert heads and all(n.startswith(head) for n, _ in heads)
     assert backbone and not any(n.startswith(head) for n, _ in backbone)
+
+
+def test_a_fixed_size_architecture_is_built_for_the_data_sets_image_size():
+    model = build_model({**TIMM, "arch": "vit_tiny_patch16_224"}, 3, 2, [64, 96])
+    assert model(torch.zeros(1, 3, 64, 96)).shape == (1, 2)

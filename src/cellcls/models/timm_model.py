@@ -57,13 +57,18 @@ def timm_model(
     (timm's published weights for ``arch``, read from ``cache_dir`` or Hugging Face's cache, downloaded there when
     missing and online). Either way the stem is adapted to ``in_channels`` and a head of another size starts fresh.
     """
-    del image_size  # timm's CNNs pool globally; a fixed-size model (ViT) reads img_size from its own options
     timm = _timm()
     check_arch(arch)
     options: dict[str, Any] = {"num_classes": num_outputs, "in_chans": in_channels, "drop_rate": float(drop_rate)}
     if drop_path_rate is not None:
         options["drop_path_rate"] = float(drop_path_rate)
-    model = timm.create_model(arch, pretrained=False, **options)
+    try:
+        model = timm.create_model(arch, pretrained=False, **options)
+        if model.pretrained_cfg.get("fixed_input_size"):  # a ViT and kin: built for the data set's size instead
+            options["img_size"] = tuple(image_size)
+            model = timm.create_model(arch, pretrained=False, **options)
+    except TypeError as exc:  # an option this architecture does not have
+        raise ConfigError(f"model.arch={arch}: {exc} (drop it from the model settings)") from None
     if weights:
         cfg = model.pretrained_cfg
         load_weights(model, weights, first_conv=cfg.get("first_conv") or "", classifier=cfg.get("classifier") or "")

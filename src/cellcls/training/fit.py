@@ -207,7 +207,9 @@ def finish(state: FitState) -> dict[str, Any]:
                "parameters": count_parameters(job.net), "epochs": len(state.history),
                "max_epochs": int(cfg.trainer.max_epochs), "optim": str(cfg.optim.name), "lr": float(cfg.optim.lr),
                "weight_decay": float(cfg.optim.get("weight_decay") or 0.0), "batch_size": int(cfg.dataset.batch_size),
-               "augment": str(cfg.augment.name), "class_weights": str(cfg.class_weights), "seed": int(cfg.seed)}
+               "augment": str(cfg.augment.name), "class_weights": str(cfg.class_weights),
+               "label_smoothing": float(cfg.get("label_smoothing") or 0.0),
+               "ema_decay": float(cfg.trainer.get("ema_decay") or 0.0), "seed": int(cfg.seed)}
     final = {f"hparam/best_{state.monitor.metric}": float(state.monitor.best)}
     if "test" in summary:
         final["hparam/test_accuracy"] = summary["test"]["accuracy"]
