@@ -136,6 +136,24 @@ def scores(model: nn.Module, loader: DataLoader, device: torch.device, single: b
             "roc_auc": float(auc)}
 
 
+def modern_settings(cfg: dict) -> list[str]:
+    """The settings of a run (issue 15's fine-tuning controls) that this loop does not reproduce."""
+    t, optim, aug = cfg.get("trainer", {}), cfg.get("optim", {}), cfg.get("augment", {})
+    found = {
+        "optim.backbone_lr_scale": optim.get("backbone_lr_scale", 1.0) != 1.0,
+        "optim.decay_norm_and_bias=false": optim.get("decay_norm_and_bias", True) is False,
+        "scheduler.warmup_epochs": bool((cfg.get("scheduler") or {}).get("warmup_epochs")),
+        "trainer.accumulate_grad_batches": t.get("accumulate_grad_batches", 1) != 1,
+        "trainer.ema_decay": t.get("ema_decay") is not None,
+        "label_smoothing": bool(cfg.get("label_smoothing")),
+        "augment.mixup/cutmix": bool(aug.get("mixup") or aug.get("cutmix")),
+        "augment.policy": aug.get("policy", "none") != "none",
+        "model=timm": (cfg.get("model") or {}).get("name") == "timm",
+        "callbacks.freeze_backbone": bool(((cfg.get("callbacks") or {}).get("freeze_backbone") or {}).get("epochs")),
+    }
+    return [name for name, used in found.items() if used]
+
+
 def train_reference(run: Path, seed: int = 0, epochs: int | None = None, device: str = "auto", root: str | None = None,
                     init: str = "torch", select: str = "auto") -> dict[str, Any]:
     """Train the hand-written equivalent of ``run`` and return its test (and validation) metrics."""
@@ -167,6 +185,12 @@ def train_reference(run: Path, seed: int = 0, epochs: int | None = None, device:
                 nn.init.zeros_(m.bias)
     model.to(dev)
     opt_cfg = dict(cfg["optim"])
+    unsupported = modern_settings(cfg)
+    if unsupported:
+        raise SystemExit(f"reference: the hand-written loop reproduces the seed recipes' settings only; this run also "
+                         f"uses {', '.join(unsupported)}")
+    for key in ("backbone_lr_scale", "decay_norm_and_bias"):  # cellcls' parameter grouping, at its defaults here
+        opt_cfg.pop(key, None)
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad,
                "adadelta": torch.optim.Adadelta, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}[opt_cfg.pop("name")]
     opt_cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in opt_cfg.items() if v is not None}

@@ -55,3 +55,14 @@ def test_quality_rows_go_into_their_recipes_table(tmp_path):
     assert lines[s1:s2].count("| old |") == 1
     assert lines.index("| old |") < lines.index("| new s1 |") < lines.index("| newer s1 |") < s2
     assert lines[-1] == "| new s2 |" and lines[s2 + 2] == quality.HEADER.splitlines()[0]
+
+
+def test_the_reference_refuses_a_run_with_settings_it_does_not_reproduce():
+    from omegaconf import OmegaConf
+    from reference import modern_settings
+
+    seed = OmegaConf.to_container(compose_config("experiment=s1_malaria_lenet"), resolve=True)
+    assert modern_settings(seed) == []
+    modern = OmegaConf.to_container(compose_config("experiment=malaria_modern"), resolve=True)
+    assert modern_settings(modern) == ["optim.decay_norm_and_bias=false", "scheduler.warmup_epochs",
+                                       "trainer.ema_decay", "label_smoothing"]
