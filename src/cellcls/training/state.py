@@ -101,8 +101,8 @@ def restore(state: FitState, ckpt: Checkpoint) -> int:
         job.net.load_state_dict(ema["net"])
         job.ema.module.load_state_dict(ckpt.model)
         job.ema.load_state_dict(ema)
-    else:  # a run that adds EMA on resuming starts its average from the checkpoint's weights
-        job.net.load_state_dict(ckpt.model)
+    else:  # a run that adds (or drops) the EMA on resuming continues from the checkpoint's raw weights
+        job.net.load_state_dict(ema["net"] if ema else ckpt.model)
         if job.ema is not None:
             job.ema.module.load_state_dict(ckpt.model)
     job.optimizer.load_state_dict(ckpt.training["optimizer"])
