@@ -38,6 +38,9 @@ class BatchAugment:
 
     def __init__(self, cfg: Mapping[str, Any] | AugmentSettings) -> None:
         self.settings = cfg if isinstance(cfg, AugmentSettings) else parse_augment(cfg)
+        fill = self.settings.fill
+        # the batch is float in [0, 1] here, so the 0-255 fill is scaled
+        self.policy = self.settings.policy_transform([f / 255 for f in fill] if len(fill) > 1 else fill[0] / 255)
 
     def sample(self, n: int, height: int, width: int, generator: torch.Generator | None = None) -> AffineParams:
         """Draw parameters on the CPU (seeded like the per-image path: torch's global generator by default)."""
@@ -69,11 +72,10 @@ class BatchAugment:
         if a.affine or a.hflip or a.vflip:
             n, _, h, w = images.shape
             images = self.apply(images, self.sample(n, h, w, generator))
-        policy = a.policy_transform([f / 255 for f in a.fill] if len(a.fill) > 1 else a.fill[0] / 255)
-        if policy is not None:
+        if self.policy is not None:
             # torchvision has no batched RandAugment/TrivialAugment: image by image, as on the loader path (the ops
             # draw from torch's global generator, which the trainer seeds per epoch)
-            images = torch.stack([policy(image) for image in images])
+            images = torch.stack([self.policy(image) for image in images])
         return images
 
     def apply(self, images: torch.Tensor, p: AffineParams) -> torch.Tensor:
