@@ -58,7 +58,7 @@ def test_device_path_and_per_image_path_give_the_same_loss_on_the_same_batch():
 
 
 def test_shuffled_device_batches_cover_the_split_once_per_epoch_in_a_new_order():
-    data = bundle("device")
+    data = bundle("device", "dataset.batch_size=27")  # 81 images: no last batch of one, which training drops
     loader = data.loaders["train"]
     first = torch.cat([x.flatten(1)[:, :64] for x, _ in loader])
     second = torch.cat([x.flatten(1)[:, :64] for x, _ in loader])
@@ -147,6 +147,19 @@ def test_under_torchrun_each_rank_gets_its_share_of_the_training_batches(pipelin
     shares = [torch.cat([y for _, y in bundle(pipeline, shard=(2, rank)).loaders["train"]]) for rank in range(2)]
     total = len(bundle(pipeline).splits["train"])
     assert len(shares[0]) == len(shares[1]) == (total + 1) // 2
+
+
+@pytest.mark.parametrize("pipeline", ["device", "loader"])
+def test_a_last_training_batch_of_one_image_is_dropped_so_batchnorm_can_train(pipeline):
+    n = len(bundle(pipeline).splits["train"])
+    data = bundle(pipeline, f"dataset.batch_size={n - 1}")  # n images in batches of n - 1 leave one over
+    assert [len(y) for _, y in data.loaders["train"]] == [n - 1]
+    assert len(data.loaders["train"]) == 1
+    assert sum(len(y) for _, y in data.loaders["val"]) == len(data.splits["val"])  # evaluation keeps every image
+    model = build_model({"name": "timm", "arch": "resnet10t"}, 3, 2, [32, 32]).train()
+    images, _ = next(iter(data.loaders["train"]))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # what the dropped batch would do
+        model(images[:1])
 
 
 def test_pipeline_settings_are_checked():

@@ -249,12 +249,16 @@ def build_data(
         if name == "train" and shard is not None:
             sampler = train_sampler = DistributedSampler(range(len(samples)), num_replicas=shard[0], rank=shard[1],
                                                          shuffle=bool(ds.shuffle), seed=seed)
+        # BatchNorm cannot train on a batch of one image (one value per channel once pooled to 1x1): such a last
+        # batch is dropped; with shuffling a different image sits it out each epoch
+        n_train = len(sampler) if sampler is not None else len(samples)
+        drop_last = name == "train" and n_train > batch_size and n_train % batch_size == 1
         if mode == "device":
             loaders[name] = DeviceBatches(
                 decoded[name].file, decoded[name].kept, samples.labels, batch_size, device,
                 augment=BatchAugment(aug) if aug else None, mean=prep["mean"], std=prep["std"],
                 shuffle=name == "train" and bool(ds.shuffle),
-                generator=generator if name == "train" else None, sampler=sampler,
+                generator=generator if name == "train" else None, sampler=sampler, drop_last=drop_last,
             )
             continue
         loaders[name] = DataLoader(
@@ -263,6 +267,7 @@ def build_data(
             shuffle=name == "train" and bool(ds.shuffle) and sampler is None,
             generator=generator if name == "train" and sampler is None else None,
             sampler=sampler,
+            drop_last=drop_last,
             num_workers=workers,
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,

@@ -39,6 +39,7 @@ class DeviceBatches:
         generator: torch.Generator | None = None,
         prefetch: int = 2,
         sampler: Sampler[int] | None = None,
+        drop_last: bool = False,
     ) -> None:
         self.file = file
         self.rows = np.asarray(rows, dtype=np.int64)
@@ -48,13 +49,14 @@ class DeviceBatches:
         self.augment = augment if augment is not None and augment.settings.any else None
         self.normalize = Normalize(mean, std).to(device)
         self.prefetch = prefetch
+        self.drop_last = drop_last
         # a given sampler (a DistributedSampler under torchrun) decides the order, else shuffle does
         self.sampler: Sampler[int] = sampler or (RandomSampler(range(len(self.rows)), generator=generator) if shuffle
                                                  else SequentialSampler(range(len(self.rows))))
         self._pixels: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(BatchSampler(self.sampler, self.batch_size, drop_last=False))
+        return len(BatchSampler(self.sampler, self.batch_size, drop_last=self.drop_last))
 
     @property
     def pixels(self) -> np.ndarray:
@@ -72,7 +74,7 @@ class DeviceBatches:
 
     def _host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Gathered batches, produced by a thread ``prefetch`` batches ahead of the consumer."""
-        batches = list(BatchSampler(self.sampler, self.batch_size, drop_last=False))
+        batches = list(BatchSampler(self.sampler, self.batch_size, drop_last=self.drop_last))
         if self.prefetch <= 0:
             yield from (self._gather(b) for b in batches)
             return
