@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from cellcls.config.checks import validate
-from cellcls.data.datamodule import resolve_root
+from cellcls.data.datamodule import build_data, resolve_root
 from cellcls.data.normalization import channel_statistics
 from cellcls.errors import ConfigError
 from cellcls.models import build_model
@@ -63,13 +63,31 @@ def test_channel_statistics_read_in_chunks_equal_numpys_over_the_chosen_rows():
 
 
 @pytest.mark.parametrize("mean,std,message", [
-    ("auto", "null", "both be auto, both null or both lists"),
-    ("[0.5,0.5]", "[0.2,0.2]", "dataset.mean must be auto, null or 3 number(s)"),
+    ("auto", "null", "both be auto, both null, both one preset (imagenet) or both lists"),
+    ("imagenet", "auto", "both be auto, both null, both one preset (imagenet) or both lists"),
+    ("[0.5,0.5]", "[0.2,0.2]", "dataset.mean must be auto, null, a preset (imagenet) or 3 number(s)"),
     ("[0.5,0.5,0.5]", "[0.2,0.0,0.2]", "dataset.std must be positive"),
 ])
 def test_a_bad_normalisation_setting_is_refused_before_any_work(mean, std, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(compose_config(f"dataset.mean={mean}", f"dataset.std={std}"))
+
+
+@pytest.mark.parametrize("channels,mean,std", [
+    (3, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    (1, [0.449], [0.226]),  # grey: the channels' average, as the summed RGB stem sees it
+])
+def test_the_imagenet_preset_normalises_with_the_published_statistics(channels, mean, std):
+    cfg = compose_config(*TINY, f"dataset.channels={channels}", "dataset.mean=imagenet", "dataset.std=ImageNet")
+    validate(cfg)
+    data = build_data(cfg.dataset, None, 0, torch.device("cpu"), "loader")
+    assert data.preprocessing["mean"] == mean and data.preprocessing["std"] == std  # numbers: what checkpoints and exports keep
+    images, _ = next(iter(data.loaders["val"]))
+    raw = next(iter(build_data(compose_config(*TINY, f"dataset.channels={channels}", "dataset.mean=null",
+                                              "dataset.std=null").dataset, None, 0, torch.device("cpu"),
+                               "loader").loaders["val"]))[0]
+    expected = (raw - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+    torch.testing.assert_close(images, expected)
 
 
 def test_split_seed_fixes_the_split_while_the_seed_changes_the_training(tmp_path):

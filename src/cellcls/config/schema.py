@@ -92,7 +92,8 @@ class DatasetConfig:
     image_size: list[int] = field(default_factory=lambda: [128, 128])  # [height, width] fed to the model
     channels: int = 3  # 3 (RGB) or 1 (greyscale)
     # auto: standardise each channel with the training split's statistics (measured once per run, stored as
-    # numbers); null: pixels / 255 only, as the tutorials did; or one number per channel
+    # numbers); null: pixels / 255 only, as the tutorials did; imagenet: the statistics ImageNet-pretrained weights
+    # expect (fine-tuning them); or one number per channel
     mean: Any = "auto"
     std: Any = "auto"
     splits: dict[str, list[str]] = field(default_factory=dict)  # folder names per split (any case)

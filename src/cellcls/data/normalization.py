@@ -1,4 +1,5 @@
-"""Per-channel input normalisation: none (the tutorials' rescale to [0, 1]), fixed numbers, or ``auto``.
+"""Per-channel input normalisation: none (the tutorials' rescale to [0, 1]), fixed numbers, ``auto``, or a named
+preset (``imagenet``: the statistics ImageNet-pretrained weights were trained with, for fine-tuning them).
 
 ``auto`` (the default) standardises each channel with the training split's own mean and standard deviation. It is
 what lets the seed CNNs learn on small data sets: from inputs in [0, 1] (mean ~0.5, every channel positive) LeNet
@@ -21,6 +22,20 @@ AUTO = "auto"
 # Standardising with more than this many training images changes the statistics by less than their rounding
 UNCACHED_SAMPLE = 1000
 DECIMALS = 4
+# name -> (mean, std) per RGB channel; a grey model gets the channels' average (its stem is the RGB one summed)
+PRESETS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
+def preset(name: str, channels: int) -> tuple[list[float], list[float]]:
+    """The ``(mean, std)`` a named preset gives a model with ``channels`` input channels."""
+    mean, std = PRESETS[name.lower()]
+    if channels == 3:
+        return list(mean), list(std)
+    return [round(sum(mean) / 3, DECIMALS)] * channels, [round(sum(std) / 3, DECIMALS)] * channels
+
+
+def is_preset(value: Any) -> bool:
+    return isinstance(value, str) and value.lower() in PRESETS
 
 
 def is_auto(value: Any) -> bool:
@@ -28,16 +43,20 @@ def is_auto(value: Any) -> bool:
 
 
 def check_normalization(mean: Any, std: Any, channels: int) -> None:
-    """``dataset.mean``/``dataset.std``: both null, both ``auto``, or one positive-std number per channel."""
+    """``dataset.mean``/``dataset.std``: both null, both ``auto``, both one preset's name, or one positive-std number
+    per channel."""
+    names = ", ".join(PRESETS)
     if mean is None and std is None:
         return
-    if is_auto(mean) and is_auto(std):
+    if (is_auto(mean) and is_auto(std)) or (is_preset(mean) and is_preset(std) and mean.lower() == std.lower()):
         return
-    if is_auto(mean) or is_auto(std) or mean is None or std is None:
-        raise ConfigError(f"dataset.mean and dataset.std must both be auto, both null or both lists; got mean={mean!r}, std={std!r}")
+    if isinstance(mean, str) or isinstance(std, str) or mean is None or std is None:
+        raise ConfigError(f"dataset.mean and dataset.std must both be auto, both null, both one preset ({names}) or "
+                          f"both lists; got mean={mean!r}, std={std!r}")
     for key, values in (("mean", mean), ("std", std)):
-        if isinstance(values, str) or not isinstance(values, Sequence) or len(values) != channels:
-            raise ConfigError(f"dataset.{key} must be auto, null or {channels} number(s) (one per channel), got {values!r}")
+        if not isinstance(values, Sequence) or len(values) != channels:
+            raise ConfigError(f"dataset.{key} must be auto, null, a preset ({names}) or {channels} number(s) "
+                              f"(one per channel), got {values!r}")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             raise ConfigError(f"dataset.{key} must hold numbers, got {list(values)!r}")
     if any(v <= 0 for v in std):

@@ -15,19 +15,24 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from cellcls.data.normalization import is_preset, preset
+
 
 def preprocessing_of(ds: DictConfig) -> dict[str, Any]:
     """What a model trained on ``ds`` expects of an input image. ``mean``/``std`` are ``"auto"`` until
-    :func:`cellcls.data.datamodule.build_data` has measured the training split."""
+    :func:`cellcls.data.datamodule.build_data` has measured the training split; a preset's name becomes its numbers."""
 
     def numbers(value: Any) -> list[float] | str | None:
         return value if value is None or isinstance(value, str) else [float(v) for v in value]
 
+    mean, std = numbers(ds.mean), numbers(ds.std)
+    if is_preset(mean):
+        mean, std = preset(str(mean), int(ds.channels))
     return {
         "image_size": [int(s) for s in ds.image_size],
         "channels": int(ds.channels),
-        "mean": numbers(ds.mean),
-        "std": numbers(ds.std),
+        "mean": mean,
+        "std": std,
         "window": numbers(ds.get("dicom_window")),  # DICOM only: [centre, width] replacing the file's window
         "resize": "bilinear",
         "scale": "1/255",
