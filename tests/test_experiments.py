@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import compose_config, real_dataset, run_cli
+import torch
+from conftest import REPO, compose_config, real_dataset, run_cli
 
 from cellcls.config.checks import validate
+from cellcls.models import build_model
 
 RECIPES = {
     "s0_blood_224": dict(dataset="blood_cells", size=[224, 224], channels=3, batch=32, model="skin_cnn", optim="adam",
@@ -86,6 +88,17 @@ def test_recipe_files_only_override_defaults(recipe):
             assert isinstance(default, dict) and part in default, f"{recipe} sets {key}, which no default has"
             default = default[part]
         assert default != value, f"{recipe} restates the default {key}={value!r}"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml")))
+def test_every_experiment_file_validates_and_builds_a_model_for_its_data(name):
+    cfg = compose_config(f"experiment={name}")
+    validate(cfg)
+    channels, size = int(cfg.dataset.channels), [int(s) for s in cfg.dataset.image_size]
+    model = build_model(cfg.model, channels, 2, size).eval()  # two classes: every recipe's data has at least two
+    with torch.no_grad():
+        logits = model(torch.zeros(3, channels, *size))
+    assert logits.shape == ((3, 1) if cfg.model.single_logit else (3, 2))
 
 
 def test_inspect_prints_counts_balance_sizes_and_class_weights(tmp_path):
