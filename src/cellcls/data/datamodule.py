@@ -251,8 +251,8 @@ def build_data(
                                                          shuffle=bool(ds.shuffle), seed=seed)
         # BatchNorm cannot train on a batch of one image (one value per channel once pooled to 1x1): such a last
         # batch is dropped; with shuffling a different image sits it out each epoch
-        n_train = len(sampler) if sampler is not None else len(samples)
-        drop_last = name == "train" and n_train > batch_size and n_train % batch_size == 1
+        count = len(sampler) if sampler is not None else len(samples)  # this rank's share under torchrun
+        drop_last = name == "train" and count > batch_size and count % batch_size == 1
         if mode == "device":
             loaders[name] = DeviceBatches(
                 decoded[name].file, decoded[name].kept, samples.labels, batch_size, device,

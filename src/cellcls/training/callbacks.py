@@ -3,8 +3,8 @@
 Every entry of ``callbacks`` is ``name: {_target_: <class>, <arguments>}``; ``callbacks.<name>=null`` drops it.
 The loop calls, in order: ``on_fit_start``; per epoch ``on_epoch_start``, ``on_train_batch`` (each batch, before
 the step), ``on_validation_end`` (may set ``state.should_stop``), then the LR scheduler and the loggers, then
-``on_epoch_end`` (checkpoints see the finished epoch); ``on_fit_end`` after the final test. A callback's ``state_dict`` is saved in
-the checkpoint under its name, so a resumed run continues where it stopped.
+``on_epoch_end`` (checkpoints see the finished epoch); ``on_fit_end`` after the final test. A callback's
+``state_dict`` is saved in the checkpoint under its name, so a resumed run continues where it stopped.
 """
 
 from __future__ import annotations
