@@ -80,3 +80,21 @@ def test_an_empty_or_truncated_checkpoint_is_named_with_what_is_wrong(tmp_path, 
     path.write_bytes(content)
     with pytest.raises(ValueError, match="best.pt is not a readable checkpoint: (empty|truncated)"):
         ckpt.load_checkpoint(path)
+
+
+def test_a_plain_pickle_that_would_call_code_is_refused_for_safety_not_called_corrupt(tmp_path):
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"format": f"{ckpt.FORMAT}/{ckpt.VERSION}", "x": Evil()}))
+    with pytest.raises(ValueError, match="pickled Python objects .* refused for safety"):
+        ckpt.load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x04garbage" * 10)
+    with pytest.raises(ValueError, match="not a PyTorch file, or corrupt"):
+        ckpt.load_checkpoint(tmp_path / "garbage.pt")

@@ -21,7 +21,8 @@ def test_mlflow_logs_params_every_epochs_metrics_and_evaluate_adds_to_the_same_r
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = cellcls.train(["trainer.max_epochs=2", "logger=[csv,mlflow]", f"logger.mlflow.tracking_uri={uri}",
                          "logger.mlflow.experiment=cellcls-test", *TINY], run_dir=tmp_path / "run")
-    evaluate(run.folder, make_plots=False, n_boot=20)
+    # evaluate rebuilds its loggers from this cellcls's options, not the checkpoint's: the store is named again
+    evaluate(run.folder, make_plots=False, n_boot=20, overrides=[f"logger.mlflow.tracking_uri={uri}"])
 
     client = tracking.MlflowClient(uri)
     experiment = client.get_experiment_by_name("cellcls-test")

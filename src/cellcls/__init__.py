@@ -1,7 +1,8 @@
 """cellcls: configurable PyTorch training for medical cell and X-ray image classification.
 
 ``cellcls.train(overrides)`` trains like ``python -m cellcls.train``; ``cellcls.load(run_or_file).predict(images)``
-classifies images with a trained model (see :mod:`cellcls.api`).
+classifies images with a trained model (see :mod:`cellcls.api`); ``cellcls.register_target(cls, section)`` lets a
+config create a callback or logger class of your own (:mod:`cellcls.config.targets`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "load", "train"]
+__all__ = ["__version__", "load", "register_target", "train"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +19,8 @@ def __getattr__(name: str) -> Any:
         from cellcls import api
 
         return getattr(api, name)
+    if name == "register_target":
+        from cellcls.config.targets import register_target
+
+        return register_target
     raise AttributeError(f"module 'cellcls' has no attribute {name!r}")

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from cellcls.cli import command_args, fail, split_own
 from cellcls.config.checks import validate
+from cellcls.config.targets import check_targets
 from cellcls.config.schema import DuplicatesConfig
 from cellcls.errors import ConfigError, DataError
 from cellcls.run_folder import AuditFolder, RunFolder, write_json
@@ -46,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not run.config.is_file():
                 raise ConfigError(f"run={own['run']}: no {run.config.name} there; expected a cellcls run folder")
             cfg = OmegaConf.load(run.config)
+            check_targets(cfg, source=str(run.config))
             root = resolve_root(cfg.dataset)
             classes = list(cfg.dataset.classes or scan_dataset(cfg.dataset, root).classes)
             splits = read_split_lists(run, root, classes)

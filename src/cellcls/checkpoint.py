@@ -3,7 +3,8 @@
 A checkpoint holds what a later reader needs without the code that wrote it: the model's weights and spec, the
 class names, the preprocessing, the resolved config, the epoch history and the monitored metric; and, for resuming,
 the optimiser, scheduler, grad-scaler and callback states. It is read with ``weights_only=True`` (tensors and
-plain containers only: no pickled code runs).
+plain containers only: no pickled code runs), and its config is refused when it names a class to create that is not
+one of cellcls's own (:mod:`cellcls.config.targets`).
 
 Versions: 1 (cellcls 0.1, early stopping's state at the top level) loads for evaluation, prediction and export;
 resuming needs version 2, because the config layout changed with it.
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from cellcls.config.targets import check_targets
 from cellcls.run_folder import LAST, RunFolder, atomic_write
 
 FORMAT = "cellcls-checkpoint"
@@ -70,7 +72,7 @@ def load_checkpoint(location: str | Path, name: str = LAST) -> Checkpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):  # a pickle of Python objects, not garbage
+        if "Unsupported global" in str(exc) or "GLOBAL" in str(exc) or _pickles_code(path):
             raise ValueError(f"{path} is not a cellcls checkpoint: it holds pickled Python objects (code could run on "
                              "loading), so it is refused for safety") from None
         raise ValueError(f"{path} is not a readable checkpoint: not a PyTorch file, or corrupt "
@@ -89,8 +91,25 @@ def load_checkpoint(location: str | Path, name: str = LAST) -> Checkpoint:
                          f"{VERSION}): upgrade cellcls")
     if int(version) == 1:
         payload = _from_version_1(payload)
+    # nothing a checkpoint says may be created unless cellcls made it (a tampered config's `_target_`s)
+    check_targets(payload.get("config") or {}, source=f"checkpoint {path}")
+    check_targets({"model": payload.get("model_spec") or {}}, source=f"checkpoint {path} (model_spec)")
     fields = {k: payload[k] for k in Checkpoint.__dataclass_fields__ if k in payload and k not in ("path", "version")}
     return Checkpoint(**fields, version=int(version), path=path)
+
+
+def _pickles_code(path: Path) -> bool:
+    """Whether ``path`` is a plain pickle that would import or call something (read as opcodes, never run)."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as fh:
+            return any(op.name in _CODE_OPCODES for op, _, _ in pickletools.genops(fh))
+    except Exception:  # noqa: BLE001 - not a pickle at all: garbage, or a torch archive torch itself refused
+        return False
+
+
+_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD", "EXT1", "EXT2", "EXT4"}
 
 
 def _from_version_1(old: dict[str, Any]) -> dict[str, Any]:

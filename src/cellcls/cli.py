@@ -17,20 +17,23 @@ def command_args(argv: Sequence[str] | None, doc: str | None) -> tuple[list[str]
     return args, None
 
 
-def parse_key_values(argv: Sequence[str], allowed: Sequence[str], required: Sequence[str] = ()) -> tuple[dict[str, str], list[str]]:
-    """Split ``argv`` into the command's own settings and ``dataset.*`` overrides; unknown keys are errors."""
+def parse_key_values(argv: Sequence[str], allowed: Sequence[str], required: Sequence[str] = (),
+                     sections: Sequence[str] = ("dataset",)) -> tuple[dict[str, str], list[str]]:
+    """Split ``argv`` into the command's own settings and overrides of ``sections`` (``dataset.<key>=...``);
+    unknown keys are errors."""
     own: dict[str, str] = {}
     overrides: list[str] = []
+    more = ", ".join(f"{s}.<key>" for s in sections)
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep:
-            raise ConfigError(f"expected key=value, got {arg!r}; settings: {', '.join(allowed)}, dataset.<key>")
-        if key.startswith("dataset."):
+            raise ConfigError(f"expected key=value, got {arg!r}; settings: {', '.join(allowed)}, {more}")
+        if key.startswith(tuple(f"{s}." for s in sections)):
             overrides.append(arg)
         elif key in allowed:
             own[key] = value
         else:
-            raise ConfigError(f"unknown setting {key!r}; allowed: {', '.join(allowed)}, dataset.<key>")
+            raise ConfigError(f"unknown setting {key!r}; allowed: {', '.join(allowed)}, {more}")
     missing = [k for k in required if k not in own]
     if missing:
         raise ConfigError(f"missing setting(s): {', '.join(f'{k}=...' for k in missing)}")

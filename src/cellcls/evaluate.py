@@ -9,7 +9,9 @@ Settings: split=train|val|test, data=<dir or table>, threshold=<p> (binary: clas
 operating point fitted in training, else the arg-max), bootstrap=<n> (resamples, 1000), device=auto|cpu|cuda,
 cam_layer=<layer name>, output=<dir>, plots=true|false, group_by=patient (per-patient results and patients.csv;
 group_rule=auto|max|mean), tta=none|hflip|vflip|flips (test-time augmentation: logits averaged over flipped copies;
-written to <split>_tta-<mode>/), and dataset.<key>=<value> to change the data set's settings (e.g. dataset.root=<dir>).
+written to <split>_tta-<mode>/), dataset.<key>=<value> to change the data set's settings (e.g. dataset.root=<dir>),
+and logger.<name>.<key>=<value> for the loggers (rebuilt from this cellcls's own logger options, never from the
+checkpoint's: e.g. logger.mlflow.tracking_uri=<the store the run logged to>).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if done is not None:
         return done
     try:
-        own, overrides = parse_key_values(args, SETTINGS, required=("checkpoint",))
+        own, overrides = parse_key_values(args, SETTINGS, required=("checkpoint",), sections=("dataset", "logger"))
         threshold = float(own["threshold"]) if "threshold" in own else None
         if threshold is not None and not 0 < threshold < 1:
             raise ConfigError(f"threshold={threshold} must be between 0 and 1")

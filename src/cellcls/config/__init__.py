@@ -7,18 +7,20 @@ from collections.abc import Sequence
 from omegaconf import DictConfig
 
 from cellcls.config.schema import register
+from cellcls.config.targets import check_targets
 
 register()
 
 
-def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """The config ``python -m cellcls.train <overrides>`` would run with (outside Hydra's ``main``)."""
+def compose_config(overrides: Sequence[str] = (), hydra: bool = False) -> DictConfig:
+    """The config ``python -m cellcls.train <overrides>`` would run with (outside Hydra's ``main``); ``hydra=True``
+    keeps Hydra's own section (callbacks, launcher, logging)."""
     from hydra import compose, initialize_config_dir
 
     from cellcls.paths import config_dir
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra)
 
 
 # group choices and Hydra's own settings on a command line; every other `key=value` names a setting
@@ -39,6 +41,7 @@ def check_command_line(argv: Sequence[str]) -> None:
     from cellcls.errors import ConfigError, nearest
 
     if any(a.split("=")[0] in _OWN_CONFIG_FLAGS for a in argv):
+        _check_extra_folder(argv)
         return  # the user's own config folder: Hydra composes it, with its own messages
     try:
         parsed = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
@@ -68,9 +71,35 @@ def check_command_line(argv: Sequence[str]) -> None:
         raise ConfigError(f"unknown setting {key!r}{nearest(key, sorted(valid))} (python -m cellcls.train --cfg job "
                           "prints every setting)")
     try:
-        compose_config(single)
+        composed = compose_config(single, hydra=True)
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(_hydra_message(exc)) from None
+    check_targets(composed, source="the command line's config")  # before Hydra creates its callbacks
+
+
+def _check_extra_folder(argv: Sequence[str]) -> None:
+    """With ``--config-dir <folder>`` (a search's ``experiment=best``), the classes its files name to create are
+    checked before Hydra creates any (its ``hydra.callbacks`` run before cellcls sees the config). Another primary
+    config (``--config-name``/``--config-path``) is the user's own program and is not checked."""
+    from pathlib import Path
+
+    folder, rest = None, []
+    args = iter(argv)
+    for a in args:
+        flag, eq, value = a.partition("=")
+        if flag in ("--config-name", "-cn", "--config-path", "-cp"):
+            return
+        if flag in ("--config-dir", "-cd"):
+            folder = value if eq else next(args, None)
+        elif "=" in a and not a.startswith("-"):
+            rest.append(a)
+    if folder is None:
+        return
+    try:
+        composed = compose_config([*rest, f"hydra.searchpath=[file://{Path(folder).resolve()}]"], hydra=True)
+    except Exception:  # noqa: BLE001 - a composition error: Hydra reports it with its own message
+        return
+    check_targets(composed, source=f"the config in {folder}")
 
 
 _OWN_CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")

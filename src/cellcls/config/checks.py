@@ -9,10 +9,10 @@ from dataclasses import fields
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cellcls.config.schema import GROUPS, SCHEMAS, TOP_LEVEL
+from cellcls.config.targets import check_targets, resolve_target
 from cellcls.data.normalization import check_normalization
 from cellcls.errors import ConfigError, nearest
 from cellcls.evaluation.calibration import parse_operating_point
@@ -37,7 +37,9 @@ def _signature_keys(target: Callable[..., Any], skip: int = 0) -> list[str]:
 
 
 def check_keys(cfg: DictConfig) -> None:
-    """Refuse keys that no schema or configured class knows (typos, ``+`` additions), naming the nearest key."""
+    """Refuse keys that no schema or configured class knows (typos, ``+`` additions), naming the nearest key, and
+    any ``_target_`` that is not a class cellcls creates (:mod:`cellcls.config.targets`)."""
+    check_targets(cfg)
     _unknown("", [k for k in cfg if k != "hydra"], [*TOP_LEVEL, *GROUPS])
     for path, schema in SCHEMAS.items():
         node = OmegaConf.select(cfg, path)
@@ -58,7 +60,9 @@ def check_keys(cfg: DictConfig) -> None:
             if "_target_" not in node:
                 raise ConfigError(f"{group}.{name} needs a _target_ (the class to create), got {OmegaConf.to_container(node)}")
             try:
-                target = get_class(str(node._target_))
+                target = resolve_target(str(node._target_), group)
+            except ConfigError:
+                raise
             except Exception as exc:  # Hydra raises its own error types for unimportable names
                 raise ConfigError(f"{group}.{name}._target_={node._target_!r} cannot be imported: {exc}") from exc
             _unknown(f"{group}.{name}", [k for k in node if k != "_target_"], _signature_keys(target.__init__, skip=1 + skip))

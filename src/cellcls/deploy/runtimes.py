@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cellcls.config.targets import check_targets
 from cellcls.data.preprocessing import to_unit
 
 CARD_KEY = "cellcls"
@@ -80,7 +81,7 @@ def load_exported(path: Path, device: str = "auto") -> ExportedModel:
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except RuntimeError as exc:
         raise ValueError(f"{path} is not a TorchScript model: {exc}") from exc
-    card = json.loads(extra[TS_EXTRA]) if extra[TS_EXTRA] else _sidecar(path)
+    card = _checked(json.loads(extra[TS_EXTRA]) if extra[TS_EXTRA] else _sidecar(path), path)
     module.eval()
 
     @torch.inference_mode()
@@ -102,12 +103,20 @@ def _load_onnx(path: Path, device: str) -> ExportedModel:
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
         raise ValueError(f"{path} is not a readable ONNX model: {exc}") from exc
     meta = session.get_modelmeta().custom_metadata_map
-    card = json.loads(meta[CARD_KEY]) if CARD_KEY in meta else _sidecar(path)
+    card = _checked(json.loads(meta[CARD_KEY]) if CARD_KEY in meta else _sidecar(path), path)
 
     def run(x: torch.Tensor) -> np.ndarray:
         return session.run(["probabilities"], {"image": x.numpy()})[0]
 
     return ExportedModel(path, card, run)
+
+
+def _checked(card: Any, path: Path) -> dict[str, Any]:
+    """A model card is data: one that is no JSON object, or names a class to create, is refused."""
+    if not isinstance(card, dict):
+        raise ValueError(f"{path}: its model card is not a JSON object; export the model again with python -m cellcls.export")
+    check_targets(card, source=f"the model card of {path}")
+    return card
 
 
 def _sidecar(path: Path) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from cellcls.models.trained import LoadedModel, load_model
 from cellcls.paths import cache_dir
 from cellcls.run_folder import write_json
 from cellcls.training.callbacks import augmented_title
-from cellcls.training.loggers import create_loggers
+from cellcls.training.loggers import rebuilt_loggers
 from cellcls.training.runtime import eval_batch_size
 
 
@@ -184,7 +184,7 @@ def evaluate(
             figures["training curves"] = plots.save(plots.training_curves(rows, record.get("best_epoch"), stopped),
                                                     out / "training_curves.png")
     write_report(result, out / "report.md", figures)
-    log_evaluation(loaded, folder, result, figures)
+    log_evaluation(loaded, folder, result, figures, overrides)
     return result, out
 
 
@@ -230,11 +230,14 @@ def _augmented_grid(cfg, images: ImageRows, labels: Sequence[int], classes: Sequ
     return plots.save(plots.image_grid(picked, titles, suptitle=augmented_title(cfg.augment.name)), path)
 
 
-def log_evaluation(loaded: LoadedModel, name: str, result: dict[str, Any], figures: dict[str, Path]) -> None:
-    """The scores and figures, through the loggers the run trained with (into the same TensorBoard/MLflow run)."""
+def log_evaluation(loaded: LoadedModel, name: str, result: dict[str, Any], figures: dict[str, Path],
+                   overrides: Sequence[str] = ()) -> None:
+    """The scores and figures, through the kinds of logger the run trained with (into the same TensorBoard/MLflow
+    run), built from this command's config rather than the checkpoint's."""
     scores = {k: float(result[k]["value"]) for k in HEADLINE if k in result}
     scores["loss"] = float(result["loss"])
-    loggers = create_loggers(loaded.config.get("logger"), loaded.run)
+    names = [n for n, node in (loaded.config.get("logger") or {}).items() if node is not None]
+    loggers = rebuilt_loggers(names, overrides, loaded.run)
     try:
         loggers.log_evaluation(name, scores, loaded.epoch, figures)
     finally:

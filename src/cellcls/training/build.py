@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from cellcls.config.targets import instantiate
 from cellcls.data.datamodule import DataBundle, build_data, fold_of
 from cellcls.data.mixing import BatchMix, build_mix
 from cellcls.evaluation.metrics import metric_mode
@@ -106,7 +106,7 @@ def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True) -> 
     mode = metric_mode(str(t.monitor), str(t.monitor_mode))
     scheduler = build_scheduler(optimizer, OmegaConf.to_container(cfg.scheduler, resolve=True), int(t.max_epochs), mode)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype is torch.float16)
-    callbacks = {name: instantiate(node) for name, node in cfg.callbacks.items() if node is not None}
+    callbacks = {name: instantiate(node, "callbacks") for name, node in cfg.callbacks.items() if node is not None}
     ema = EMA(net, float(t.ema_decay)) if t.get("ema_decay") else None
     mix = build_mix(OmegaConf.to_container(cfg.augment, resolve=True) if cfg.get("augment") else None, len(classes))
     return Job(cfg, RunFolder(run_dir), runtime, data, net, model, loss_fn, optimizer, scheduler, scaler, callbacks,

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from cellcls.config.targets import instantiate
 from cellcls.errors import ConfigError
 from cellcls.evaluation.metrics import EPOCH_METRICS
 from cellcls.run_folder import RunFolder, atomic_write, write_csv
@@ -88,9 +89,34 @@ class Loggers(Logger):
 
 def create_loggers(cfg: Mapping[str, Any] | None, run: RunFolder) -> Loggers:
     """The loggers of a ``logger`` config section (entries set to null are left out)."""
-    from hydra.utils import instantiate
+    made = [instantiate(node, "logger", _partial_=True)(run=run) for node in (cfg or {}).values() if node is not None]
+    return Loggers(run, made)
 
-    made = [instantiate(node, _partial_=True)(run=run) for node in (cfg or {}).values() if node is not None]
+
+def rebuilt_loggers(names: Sequence[str], overrides: Sequence[str], run: RunFolder) -> Loggers:
+    """The loggers a finished run used, rebuilt from this cellcls's own ``logger`` options of those names (never
+    from the run's stored config, which may come from someone else); ``logger.<name>.<key>=<value>`` lines among
+    ``overrides`` apply. A name that is no ``logger`` option here is left out with a warning."""
+    import logging
+
+    from cellcls.config import compose_config
+    from cellcls.paths import config_dir
+
+    options = sorted(p.stem for p in (config_dir() / "logger").glob("*.yaml"))
+    known = [n for n in names if n in options]
+    for name in sorted(set(names) - set(known)):
+        logging.getLogger(__name__).warning("logger %r of the run is not one of this cellcls's logger options (%s): "
+                                            "not used", name, ", ".join(options))
+    if not known:
+        return Loggers(run)
+    own = [o for o in overrides if o.split("=", 1)[0].startswith(tuple(f"logger.{n}." for n in known))]
+    cfg = compose_config([f"logger=[{','.join(known)}]", *own])
+    made: list[Logger] = []
+    for name in known:
+        try:
+            made.append(instantiate(cfg.logger[name], "logger", _partial_=True)(run=run))
+        except ConfigError as exc:  # the results are written already: a logger that cannot follow is skipped
+            logging.getLogger(__name__).warning("logger %s not used: %s", name, exc)
     return Loggers(run, made)
 
 
@@ -196,7 +222,11 @@ class MLflowLogger(Logger):
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
         self.client = MlflowClient(uri)
         if run.mlflow_run.is_file():
-            self.run_id = json.loads(run.mlflow_run.read_text())["run_id"]
+            record = json.loads(run.mlflow_run.read_text())
+            if record.get("tracking_uri", uri) != uri:  # its run id exists only in the store it was made in
+                raise ConfigError(f"the run logged to the MLflow store {record['tracking_uri']}, this command's is {uri}:"
+                                  f" set MLFLOW_TRACKING_URI={record['tracking_uri']} to log there")
+            self.run_id = record["run_id"]
             return
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else self.client.create_experiment(
