@@ -1,7 +1,9 @@
 """Per-channel input normalisation: none (the tutorials' rescale to [0, 1]), fixed numbers, ``auto``, or a named
 preset (``imagenet``: the statistics ImageNet-pretrained weights were trained with, for fine-tuning them).
 
-``auto`` (the default) standardises each channel with the training split's own mean and standard deviation. It is
+``auto`` (the default) takes the statistics of the model's pretrained starting weights when it has them (timm's
+``pretrained_cfg``: what those weights were trained with), else, like ``data``, standardises each channel with the
+training split's own mean and standard deviation. The latter is
 what lets the seed CNNs learn on small data sets: from inputs in [0, 1] (mean ~0.5, every channel positive) LeNet
 with Adam sits near chance for a seed-dependent number of epochs on the malaria subset (test accuracy 0.68 +- 0.10
 over 5 seeds after 15 epochs), with standardised inputs it does not (0.95 +- 0.02); see docs/QUALITY.md.
@@ -19,6 +21,7 @@ import numpy as np
 from cellcls.errors import ConfigError
 
 AUTO = "auto"
+DATA = "data"  # the training split's statistics, even for a model that starts from pretrained weights
 # Standardising with more than this many training images changes the statistics by less than their rounding
 UNCACHED_SAMPLE = 1000
 DECIMALS = 4
@@ -39,7 +42,25 @@ def is_preset(value: Any) -> bool:
 
 
 def is_auto(value: Any) -> bool:
-    return isinstance(value, str) and value.lower() == AUTO
+    """``auto`` or ``data``: statistics still to be measured on the training split (``auto`` takes the starting
+    weights' instead, when the model has pretrained ones: :func:`follow_weights`)."""
+    return isinstance(value, str) and value.lower() in (AUTO, DATA)
+
+
+def follow_weights(mean: Any, std: Any, weights: tuple[Sequence[float], Sequence[float]] | None,
+                   channels: int) -> tuple[list[float], list[float]] | None:
+    """The normalisation for ``dataset.mean``/``dataset.std`` of ``auto`` when the model starts from pretrained
+    weights trained with ``weights`` (RGB mean, std): those numbers (a grey model gets the channels' average, as
+    its summed stem expects). None when the setting is anything else (numbers, a preset, ``data``, null: an
+    explicit choice wins) or the weights have no statistics."""
+    if weights is None or not (isinstance(mean, str) and isinstance(std, str)):
+        return None
+    if mean.lower() != AUTO or std.lower() != AUTO:
+        return None
+    m, s = (list(map(float, v)) for v in weights)
+    if channels == 3:
+        return m, s
+    return [round(sum(m) / len(m), DECIMALS)] * channels, [round(sum(s) / len(s), DECIMALS)] * channels
 
 
 def check_normalization(mean: Any, std: Any, channels: int) -> None:
@@ -48,11 +69,11 @@ def check_normalization(mean: Any, std: Any, channels: int) -> None:
     names = ", ".join(PRESETS)
     if mean is None and std is None:
         return
-    if (is_auto(mean) and is_auto(std)) or (is_preset(mean) and is_preset(std) and mean.lower() == std.lower()):
+    if (is_auto(mean) and is_auto(std) and mean.lower() == std.lower()) or (is_preset(mean) and is_preset(std) and mean.lower() == std.lower()):
         return
     if isinstance(mean, str) or isinstance(std, str) or mean is None or std is None:
         raise ConfigError(f"dataset.mean and dataset.std must both be auto, both null, both one preset ({names}) or "
-                          f"both lists; got mean={mean!r}, std={std!r}")
+                          f"both lists (or both data: the training split's statistics); got mean={mean!r}, std={std!r}")
     for key, values in (("mean", mean), ("std", std)):
         if not isinstance(values, Sequence) or len(values) != channels:
             raise ConfigError(f"dataset.{key} must be auto, null, a preset ({names}) or {channels} number(s) "

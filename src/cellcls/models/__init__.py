@@ -27,8 +27,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-# keys every `model` config has; the rest are the architecture function's keyword arguments
-MODEL_KEYS = ("name", "single_logit", "init")
+# keys every `model` config has; the rest are the architecture function's keyword arguments. `starting_weights` is
+# written by the run (what the weights were before training: cellcls.models.pretrained.StartingWeights), not read.
+MODEL_KEYS = ("name", "single_logit", "init", "starting_weights")
 # architecture options that fetch starting weights: a rebuilt trained model takes its weights from its checkpoint
 WEIGHT_KEYS = ("weights", "pretrained")
 
@@ -46,6 +47,7 @@ def build_model(
     spec = dict(spec)
     if not starting_weights:
         spec = {k: v for k, v in spec.items() if k not in WEIGHT_KEYS}
+    spec.pop("starting_weights", None)
     name = spec.pop("name", None)
     if name not in MODELS:
         raise ValueError(f"model.name={name!r} is not a known model; choose one of {sorted(MODELS)}")
@@ -58,6 +60,16 @@ def build_model(
                          "use model.init=torch")
     model = MODELS[name](in_channels, outputs, list(image_size), **spec)
     return keras_init_(model) if init == "keras" else model
+
+
+def starting_statistics(spec: Mapping[str, Any]) -> tuple[list[float], list[float]] | None:
+    """The input (mean, std) of the pretrained weights ``spec`` starts from (timm's ``pretrained_cfg`` for its
+    architecture), or None for a model that starts from random weights."""
+    if spec.get("name") != "timm" or not (spec.get("pretrained") or spec.get("weights")):
+        return None
+    from cellcls.models.pretrained import weights_statistics
+
+    return weights_statistics(str(spec.get("arch")))
 
 
 def model_label(spec: Mapping[str, Any]) -> str:

@@ -1,6 +1,7 @@
-"""Any timm architecture as a cellcls model (``model=timm model.arch=<name>``), randomly initialised, with timm's
-published weights (``model.pretrained=true``, through timm's own download cache) or with a local weights file
-(``model.weights=<file>``). timm is the optional ``timm`` extra."""
+"""Any timm architecture as a cellcls model (``model=timm model.arch=<name>``), randomly initialised, with ImageNet
+weights (``model.pretrained=true``: timm's download cache, an installed weight package or timm's hub, see
+:mod:`cellcls.models.pretrained`) or with a local weights file (``model.weights=<file>``). The model's
+``starting_weights`` attribute records what it started from. timm is the optional ``timm`` extra."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ from typing import Any
 from torch import nn
 
 from cellcls.errors import ConfigError, nearest
-from cellcls.models.weights import load_weights
+from cellcls.models.pretrained import (
+    PACKAGES,
+    StartingWeights,
+    cached_file,
+    describe_ways_out,
+    package_state_dict,
+    record_of,
+)
+from cellcls.models.weights import load_state, load_weights
 
 
 def _timm() -> Any:
@@ -54,8 +63,8 @@ def timm_model(
     """``timm.create_model(arch)`` with the data set's channels and classes.
 
     ``weights`` (a local torchvision/timm/cellcls state dict or ``.safetensors`` file) wins over ``pretrained``
-    (timm's published weights for ``arch``, read from ``cache_dir`` or Hugging Face's cache, downloaded there when
-    missing and online). Either way the stem is adapted to ``in_channels`` and a head of another size starts fresh.
+    (ImageNet weights for ``arch``: timm's cache in ``cache_dir`` or Hugging Face's, an installed weight package,
+    else a download). Either way the stem is adapted to ``in_channels`` and a head of another size starts fresh.
     """
     timm = _timm()
     check_arch(arch)
@@ -69,18 +78,34 @@ def timm_model(
             model = timm.create_model(arch, pretrained=False, **options)
     except TypeError as exc:  # an option this architecture does not have
         raise ConfigError(f"model.arch={arch}: {exc} (drop it from the model settings)") from None
+    cfg = model.pretrained_cfg
+    first_conv, classifier = cfg.get("first_conv") or "", cfg.get("classifier") or ""
     if weights:
-        cfg = model.pretrained_cfg
-        load_weights(model, weights, first_conv=cfg.get("first_conv") or "", classifier=cfg.get("classifier") or "")
+        load_weights(model, weights, first_conv=first_conv, classifier=classifier)
+        model.starting_weights = record_of("file", str(weights), Path(weights).expanduser())
         return model
     if not pretrained:
         return model
+    hub_id = cfg.get("hf_hub_id")
+    cached = cached_file(hub_id, cache_dir)
+    if cached is not None:  # a download left them here: no connection needed
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, **options)
+        model.starting_weights = record_of("timm-cache", str(hub_id), cached)
+        return model
+    package = PACKAGES.get(arch.split(".")[0])
+    installed = package.file() if package is not None else None
+    if package is not None and installed is not None:
+        load_state(model, package_state_dict(package, installed), str(installed), first_conv, classifier)
+        model.starting_weights = record_of("package", package.label(), installed)
+        return model
     try:
-        return timm.create_model(arch, pretrained=True, cache_dir=cache_dir, **options)
+        model = timm.create_model(arch, pretrained=True, cache_dir=cache_dir, **options)
     except Exception as exc:  # noqa: BLE001 (the hub client, urllib and timm each raise their own "cannot fetch")
         raise ConfigError(
-            f"model.pretrained=true: timm's published weights for {arch!r} could not be loaded "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Either download them once where "
-            f"there is a connection (they are kept in {hub_cache(cache_dir)}; copy that folder here, or set "
-            "model.cache_dir to it), or give a local file: model.weights=<a .safetensors or .pth state dict of "
-            f"{arch}>") from None
+            f"model.pretrained=true: weights for {arch!r} could not be loaded (timm's hub: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). {describe_ways_out(arch.split('.')[0], hub_cache(cache_dir))}"
+        ) from None
+    downloaded = cached_file(hub_id, cache_dir)
+    model.starting_weights = record_of("timm-hub", str(hub_id), downloaded) if downloaded else \
+        StartingWeights("timm-hub", str(hub_id), "", "")
+    return model

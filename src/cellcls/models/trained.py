@@ -78,6 +78,9 @@ class LoadedModel:
             "metrics": self.metrics,
             "decision": self.decision.to_dict(),
             "tta": self.tta,
+            # what training started from (None: random initialisation); see cellcls.models.pretrained
+            "starting_weights": {k: self.config.model.starting_weights.get(k) for k in ("source", "name", "sha256")}
+            if self.config.model.get("starting_weights") else None,
         }
 
 

@@ -62,7 +62,12 @@ def adapt_stem(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
 def load_weights(model: nn.Module, path: str | Path, first_conv: str, classifier: str) -> list[str]:
     """Load the weights file ``path`` into ``model``; returns the names left at their initial values (the head,
     when its shape differs: a new task). Every other parameter must be in the file, with the same shape."""
-    state = read_state_dict(path)
+    return load_state(model, read_state_dict(path), str(path), first_conv, classifier)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, first_conv: str, classifier: str) -> list[str]:
+    """:func:`load_weights` for tensors already read (``path`` names their origin in messages)."""
+    state = dict(state)
     stem = f"{first_conv}.weight"
     own = model.state_dict()
     if stem in state and stem in own:

@@ -9,15 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cellcls.config.targets import instantiate
 from cellcls.data.datamodule import DataBundle, build_data, fold_of
 from cellcls.data.mixing import BatchMix, build_mix
+from cellcls.data.normalization import describe, follow_weights
 from cellcls.evaluation.metrics import metric_mode
-from cellcls.models import build_model
+from cellcls.models import build_model, starting_statistics
 from cellcls.models.heads import num_outputs
 from cellcls.run_folder import RunFolder
 from cellcls.training import distributed
@@ -71,6 +72,14 @@ def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True) -> 
     ``starting_weights=False`` (a resumed run) skips ``model.weights``/``model.pretrained``: the checkpoint's follow."""
     seed_everything(int(cfg.seed))
     t = cfg.trainer
+    if starting_weights:  # dataset.mean=auto: the pretrained weights' own statistics (explicit settings win)
+        ds = cfg.dataset
+        chosen = follow_weights(ds.mean, ds.std, starting_statistics(OmegaConf.to_container(cfg.model, resolve=True)),
+                                int(ds.channels))
+        if chosen is not None:
+            ds.mean, ds.std = chosen
+            log.info("dataset.mean/std=auto: the starting weights' statistics, %s (dataset.mean=data dataset.std=data "
+                     "for the training split's)", describe(*chosen))
     runtime = setup_runtime(t)
     # rank 0 fills the decoded cache first; the others then read it
     if not runtime.is_main:
@@ -89,6 +98,12 @@ def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True) -> 
     spec = OmegaConf.to_container(cfg.model, resolve=True)
     net = build_model(spec, prep["channels"], len(classes), prep["image_size"], starting_weights).to(runtime.device)
     net = net.to(memory_format=runtime.memory_format)
+    if starting_weights:  # a resumed run keeps the record of what its first attempt started from
+        record = getattr(net, "starting_weights", None)
+        with open_dict(cfg.model):
+            cfg.model.starting_weights = record.to_dict() if record is not None else None
+        if record is not None:
+            log.info("starting weights: %s from %s", record.describe(), record.file)
     model: nn.Module = net
     if runtime.dist.enabled:
         model = DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)

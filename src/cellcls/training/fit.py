@@ -187,6 +187,8 @@ def describe(state: FitState, first: bool) -> None:
     if first:
         state.loggers.log_text("config", OmegaConf.to_yaml(cfg))
         state.loggers.log_text("model_summary", table)
+        if cfg.model.get("starting_weights"):
+            state.loggers.log_text("starting_weights", OmegaConf.to_yaml(cfg.model.starting_weights))
 
 
 def finish(state: FitState) -> dict[str, Any]:
@@ -209,7 +211,8 @@ def finish(state: FitState) -> dict[str, Any]:
                "weight_decay": float(cfg.optim.get("weight_decay") or 0.0), "batch_size": int(cfg.dataset.batch_size),
                "augment": str(cfg.augment.name), "class_weights": str(cfg.class_weights),
                "label_smoothing": float(cfg.get("label_smoothing") or 0.0),
-               "ema_decay": float(cfg.trainer.get("ema_decay") or 0.0), "seed": int(cfg.seed)}
+               "ema_decay": float(cfg.trainer.get("ema_decay") or 0.0), "seed": int(cfg.seed),
+               "starting_weights": str((cfg.model.get("starting_weights") or {}).get("name") or "random")}
     final = {f"hparam/best_{state.monitor.metric}": float(state.monitor.best)}
     if "test" in summary:
         final["hparam/test_accuracy"] = summary["test"]["accuracy"]
