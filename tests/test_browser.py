@@ -70,6 +70,7 @@ def test_page_shows_the_model_card(server, browser):
     assert facts["Model"] == "lenet" and facts["Classes"] == "Uninfected, Parasitized"
     assert facts["Input"] == "64 × 64, RGB" and facts["Validation accuracy"].endswith("%")
     assert "(95% CI " in facts["Test accuracy"] and ", n = " in facts["Test accuracy"]
+    assert facts["Started from"] == "random initialisation"  # a pretrained model names its weights (the card's)
 
 
 def test_uploading_a_real_cell_image_shows_its_predicted_class_bars_and_grad_cam(server, browser, malaria_run):

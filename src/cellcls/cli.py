@@ -55,6 +55,14 @@ def split_own(argv: Sequence[str], own: Sequence[str]) -> tuple[dict[str, str], 
     return settings, [a for a in argv if a.split("=", 1)[0] not in own]
 
 
+def whole_number(name: str, value: object, minimum: int) -> int:
+    """A command's ``name=<value>`` setting as a whole number of at least ``minimum``."""
+    text = str(value)
+    if not text.isdigit() or int(text) < minimum:
+        raise ConfigError(f"{name}={value} must be a whole number >= {minimum}")
+    return int(text)
+
+
 def as_bool(name: str, value: str) -> bool:
     if value.lower() in ("1", "true", "yes", "on"):
         return True

@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             own["checkpoint"], own.get("split", "test"), own.get("data"), overrides, threshold,
             int(own.get("bootstrap", 1000)), own.get("device", "auto"), own.get("cam_layer"), own.get("output"),
             as_bool("plots", own.get("plots", "true")), own.get("group_by"), own.get("group_rule", "auto"),
-            own.get("tta", "none"),
+            own.get("tta"),
         )
     except (ConfigError, DataError, FileNotFoundError, ValueError, OSError) as exc:
         return fail(exc)

@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cam_dir = None
         if as_bool("cam", own.get("cam", "false")):
             cam_dir = output.with_name(f"{output.stem}_cam") if output else Path("cam")
-        loaded = load_predictor(own["checkpoint"], own.get("device", "auto"), own.get("tta", "none"))
+        loaded = load_predictor(own["checkpoint"], own.get("device", "auto"), own.get("tta"))
         if cam_dir is not None and not loaded.supports_cam:
             raise ConfigError(f"cam=true needs the PyTorch checkpoint (Grad-CAM takes gradients); {loaded.path} is an exported model")
         predictions, skipped = predict_files(loaded, files, int(own.get("batch_size", 64)), cam_dir, own.get("cam_layer"))

@@ -79,6 +79,11 @@ class RunFolder:
         return self.root / "metrics.csv"
 
     @property
+    def probe_log(self) -> Path:
+        """``python -m cellcls.probe``'s log (a training run's is Hydra's ``train.log``)."""
+        return self.root / "probe.log"
+
+    @property
     def result(self) -> Path:
         return self.root / "result.json"
 

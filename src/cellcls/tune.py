@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cellcls.cli import command_args, fail, split_own
+from cellcls.cli import command_args, fail, split_own, whole_number
 from cellcls.errors import ConfigError, DataError
 
 OWN = ("search", "trials", "jobs", "storage", "output", "study", "pruner", "worker")
@@ -49,8 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if own["pruner"] not in PRUNERS:
                 raise ConfigError(f"pruner={own['pruner']} is not valid; allowed values: {', '.join(PRUNERS)}")
             spec.pruner = {"name": own["pruner"]}  # the named pruner with Optuna's defaults
-        spec.trials = _whole("trials", own.get("trials", spec.trials), 1)
-        jobs, worker = _whole("jobs", own.get("jobs", 1), 1), _whole("worker", own.get("worker", 0), 0)
+        spec.trials = whole_number("trials", own.get("trials", spec.trials), 1)
+        jobs, worker = whole_number("jobs", own.get("jobs", 1), 1), whole_number("worker", own.get("worker", 0), 0)
         check_command_line([*spec.overrides, *overrides])
         study = Study(spec, overrides, Path(own.get("output", f"outputs/tune/{spec.study}")), own.get("storage"))
         study.open()  # created once, before any worker races to create it
@@ -73,13 +73,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             proc.terminate()
         return fail(exc)
     return 0
-
-
-def _whole(name: str, value: object, minimum: int) -> int:
-    text = str(value)
-    if not text.isdigit() or int(text) < minimum:
-        raise ConfigError(f"{name}={value} must be a whole number >= {minimum}")
-    return int(text)
 
 
 if __name__ == "__main__":

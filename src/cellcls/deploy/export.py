@@ -70,7 +70,8 @@ def export_model(loaded: LoadedModel, fmt: str, output: Path, opset: int = 18) -
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} is not valid; allowed values: {', '.join(FORMATS)}")
     prep = loaded.preprocessing
-    module = ExportModule(loaded.model, prep["mean"], prep["std"], loaded.decision).to("cpu").eval()
+    # the scorer: a model that averages flips by default (a probe fitted on flip-averaged features) exports with them
+    module = ExportModule(loaded.scorer, prep["mean"], prep["std"], loaded.decision).to("cpu").eval()
     height, width = (int(v) for v in prep["image_size"])
     example = torch.rand(2, int(prep["channels"]), height, width)
     card = export_card(loaded, fmt)

@@ -29,12 +29,12 @@ class Predictor(Protocol):
     def predict(self, images: torch.Tensor) -> np.ndarray: ...
 
 
-def load_predictor(location: str | Path, device: str = "auto", tta: str = "none") -> Predictor:
+def load_predictor(location: str | Path, device: str = "auto", tta: str | None = None) -> Predictor:
     """A checkpoint, a run folder (its best.pt) or an exported ONNX/TorchScript file, ready to predict; ``tta``
     (test-time flips, checkpoints only) averages each image's logits over its flipped copies."""
     path = Path(location).expanduser()
     if path.is_file() and is_exported(path):
-        if check_tta(tta) != "none":
+        if tta is not None and check_tta(tta) != "none":
             raise ConfigError(f"tta={tta} runs on a PyTorch checkpoint; {path} is an exported model (give its "
                               "checkpoint or run folder)")
         return load_exported(path, device)

@@ -105,7 +105,7 @@ def evaluate(
     make_plots: bool = True,
     group_by: str | None = None,
     group_rule: str = "auto",
-    tta: str = "none",
+    tta: str | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Score ``checkpoint`` and write the evaluation folder; returns (metrics, folder).
 
@@ -143,7 +143,10 @@ def evaluate(
     threshold = loaded.threshold if threshold is None else threshold
     y = targets.numpy()
     result = evaluate_predictions(y, probs, loaded.classes, threshold, n_boot, seed=int(cfg.seed), groups=groups)
-    folder = name if tta == "none" else f"{name}_tta-{tta}"  # with and without TTA side by side
+    tta = loaded.tta
+    # with and without TTA side by side, unless the model itself averages flips (a probe fitted that way)
+    fitted = str(loaded.config.model.get("tta") or "none")
+    folder = name if tta in ("none", fitted) else f"{name}_tta-{tta}"
     result = {"checkpoint": str(loaded.path), "epoch": loaded.epoch, "split": name, "tta": tta,
               "loss": mean_loss(loaded.model, logits, targets), **result,
               "calibration": calibration_summary(y, probs, logits, loaded.decision)}

@@ -29,7 +29,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 # keys every `model` config has; the rest are the architecture function's keyword arguments. `starting_weights` is
 # written by the run (what the weights were before training: cellcls.models.pretrained.StartingWeights), not read.
-MODEL_KEYS = ("name", "single_logit", "init", "starting_weights")
+# `tta` is the flip averaging a frozen-feature probe was fitted with (cellcls.training.probe): applied by default.
+MODEL_KEYS = ("name", "single_logit", "init", "starting_weights", "tta")
 # architecture options that fetch starting weights: a rebuilt trained model takes its weights from its checkpoint
 WEIGHT_KEYS = ("weights", "pretrained")
 
@@ -48,6 +49,7 @@ def build_model(
     if not starting_weights:
         spec = {k: v for k, v in spec.items() if k not in WEIGHT_KEYS}
     spec.pop("starting_weights", None)
+    spec.pop("tta", None)
     name = spec.pop("name", None)
     if name not in MODELS:
         raise ValueError(f"model.name={name!r} is not a known model; choose one of {sorted(MODELS)}")

@@ -84,9 +84,10 @@ class LoadedModel:
         }
 
 
-def load_model(location: str | Path, device: str = "auto", tta: str = "none") -> LoadedModel:
+def load_model(location: str | Path, device: str = "auto", tta: str | None = None) -> LoadedModel:
     """The model of a checkpoint file, or of a run folder's ``checkpoints/best.pt``; ``tta`` averages its logits
-    over flipped copies of each image (:mod:`cellcls.models.tta`)."""
+    over flipped copies of each image (:mod:`cellcls.models.tta`; None: the model's own ``model.tta``, which a probe
+    fitted on flip-averaged features sets, else none)."""
     ckpt = load_checkpoint(location, name=BEST)
     dev = resolve_device(device, setting="device")
     prep = ckpt.preprocessing
@@ -96,7 +97,8 @@ def load_model(location: str | Path, device: str = "auto", tta: str = "none") ->
     model.to(dev).eval()
     assert ckpt.path is not None
     return LoadedModel(model, list(ckpt.classes), prep, OmegaConf.create(ckpt.config), ckpt.path, ckpt.epoch, dev,
-                       checkpoint_metrics(ckpt), Decision.of(ckpt.calibration), check_tta(tta))
+                       checkpoint_metrics(ckpt), Decision.of(ckpt.calibration),
+                       check_tta(tta if tta is not None else str(ckpt.model_spec.get("tta") or "none")))
 
 
 def checkpoint_metrics(ckpt: Checkpoint) -> dict[str, Any]:

@@ -66,20 +66,26 @@ class Job:
         return self.ema.module if self.ema is not None else self.net
 
 
+def apply_weight_statistics(cfg: DictConfig) -> None:
+    """``dataset.mean/std=auto`` with pretrained starting weights: set them to the weights' own statistics
+    (explicit settings win; see :func:`cellcls.data.normalization.follow_weights`)."""
+    ds = cfg.dataset
+    chosen = follow_weights(ds.mean, ds.std, starting_statistics(OmegaConf.to_container(cfg.model, resolve=True)),
+                            int(ds.channels))
+    if chosen is not None:
+        ds.mean, ds.std = chosen
+        log.info("dataset.mean/std=auto: the starting weights' statistics, %s (dataset.mean=data dataset.std=data "
+                 "for the training split's)", describe(*chosen))
+
+
 def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True) -> Job:
     """Build a job from a validated config. The config is updated in place with what the data decided
     (measured ``auto`` normalisation, the absolute data root), so checkpoints record what was trained on.
     ``starting_weights=False`` (a resumed run) skips ``model.weights``/``model.pretrained``: the checkpoint's follow."""
     seed_everything(int(cfg.seed))
     t = cfg.trainer
-    if starting_weights:  # dataset.mean=auto: the pretrained weights' own statistics (explicit settings win)
-        ds = cfg.dataset
-        chosen = follow_weights(ds.mean, ds.std, starting_statistics(OmegaConf.to_container(cfg.model, resolve=True)),
-                                int(ds.channels))
-        if chosen is not None:
-            ds.mean, ds.std = chosen
-            log.info("dataset.mean/std=auto: the starting weights' statistics, %s (dataset.mean=data dataset.std=data "
-                     "for the training split's)", describe(*chosen))
+    if starting_weights:
+        apply_weight_statistics(cfg)
     runtime = setup_runtime(t)
     # rank 0 fills the decoded cache first; the others then read it
     if not runtime.is_main:
