@@ -177,3 +177,20 @@ def test_an_explicit_normalisation_wins_over_the_weights():
     for mean, std in (("data", "data"), ("imagenet", "imagenet"), (None, None), ([0.1] * 3, [0.2] * 3)):
         assert follow_weights(mean, std, weights, 3) is None
     assert follow_weights("auto", "auto", None, 3) is None
+
+
+def test_a_fresh_head_on_pretrained_weights_starts_at_zero_so_the_first_loss_is_chance():
+    """timm's own start for a 2-class head is uniform +-0.71: logits of several units on pretrained features and a
+    first loss far above ln 2, whose gradients hit the backbone hard (the issue measured 3.5)."""
+    installed("tf_efficientnet_lite0")
+    spec = {"name": "timm", "arch": "tf_efficientnet_lite0", "pretrained": True}
+    x = torch.randn(8, 3, 64, 64)
+    target = torch.randint(0, 2, (8,))
+    zero = build_model(spec, 3, 2, [64, 64]).eval()
+    assert torch.count_nonzero(zero.classifier.weight) == 0
+    loss = torch.nn.functional.cross_entropy(zero(x), target)
+    assert loss.item() == pytest.approx(np.log(2), abs=1e-6)
+    timm_init = build_model({**spec, "head_init": "timm"}, 3, 2, [64, 64]).eval()
+    assert timm_init.classifier.weight.abs().max() > 0.5
+    scratch = build_model({"name": "timm", "arch": "tf_efficientnet_lite0"}, 3, 2, [64, 64])
+    assert torch.count_nonzero(scratch.classifier.weight) > 0  # from scratch: timm's init, untouched

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -103,15 +104,28 @@ def test_resume_continues_from_the_stored_epoch_and_optimizer_state(tmp_path):
     assert read_metrics(tmp_path / "resumed")[:2] == read_metrics(tmp_path / "first")
 
 
-def test_early_stopping_fires_and_lr_drops_when_val_loss_plateaus(tmp_path):
-    # an LR far below float32 resolution leaves the weights unchanged: val_loss is exactly flat
+def test_a_run_still_at_chance_is_neither_stopped_early_nor_has_its_lr_cut(tmp_path):
+    # an LR far below float32 resolution leaves the weights unchanged: val_loss stays exactly at its first,
+    # uncertain epoch's, never clearly better than chance, so patience never starts (it did: stopped at epoch 4
+    # with the LR cut at 3, before patience waited for chance to be beaten; tests/test_callbacks.py has the rule)
     train_in_process(
         tmp_path, "optim=sgd", "optim.lr=1e-12", "optim.momentum=0", "scheduler.min_lr=0",
-        "trainer.max_epochs=10", *TINY,
+        "trainer.max_epochs=6", *TINY,
     )
     rows = read_metrics(tmp_path)
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]  # best at 1, then patience 3
-    assert [r["lr"] for r in rows] == pytest.approx([1e-12, 1e-12, 1e-12, 3e-13])  # factor 0.3 after 2 flat epochs
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-12] * 6)
+
+
+def test_early_stopping_fires_and_lr_drops_once_a_learning_run_plateaus(tmp_path):
+    # the tiny synthetic set is learnt within an epoch or two (clearly better than chance), then min_delta=1
+    # makes every later epoch count as no improvement: LR cut after 2 such epochs, stop after 3
+    train_in_process(tmp_path, "callbacks.early_stopping.min_delta=1.0", "scheduler.threshold=1.0",
+                     "trainer.max_epochs=10", *TINY)
+    rows = read_metrics(tmp_path)
+    first = next(i for i, r in enumerate(rows) if r["val_loss"] < 0.95 * math.log(2))
+    assert len(rows) == first + 4, rows  # the first epoch better than chance, then patience 3
+    assert rows[first + 3]["lr"] == pytest.approx(0.3 * rows[first]["lr"])
 
 
 def test_balanced_class_weights_equal_sklearns_for_the_training_split(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +27,29 @@ EPOCH_EXTRAS = ("lr", "epoch_time_s")  # logged beside them, not monitorable
 TEST_METRICS = ("loss", "accuracy", "balanced_accuracy", "roc_auc")
 # `evaluate` reports these with a bootstrap interval (sensitivity/specificity for two classes only):
 HEADLINE = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity")
+
+
+def chance_level(metric: str, split_labels: Sequence[int], train_labels: Sequence[int], num_classes: int) -> float:
+    """What ``metric`` (an epoch metric) scores for a model that knows nothing but the training split's class
+    frequencies, on the split the metric is measured on: the cross-entropy of predicting those frequencies for a
+    loss, the share of the training split's most frequent class for accuracy, ``1 / classes`` for balanced accuracy."""
+    counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=num_classes).astype(float)
+    prior = np.clip(counts / max(counts.sum(), 1.0), 1e-12, 1.0)
+    measured = np.asarray(split_labels if metric.startswith("val_") else train_labels, dtype=np.int64)
+    if metric.endswith("_loss"):
+        return float(-np.log(prior[measured]).mean()) if len(measured) else math.nan
+    if metric.endswith("balanced_accuracy"):
+        return 1.0 / num_classes
+    return float((measured == int(counts.argmax())).mean()) if len(measured) else math.nan
+
+
+CHANCE_MARGIN = 0.05  # "clearly better than chance": 5% below its loss, 5 points above its accuracy
+
+
+def beyond_chance(metric: str, chance: float) -> float:
+    """The value ``metric`` must beat to be clearly better than ``chance`` (an uncertain first epoch's loss sits
+    a hair below the prior's)."""
+    return chance * (1 - CHANCE_MARGIN) if metric.endswith("_loss") else chance + CHANCE_MARGIN
 
 
 def metric_mode(metric: str, mode: str = "auto") -> str:

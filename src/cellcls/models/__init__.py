@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cellcls.models.base import keras_init_
+from cellcls.models.base import he_init_, keras_init_
 from cellcls.models.blood_cnn import blood_cnn
 from cellcls.models.heads import num_outputs
 from cellcls.models.lenet import lenet
@@ -26,6 +26,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "timm": timm_model,
 }
 
+
+# model.init: how a model from scratch starts (torch: each layer's own default)
+INITS: dict[str, Callable[[nn.Module], nn.Module]] = {"torch": lambda m: m, "keras": keras_init_, "he": he_init_}
 
 # keys every `model` config has; the rest are the architecture function's keyword arguments. `starting_weights` is
 # written by the run (what the weights were before training: cellcls.models.pretrained.StartingWeights), not read.
@@ -55,13 +58,13 @@ def build_model(
         raise ValueError(f"model.name={name!r} is not a known model; choose one of {sorted(MODELS)}")
     outputs = num_outputs(num_classes, bool(spec.pop("single_logit", False)))
     init = spec.pop("init", "torch")
-    if init not in ("keras", "torch"):
-        raise ValueError(f"model.init={init!r} is not valid; allowed values: keras, torch")
-    if init == "keras" and (spec.get("weights") or spec.get("pretrained")):
-        raise ValueError("model.init=keras would overwrite the starting weights (model.weights / model.pretrained); "
+    if init not in INITS:
+        raise ValueError(f"model.init={init!r} is not valid; allowed values: {', '.join(INITS)}")
+    if init != "torch" and (spec.get("weights") or spec.get("pretrained")):
+        raise ValueError(f"model.init={init} would overwrite the starting weights (model.weights / model.pretrained); "
                          "use model.init=torch")
     model = MODELS[name](in_channels, outputs, list(image_size), **spec)
-    return keras_init_(model) if init == "keras" else model
+    return INITS[init](model)
 
 
 def starting_statistics(spec: Mapping[str, Any]) -> tuple[list[float], list[float]] | None:

@@ -59,13 +59,19 @@ def timm_model(
     cache_dir: str | None = None,
     drop_rate: float = 0.0,
     drop_path_rate: float | None = None,
+    head_init: str = "zero",
 ) -> nn.Module:
     """``timm.create_model(arch)`` with the data set's channels and classes.
 
     ``weights`` (a local torchvision/timm/cellcls state dict or ``.safetensors`` file) wins over ``pretrained``
     (ImageNet weights for ``arch``: timm's cache in ``cache_dir`` or Hugging Face's, an installed weight package,
-    else a download). Either way the stem is adapted to ``in_channels`` and a head of another size starts fresh.
+    else a download). Either way the stem is adapted to ``in_channels`` and a head of another size starts fresh:
+    at zero (``head_init=zero``), so the first logits are 0 and the backbone gets no gradient until the head has
+    learnt something (timm's own start, ``head_init=timm``, is uniform +-1/sqrt(classes): logits of +-6 on pretrained
+    features for two classes, a first loss near 3.5 and large first gradients into the backbone).
     """
+    if head_init not in ("zero", "timm"):
+        raise ConfigError(f"model.head_init={head_init!r} is not valid; allowed values: zero, timm")
     timm = _timm()
     check_arch(arch)
     options: dict[str, Any] = {"num_classes": num_outputs, "in_chans": in_channels, "drop_rate": float(drop_rate)}
@@ -80,22 +86,41 @@ def timm_model(
         raise ConfigError(f"model.arch={arch}: {exc} (drop it from the model settings)") from None
     cfg = model.pretrained_cfg
     first_conv, classifier = cfg.get("first_conv") or "", cfg.get("classifier") or ""
+    model = _starting_weights(timm, model, arch, options, weights, pretrained, cache_dir, first_conv, classifier)
+    head = model.get_classifier()
+    if head_init == "zero" and getattr(model, "starting_weights", None) is not None and model.fresh_head \
+            and isinstance(head, nn.Linear):
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    return model
+
+
+def _starting_weights(timm: Any, model: nn.Module, arch: str, options: dict[str, Any], weights: str | None,
+                      pretrained: bool, cache_dir: str | None, first_conv: str, classifier: str) -> nn.Module:
+    """``model`` with its starting weights and their record (``starting_weights``), and ``fresh_head``: whether
+    the classifier did not come with them (another class count)."""
+    cfg = model.pretrained_cfg
+    model.fresh_head = True
     if weights:
-        load_weights(model, weights, first_conv=first_conv, classifier=classifier)
+        fresh = load_weights(model, weights, first_conv=first_conv, classifier=classifier)
+        model.fresh_head = any(name.startswith(_prefixes(classifier)) for name in fresh)
         model.starting_weights = record_of("file", str(weights), Path(weights).expanduser())
         return model
     if not pretrained:
         return model
     hub_id = cfg.get("hf_hub_id")
+    published_classes = int(cfg.get("num_classes") or 1000)
     cached = cached_file(hub_id, cache_dir)
     if cached is not None:  # a download left them here: no connection needed
         model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, **options)
+        model.fresh_head = options["num_classes"] != published_classes
         model.starting_weights = record_of("timm-cache", str(hub_id), cached)
         return model
     package = PACKAGES.get(arch.split(".")[0])
     installed = package.file() if package is not None else None
     if package is not None and installed is not None:
-        load_state(model, package_state_dict(package, installed), str(installed), first_conv, classifier)
+        fresh = load_state(model, package_state_dict(package, installed), str(installed), first_conv, classifier)
+        model.fresh_head = any(name.startswith(_prefixes(classifier)) for name in fresh)
         model.starting_weights = record_of("package", package.label(), installed)
         return model
     try:
@@ -105,7 +130,12 @@ def timm_model(
             f"model.pretrained=true: weights for {arch!r} could not be loaded (timm's hub: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}). {describe_ways_out(arch.split('.')[0], hub_cache(cache_dir))}"
         ) from None
+    model.fresh_head = options["num_classes"] != published_classes
     downloaded = cached_file(hub_id, cache_dir)
     model.starting_weights = record_of("timm-hub", str(hub_id), downloaded) if downloaded else \
         StartingWeights("timm-hub", str(hub_id), "", "")
     return model
+
+
+def _prefixes(classifier: str | Sequence[str]) -> tuple[str, ...]:
+    return (classifier,) if isinstance(classifier, str) else tuple(classifier)

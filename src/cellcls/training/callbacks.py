@@ -44,7 +44,8 @@ class Callback:
 
 class EarlyStopping(Callback):
     """Stop when ``trainer.monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs in a row
-    (Keras' EarlyStopping)."""
+    (Keras' EarlyStopping), counted from the first epoch that beats chance (:class:`~cellcls.training.state.Monitor`;
+    before it, the run goes on)."""
 
     def __init__(self, patience: int, min_delta: float) -> None:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
@@ -63,6 +64,8 @@ class EarlyStopping(Callback):
         return self.wait >= self.patience
 
     def on_validation_end(self, state: FitState, metrics: dict[str, float]) -> None:
+        if not state.monitor.beat_chance:  # patience starts once a model beats chance (see Monitor)
+            return
         if self.step(metrics[state.monitor.metric], state.monitor.mode):
             state.should_stop = True
             log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",

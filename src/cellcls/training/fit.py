@@ -17,7 +17,7 @@ from cellcls.checkpoint import Checkpoint, save_checkpoint
 from cellcls.data.splits import write_split_lists
 from cellcls.data.summary import count_table
 from cellcls.errors import TrainingDiverged, TrainingInterrupted
-from cellcls.evaluation.metrics import metric_mode
+from cellcls.evaluation.metrics import beyond_chance, chance_level, metric_mode
 from cellcls.models import count_parameters, model_label
 from cellcls.models.summary import summary_table
 from cellcls.run_folder import RunFolder, atomic_write
@@ -49,7 +49,10 @@ def fit(
         job = build_job(cfg, run_dir, starting_weights=resume is None)
         job.callbacks.update({f"extra_{i}": cb for i, cb in enumerate(callbacks)})
         t = cfg.trainer
-        monitor = Monitor(str(t.monitor), metric_mode(str(t.monitor), str(t.monitor_mode)))
+        monitor = Monitor(str(t.monitor), metric_mode(str(t.monitor), str(t.monitor_mode)),
+                          chance=beyond_chance(str(t.monitor), chance_level(
+                              str(t.monitor), job.data.splits["val"].labels, job.data.splits["train"].labels,
+                              len(job.data.classes))))
         loggers = create_loggers(cfg.logger, job.run) if job.runtime.is_main else Loggers(job.run)
         state = FitState(job, monitor, loggers, list(overrides or []))
         if job.runtime.is_main:
@@ -119,11 +122,17 @@ def run_epoch(state: FitState, epoch: int) -> None:
     if done.skipped:
         metrics["skipped_batches"] = done.skipped
     monitored = metrics[state.monitor.metric]
+    had_beaten = state.monitor.beat_chance
     state.improved = state.monitor.update(monitored, epoch)
+    if state.monitor.beat_chance and not had_beaten and epoch > 1:
+        log.info("epoch %d: %s %.4f is clearly better than chance (%.4f) for the first time; patience counts from "
+                 "here", epoch,
+                 state.monitor.metric, monitored, state.monitor.chance)
     for cb in job.callbacks.values():
         cb.on_validation_end(state, metrics)
     state.should_stop = distributed.broadcast_flag(state.should_stop)
-    step_scheduler(job.scheduler, monitored)
+    # the plateau scheduler's patience, like early stopping's, counts from the first epoch better than chance
+    step_scheduler(job.scheduler, monitored, patience=state.monitor.beat_chance)
     metrics["epoch_time_s"] = time.perf_counter() - started
     state.history.append({"epoch": epoch, **metrics})
     # checkpoints first: metrics.csv never lists an epoch that last.pt does not hold

@@ -82,14 +82,14 @@ class Warmup:
         for group, base in zip(self.optimizer.param_groups, self.base, strict=True):
             group["lr"] = base * factor
 
-    def step(self, metric: float | None = None) -> None:
+    def step(self, metric: float | None = None, patience: bool = True) -> None:
         self.done += 1
         if self.done < self.epochs:
             self._set((self.done + 1) / (self.epochs + 1))
         elif self.done == self.epochs:
             self._set(1.0)
         elif self.after is not None:
-            step_scheduler(self.after, metric)
+            step_scheduler(self.after, metric, patience)
 
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done, "base": self.base,
@@ -104,10 +104,15 @@ class Warmup:
 Scheduler = LRScheduler | ReduceLROnPlateau | Warmup
 
 
-def step_scheduler(scheduler: Scheduler | None, metric: float | None) -> None:
-    """One epoch's step: ReduceLROnPlateau (and a warm-up wrapping it) reads the monitored metric."""
-    if isinstance(scheduler, (ReduceLROnPlateau, Warmup)):
-        scheduler.step(metric)
+def step_scheduler(scheduler: Scheduler | None, metric: float | None, patience: bool = True) -> None:
+    """One epoch's step: ReduceLROnPlateau (and a warm-up wrapping it) reads the monitored metric; with
+    ``patience=False`` (no epoch has beaten chance yet: :class:`cellcls.training.state.Monitor`) the plateau
+    scheduler is not stepped, so it counts no bad epochs, while time-based schedules step as usual."""
+    if isinstance(scheduler, Warmup):
+        scheduler.step(metric, patience)
+    elif isinstance(scheduler, ReduceLROnPlateau):
+        if patience:
+            scheduler.step(metric)
     elif scheduler is not None:
         scheduler.step()
 

@@ -23,20 +23,38 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Monitor:
-    """The monitored metric's best value so far: which epoch ``best.pt`` holds."""
+    """The monitored metric's best value so far (which epoch ``best.pt`` holds), and whether any epoch has yet
+    done clearly better than chance: ``chance`` is the value to beat, a margin beyond the metric of a model that
+    knows only the class frequencies (:func:`cellcls.evaluation.metrics.chance_level`, ``beyond_chance``).
+
+    Patience (early stopping, the plateau scheduler) counts only from the first epoch that beats chance. A model
+    still learning from its random start becomes confident before it becomes right, so its validation loss rises
+    above the uncertain first epoch's for a while; counted from there, patience measured in epochs ends a small data
+    set's run (a few dozen steps an epoch) in that phase, near chance (docs/QUALITY.md)."""
 
     metric: str
     mode: str
     best: float = math.nan
     best_epoch: int = 0
+    chance: float = math.nan
+    beat_chance: bool = False
 
     def update(self, value: float, epoch: int) -> bool:
         if math.isnan(value):
             raise FloatingPointError(f"monitored metric {self.metric} is NaN at epoch {epoch}: training diverged")
-        if math.isnan(self.best) or (value < self.best if self.mode == "min" else value > self.best):
+        if not self.beat_chance and (math.isnan(self.chance) or self._better(value, self.chance)):
+            self.beat_chance = True
+        if math.isnan(self.best) or self._better(value, self.best):
             self.best, self.best_epoch = value, epoch
             return True
         return False
+
+    def _better(self, value: float, than: float) -> bool:
+        return value < than if self.mode == "min" else value > than
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "mode": self.mode, "best": self.best, "best_epoch": self.best_epoch,
+                "chance": self.chance, "beat_chance": self.beat_chance}
 
 
 @dataclass
@@ -79,8 +97,7 @@ class FitState:
             epoch=self.epoch, model=job.validated.state_dict(), model_spec=job.model_spec, classes=job.data.classes,
             preprocessing=job.data.preprocessing, config=OmegaConf.to_container(job.cfg, resolve=True),
             history=list(self.history),
-            monitor={"metric": self.monitor.metric, "mode": self.monitor.mode, "best": self.monitor.best,
-                     "best_epoch": self.monitor.best_epoch},
+            monitor=self.monitor.state_dict(),
             training={
                 "optimizer": job.optimizer.state_dict(),
                 "scheduler": job.scheduler.state_dict() if job.scheduler is not None else None,
@@ -114,6 +131,8 @@ def restore(state: FitState, ckpt: Checkpoint) -> int:
         cb.load_state_dict(ckpt.training.get("callbacks", {}).get(name, {}))
     state.monitor.best = float(ckpt.monitor.get("best", math.nan))
     state.monitor.best_epoch = int(ckpt.monitor.get("best_epoch", 0))
+    # checkpoints from before the chance rule: their patience already counted from the first epoch
+    state.monitor.beat_chance = bool(ckpt.monitor.get("beat_chance", True))
     state.history = list(ckpt.history)
     pos = ckpt.training.get("position")
     if pos:
