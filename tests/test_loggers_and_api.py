@@ -64,3 +64,20 @@ def test_a_loaded_model_predicts_files_and_arrays_as_the_checkpoint_does(one_epo
     np.testing.assert_allclose(model.predict_proba(arrays), model.predict_proba(paths))
     with pytest.raises(ValueError, match="uint8 N x 3 x 32 x 32"):
         model.predict_proba(arrays.astype(np.float32))
+
+
+def test_predict_takes_one_path_as_one_image_and_an_empty_list_as_none(one_epoch_run):
+    """Issue 27, item 9: a str path was walked letter by letter; [] failed inside torch.stack."""
+    model = cellcls.load(one_epoch_run, device="cpu")
+    image = next((resolve_root(model.predictor.config.dataset) / "test").rglob("*.png"))
+    assert model.predict(str(image)) == model.predict([image]) and len(model.predict(str(image))) == 1
+    assert model.predict([]) == [] and model.predict_proba([]).shape == (0, len(model.classes))
+
+
+def test_a_learning_rate_of_zero_is_refused_by_name():
+    from conftest import compose_config
+
+    from cellcls.config.checks import validate
+
+    with pytest.raises(ConfigError, match="optim.lr must be a positive number"):
+        validate(compose_config("optim.lr=0"))

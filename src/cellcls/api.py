@@ -69,6 +69,8 @@ class Model:
 
     def _batch(self, images: Sequence[ImageInput] | np.ndarray | torch.Tensor) -> torch.Tensor:
         prep = self.predictor.preprocessing
+        if isinstance(images, (str, Path)):  # one file, not a sequence of one-letter names
+            images = [images]
         if isinstance(images, (np.ndarray, torch.Tensor)) and np.ndim(images) == 4:
             batch = torch.as_tensor(np.asarray(images))
         else:
@@ -82,7 +84,9 @@ class Model:
 
     def predict_proba(self, images: Sequence[ImageInput] | np.ndarray | torch.Tensor) -> np.ndarray:
         """Class probabilities ``N x classes`` for image files (decoded exactly as in training) or uint8 arrays
-        ``N x C x H x W`` at the model's input size."""
+        ``N x C x H x W`` at the model's input size; one path gives one row, an empty list none."""
+        if not isinstance(images, (str, Path, np.ndarray, torch.Tensor)) and len(images) == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
         return self.predictor.predict(self._batch(images))
 
     def predict(self, images: Sequence[ImageInput] | np.ndarray | torch.Tensor) -> list[str]:

@@ -104,8 +104,8 @@ def validate(cfg: DictConfig) -> None:
     smoothing = cfg.get("label_smoothing") or 0.0
     if not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
         raise ConfigError(f"label_smoothing must be a number in [0, 1) (e.g. 0.1), got {smoothing!r}")
-    if not isinstance(cfg.optim.lr, (int, float)) or cfg.optim.lr < 0:
-        raise ConfigError(f"optim.lr must be a number >= 0, got {cfg.optim.lr!r}")
+    if isinstance(cfg.optim.lr, bool) or not isinstance(cfg.optim.lr, (int, float)) or not cfg.optim.lr > 0:
+        raise ConfigError(f"optim.lr must be a positive number (e.g. 1e-3), got {cfg.optim.lr!r}: at 0 nothing learns")
     if cfg.get("cv") is not None:
         from cellcls.training.crossval import check_cv
 
