@@ -78,6 +78,14 @@ def apply_weight_statistics(cfg: DictConfig) -> None:
                  "for the training split's)", describe(*chosen))
 
 
+def record_data_decisions(cfg: DictConfig, data: DataBundle) -> None:
+    """Write what the data decided into the config (measured normalisation, the absolute data root), so the run's
+    config and checkpoints record what was trained on."""
+    cfg.dataset.mean, cfg.dataset.std = data.preprocessing["mean"], data.preprocessing["std"]
+    if cfg.dataset.render is None:
+        cfg.dataset.root = str(data.root)
+
+
 def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True) -> Job:
     """Build a job from a validated config. The config is updated in place with what the data decided
     (measured ``auto`` normalisation, the absolute data root), so checkpoints record what was trained on.
@@ -96,9 +104,7 @@ def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True) -> 
                       fold_of(cfg))
     if runtime.is_main and runtime.dist.enabled:
         distributed.barrier()
-    cfg.dataset.mean, cfg.dataset.std = data.preprocessing["mean"], data.preprocessing["std"]
-    if cfg.dataset.render is None:
-        cfg.dataset.root = str(data.root)
+    record_data_decisions(cfg, data)
 
     prep, classes = data.preprocessing, data.classes
     spec = OmegaConf.to_container(cfg.model, resolve=True)

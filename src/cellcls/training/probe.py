@@ -38,7 +38,7 @@ from cellcls.models.heads import Decision, num_outputs
 from cellcls.models.tta import check_tta
 from cellcls.paths import cache_dir
 from cellcls.run_folder import RunFolder, atomic_write, write_json
-from cellcls.training.build import apply_weight_statistics
+from cellcls.training.build import apply_weight_statistics, record_data_decisions
 from cellcls.training.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("cellcls.probe")
@@ -77,9 +77,7 @@ def probe(cfg: DictConfig, run_dir: Path, settings: ProbeSettings) -> dict[str, 
     apply_weight_statistics(cfg)
     data = build_data(cfg.dataset, None, int(cfg.seed), device, "loader", settings.batch_size, fold=fold_of(cfg))
     prep, classes = data.preprocessing, data.classes
-    cfg.dataset.mean, cfg.dataset.std = prep["mean"], prep["std"]
-    if cfg.dataset.render is None:
-        cfg.dataset.root = str(data.root)
+    record_data_decisions(cfg, data)
     net = build_model(spec, prep["channels"], len(classes), prep["image_size"]).to(device)
     record = net.starting_weights
     with open_dict(cfg.model):
