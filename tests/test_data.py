@@ -7,11 +7,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import real_dataset
+from conftest import real_dataset, run_cli
 from PIL import Image
 
 from cellcls.data.dataset import load_image
-from cellcls.data.layout import scan_split
+from cellcls.data.layout import discover_classes, scan_split
 from cellcls.data.splits import stratified_holdout
 from cellcls.data.transforms import build_augment, build_transform
 from cellcls.errors import ConfigError, DataError
@@ -28,6 +28,25 @@ def test_class_folders_are_matched_case_insensitively(tmp_path):
     write_images(tmp_path / "Pneumonia", 3, ext="jpeg")
     samples = scan_split(tmp_path, ["normal", "PNEUMONIA"])
     assert Counter(samples.labels) == {0: 2, 1: 3}
+
+
+def test_class_folders_that_differ_only_in_case_are_refused_naming_both(tmp_path):
+    write_images(tmp_path / "Parasitized", 2)
+    write_images(tmp_path / "Uninfected", 2)
+    write_images(tmp_path / "uninfected", 2)
+    with pytest.raises(DataError, match=r"'Uninfected' and 'uninfected' differ only in letter case"):
+        scan_split(tmp_path, ["parasitized", "uninfected"])
+    with pytest.raises(DataError, match=r"'Uninfected' and 'uninfected'"):
+        discover_classes(tmp_path)  # a user's own folder data set would have had three classes
+
+
+def test_a_case_twin_class_folder_stops_training_before_it_starts(tmp_path):
+    for name in ("Parasitized", "Uninfected", "uninfected"):
+        write_images(tmp_path / "data" / "cell_images" / name, 6)
+    result = run_cli("cellcls.train", "dataset=malaria", f"dataset.root={tmp_path / 'data'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "'Uninfected' and 'uninfected' differ only in letter case" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_missing_class_folder_names_the_expected_and_found_folders(tmp_path):
@@ -130,3 +149,16 @@ def test_no_augmentation_only_rescales_to_unit_range():
 def test_unknown_augmentation_setting_names_the_allowed_ones():
     with pytest.raises(ConfigError, match="rotation"):
         build_augment({"rotate": 10})
+
+
+def test_predict_reads_the_files_training_reads_leaving_hidden_ones_out(tmp_path):
+    from cellcls.deploy.predict import list_inputs
+
+    write_images(tmp_path / "a", 2)
+    write_images(tmp_path / "b", 1)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "._img_000.png")  # macOS's resource fork beside a copied image
+    write_images(tmp_path / "a" / ".ipynb_checkpoints", 1)
+    write_images(tmp_path / "__MACOSX" / "a", 1)
+    seen = list_inputs(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in seen] == ["a/img_000.png", "a/img_001.png", "b/img_000.png"]
+    assert sorted(scan_split(tmp_path, ["a", "b"]).paths) == seen

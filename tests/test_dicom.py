@@ -158,3 +158,28 @@ def test_a_group_tag_that_is_no_dicom_keyword_is_refused_with_examples(tmp_path)
     cfg = compose_config("dataset=folder", "dataset.root=/x", "dataset.group_tag=PatientName2")
     with pytest.raises(ConfigError, match="dataset.group_tag='PatientName2' is not a DICOM keyword"):
         attach_groups(Samples([write_dicom(tmp_path / "y.dcm", xray())], [0]), cfg.dataset)
+
+
+def test_corrupt_compressed_pixel_data_is_one_clear_error_without_pydicoms_tracebacks(tmp_path, capfd, caplog):
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    path = write_dicom(tmp_path / "rle.dcm", xray()[:64, :64])
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.PixelData = encapsulate([b"\x00garbage" * 10])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(DataError, match=r"rle\.dcm: its pixel data \(transfer syntax RLE Lossless\) is corrupt "
+                                        r"\(.*The RLE header specifies an invalid number of segments"):
+        decode_image(path, 1, (64, 64))
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Traceback" not in caplog.text
+
+
+def test_without_pydicom_a_dicom_file_says_which_extra_to_install(tmp_path, monkeypatch):
+    path = write_dicom(tmp_path / "x.dcm", xray()[:64, :64])
+    monkeypatch.setitem(__import__("sys").modules, "pydicom", None)
+    for read in (lambda: decode_image(path, 1, (64, 64)), lambda: image_header(path)):
+        with pytest.raises(DataError, match=r"x\.dcm: reading DICOM files needs pydicom \(pip install 'cellcls\[dicom\]'\)"):
+            read()

@@ -121,3 +121,36 @@ def test_a_users_own_folder_data_set_discovers_its_classes(tmp_path, malaria_fil
     classes, folders, splits, _ = layout("folder", tmp_path)
     assert classes == ["healthy", "sick"] and set(folders) == {"train", "test"}
     assert len(splits["test"]) == 6
+
+
+def test_a_test_class_the_training_folder_lacks_is_refused_by_name(tmp_path, malaria_files):
+    for cls, name in (("Parasitized", "sick"), ("Uninfected", "healthy")):
+        copy_images(malaria_files / cls, tmp_path / "train" / name, 4)
+        copy_images(malaria_files / cls, tmp_path / "test" / name, 2)
+    copy_images(malaria_files / "Uninfected", tmp_path / "test" / "unsure", 2)
+    with pytest.raises(DataError, match=r"test: folder\(s\) \['unsure'\] hold images of no class the model learns"):
+        layout("folder", tmp_path)
+
+
+def test_a_folder_beside_a_known_data_sets_classes_is_named_in_a_warning(tmp_path, malaria_files, caplog):
+    for cls in ("Parasitized", "Uninfected"):
+        copy_images(malaria_files / cls, tmp_path / "cell_images" / cls, 10)
+    copy_images(malaria_files / "Uninfected", tmp_path / "cell_images" / "Unsure", 4)
+    _, _, splits, _ = layout("malaria", tmp_path, "dataset.split_by=image")
+    assert "['Unsure'] hold images of no class the model learns" in caplog.text
+    assert sum(len(s) for s in splits.values()) == 20
+
+
+def test_dangling_and_looping_links_are_listed_as_skipped_with_their_reason(tmp_path, malaria_files):
+    for cls in ("Parasitized", "Uninfected"):
+        copy_images(malaria_files / cls, tmp_path / "cell_images" / cls, 10)
+    infected = tmp_path / "cell_images" / "Parasitized"
+    (infected / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (infected / "loop.png").symlink_to(infected / "loop.png")
+    (infected / "good_link.png").symlink_to(sorted(infected.glob("*.png"))[0])
+    cfg = compose_config("dataset=malaria", f"dataset.root={tmp_path}")
+    scanned = scan_dataset(cfg.dataset, resolve_root(cfg.dataset))
+    assert dict(scanned.missing) == {
+        str(infected / "gone.png"): f"a symbolic link to {tmp_path / 'nowhere.png'}, which does not exist",
+        str(infected / "loop.png"): "a symbolic link that loops back on itself"}
+    assert infected / "good_link.png" in scanned.splits["train"].paths

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,6 +110,15 @@ def test_a_broken_checkpoint_gets_one_error_line_from_every_command(tmp_path, co
         assert result.stderr.count("cellcls: error:") == 1, module
 
 
+@pytest.mark.parametrize("where", ["missing", "empty_run"])
+def test_resuming_from_nothing_is_one_error_line(tmp_path, where):
+    (tmp_path / "empty_run").mkdir()
+    result = run_cli("cellcls.train", "dataset=synthetic", f"trainer.resume={tmp_path / where}",
+                     f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-1500:]
+    assert result.stderr.count("cellcls: error: no checkpoint at") == 1
+
+
 def test_a_run_that_fails_before_its_first_epoch_is_marked_failed(tmp_path):
     result = run_cli("cellcls.train", "dataset=malaria", f"dataset.root={tmp_path / 'missing'}",
                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
@@ -130,6 +140,22 @@ def test_a_file_name_that_is_not_utf8_trains_and_is_listed(tmp_path):
     train_in_process(tmp_path / "run", f"dataset.root={data}", "trainer.max_epochs=1", "logger=csv", *TINY)
     listed = b"".join((tmp_path / "run" / "splits" / f"{s}.csv").read_bytes() for s in ("train", "val", "test"))
     assert b"odd\xff\xfe" in listed
+
+
+def test_an_unreadable_image_whose_name_is_not_utf8_is_warned_about_in_the_log_file(tmp_path):
+    from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
+
+    src = ensure_synthetic(SyntheticSpec(train_per_class=24, test_per_class=6, size=32))
+    data = tmp_path / "data"
+    shutil.copytree(src, data)
+    (data / "train" / "uninfected" / os.fsdecode(b"broken\xff.png")).write_bytes(b"not a png")
+    result = run_cli("cellcls.train", "dataset=folder", f"dataset.root={data}", "trainer.max_epochs=1", "logger=csv",
+                     "dataset.image_size=[32,32]", "trainer.progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Logging error" not in result.stderr and "UnicodeEncodeError" not in result.stderr
+    log_file = (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
+    assert "skipped 1 unreadable image(s)" in log_file and "broken\\udcff.png" in log_file
 
 
 def test_one_pixel_limit_skips_huge_images_in_training(tmp_path, monkeypatch):

@@ -52,6 +52,7 @@ def test_info_shows_the_model_its_classes_input_size_and_validation_metrics(serv
     assert info["model"] == "lenet" and info["classes"] == ["Uninfected", "Parasitized"]
     assert (info["input"]["height"], info["input"]["width"]) == (64, 64)
     assert 0 <= info["metrics"]["val"]["accuracy"] <= 1 and info["gradcam"] is True
+    assert info["checkpoint"] == "run/checkpoints/best.pt"  # not the server's file layout
     limits = {k: info["limits"][k] for k in ("max_image_mb", "max_pixels", "max_images", "body_timeout_s")}
     assert limits == {"max_image_mb": 0.5, "max_pixels": 4000000, "max_images": 8, "body_timeout_s": 30.0}
 

@@ -119,6 +119,15 @@ def test_a_bad_row_is_refused_with_its_line_and_what_is_wrong(tmp_path, kind, me
     assert message in str(err.value) and str(table) in str(err.value)
 
 
+def test_an_unclosed_quote_is_named_by_the_line_that_opens_it(tmp_path):
+    table = make_isic(tmp_path, per_class=4)
+    lines = table.read_text().splitlines()
+    lines[4] = lines[4].replace(",", ',"', 1)  # line 5 opens a quote that nothing closes
+    table.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r'line 5: a quote \(\"\) opened on this line is not closed until line 9'):
+        splits_of(isic_config(tmp_path))
+
+
 def test_every_bad_row_is_listed_in_one_error(tmp_path):
     table = make_isic(tmp_path, per_class=4)
     rows = read_table(table)

@@ -4,6 +4,7 @@ best.yaml that names a class to create outside cellcls's allow-list is refused b
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import textwrap
@@ -112,6 +113,23 @@ def test_a_run_folders_tampered_config_is_refused_by_the_audit(one_epoch_run, tm
     (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     result = run_cli("cellcls.audit", f"run={run}", cwd=tmp_path)
     assert result.returncode == 2 and "config.yaml: logger.csv._target_='builtins.dict'" in result.stderr
+
+
+@pytest.mark.parametrize("entry", ["../../etc/passwd", "/etc/passwd", "a/../../outside.png"])
+def test_a_split_list_naming_a_file_outside_the_data_root_is_refused(tmp_path, entry):
+    from cellcls.data.splits import read_split_lists
+    from cellcls.errors import DataError
+    from cellcls.run_folder import RunFolder
+
+    root = tmp_path / "data"
+    root.mkdir()
+    run = RunFolder(tmp_path / "run")
+    run.split_list("train").parent.mkdir(parents=True)
+    run.split_list("train").write_text(f"file,class\na/1.png,x\n{entry},y\n")
+    with pytest.raises(DataError, match=rf"train.csv line 3: '{re.escape(entry)}' is outside the data root {root}"):
+        read_split_lists(run, root, ["x", "y"])
+    run.split_list("train").write_text("file,class\na/1.png,x\na/../b/2.png,y\n")  # inside, however spelt
+    assert read_split_lists(run, root, ["x", "y"])["train"].paths == [root / "a" / "1.png", root / "b" / "2.png"]
 
 
 def test_a_model_card_naming_code_is_refused(one_epoch_run, tmp_path):

@@ -12,6 +12,7 @@ resuming needs version 2, because the config layout changed with it.
 
 from __future__ import annotations
 
+import json
 import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,11 +60,26 @@ def save_checkpoint(ckpt: Checkpoint, path: Path) -> Path:
 def resolve_checkpoint(location: str | Path, name: str = LAST) -> Path:
     """A checkpoint file from a file path or a run folder (``<run>/checkpoints/<name>``)."""
     path = Path(location).expanduser()
+    why = ""
     if path.is_dir():
+        why = _run_status(RunFolder(path))
         path = RunFolder(path).checkpoints / name
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (give a .pt file or a run folder holding checkpoints/{name})")
+        raise FileNotFoundError(f"no checkpoint at {path} (give a .pt file or a run folder holding checkpoints/{name})"
+                                f"{why}")
     return path
+
+
+def _run_status(run: RunFolder) -> str:
+    """``; the run ... `` when the folder's result.json says why it has no checkpoint (it diverged, failed)."""
+    try:
+        record = json.loads(run.result.read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(record, dict) or record.get("status") in (None, "ok"):
+        return ""
+    error = str(record.get("error") or "").splitlines()[:1]
+    return f"; its result.json says the run {record['status']}{': ' + error[0] if error else ''}"
 
 
 def load_checkpoint(location: str | Path, name: str = LAST) -> Checkpoint:
@@ -94,8 +110,38 @@ def load_checkpoint(location: str | Path, name: str = LAST) -> Checkpoint:
     # nothing a checkpoint says may be created unless cellcls made it (a tampered config's `_target_`s)
     check_targets(payload.get("config") or {}, source=f"checkpoint {path}")
     check_targets({"model": payload.get("model_spec") or {}}, source=f"checkpoint {path} (model_spec)")
+    _check_contents(payload, path)
     fields = {k: payload[k] for k in Checkpoint.__dataclass_fields__ if k in payload and k not in ("path", "version")}
     return Checkpoint(**fields, version=int(version), path=path)
+
+
+# what a reader needs, by field: (type, what it should be); preprocessing's keys are preprocessing_of's
+_REQUIRED = {"epoch": (int, "the epoch number"), "model": (dict, "the network's state dict"),
+             "model_spec": (dict, "the model section (name, options)"), "classes": (list, "the class names"),
+             "preprocessing": (dict, "the input recipe (image_size, channels, mean, std)"),
+             "config": (dict, "the run's config")}
+_PREPROCESSING = ("image_size", "channels", "mean", "std")
+
+
+def _check_contents(payload: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint that loads but could not predict: a missing or mistyped field, or weights that are not
+    finite (a run that diverged keeps no such file, so this one was damaged or edited)."""
+    for key, (kind, what) in _REQUIRED.items():
+        if not isinstance(payload.get(key), kind):
+            found = "missing" if key not in payload else f"a {type(payload[key]).__name__}"
+            raise ValueError(f"{path} is not a usable checkpoint: '{key}' ({what}) is {found}; use the run's other "
+                             "checkpoint (best.pt or last.pt) or train again")
+    missing = [k for k in _PREPROCESSING if k not in payload["preprocessing"]]
+    if missing or len(payload["classes"]) < 2 or not isinstance(payload["model_spec"].get("name"), str):
+        what = (f"preprocessing lacks {missing}" if missing else "fewer than 2 classes" if len(payload["classes"]) < 2
+                else "model_spec names no model")
+        raise ValueError(f"{path} is not a usable checkpoint: {what}; use the run's other checkpoint or train again")
+    bad = [k for k, v in payload["model"].items()
+           if not isinstance(v, torch.Tensor) or (v.is_floating_point() and not bool(torch.isfinite(v).all()))]
+    if bad:
+        raise ValueError(f"{path} holds weights that are not finite numbers (NaN or infinite) in {len(bad)} tensor(s), "
+                         f"first {bad[0]!r}: it cannot predict; use the run's other checkpoint (best.pt or last.pt) or "
+                         "train again")
 
 
 def _pickles_code(path: Path) -> bool:

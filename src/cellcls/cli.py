@@ -79,3 +79,14 @@ def fail(exc: BaseException) -> int:
         message = str(exc)
     print(f"cellcls: error: {printable(message)}", file=sys.stderr)
     return 2
+
+
+def tolerant_log_files() -> None:
+    """Let every log handler write any file name: a name that is not valid UTF-8 (held as surrogate escapes)
+    is written as ``\\udcxx`` instead of raising inside logging (which drops the message and prints a traceback)."""
+    import logging
+
+    for handler in logging.getLogger().handlers:
+        stream = getattr(handler, "stream", None)
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")

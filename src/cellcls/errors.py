@@ -24,6 +24,10 @@ def printable(path: object) -> str:
     return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+class RunFolderInUse(ConfigError):
+    """Another training run holds the run folder (its lock names the process and host)."""
+
+
 class TrainingDiverged(RuntimeError):
     """A loss or the weights became NaN or infinite; the message says where and what to try."""
 

@@ -40,8 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"exported {loaded.card['model']} ({', '.join(loaded.classes)}) to {path}; model card {path.name}.json")
     if diff is not None:
         print(f"check: largest probability difference from PyTorch on random inputs {diff:.2e}")
-        if diff > 1e-4:
-            print("cellcls: error: the exported model disagrees with the checkpoint by more than 1e-4", file=sys.stderr)
+        if not diff <= 1e-4:  # a NaN difference is a failure too
+            print("cellcls: error: the exported model disagrees with the checkpoint by more than 1e-4 (or gives "
+                  "non-finite probabilities)", file=sys.stderr)
             return 1
     return 0
 

@@ -85,7 +85,7 @@ def _log_to(path: Path) -> None:
         console = logging.StreamHandler()
         console.setFormatter(fmt)
         root.addHandler(console)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
     handler.setFormatter(fmt)
     root.addHandler(handler)
 

@@ -79,6 +79,11 @@ class RunFolder:
         return self.root / "metrics.csv"
 
     @property
+    def lock(self) -> Path:
+        """Held by the training run writing this folder (cellcls.training.run_lock), naming its process and host."""
+        return self.root / ".run.lock"
+
+    @property
     def probe_log(self) -> Path:
         """``python -m cellcls.probe``'s log (a training run's is Hydra's ``train.log``)."""
         return self.root / "probe.log"

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from cellcls.cli import tolerant_log_files
 from cellcls.config import check_command_line
 from cellcls.errors import (
     DISK_ERRORS,
@@ -30,6 +31,7 @@ from cellcls.errors import (
 from cellcls.paths import config_dir
 from cellcls.training.distributed import rank_run_dir
 from cellcls.training.run import job_device, train
+from cellcls.training.run_lock import check_run_folder_free
 
 log = logging.getLogger("cellcls.train")
 
@@ -39,6 +41,7 @@ OmegaConf.register_new_resolver("cellcls_rank_dir", rank_run_dir, replace=True)
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def hydra_main(cfg: DictConfig) -> float:
+    tolerant_log_files()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
@@ -62,12 +65,12 @@ def hydra_main(cfg: DictConfig) -> float:
         stop(str(exc), 128 + exc.signum, prefix="cellcls: ")
     except TrainingDiverged as exc:
         stop(str(exc), 3)
+    except (ConfigError, DataError, FileNotFoundError, ValueError, ImportError) as exc:  # before OSError: a subclass
+        stop(str(exc), 2)
     except OSError as exc:
         if exc.errno not in DISK_ERRORS:
             raise
         stop(describe_os_error(exc), 2)
-    except (ConfigError, DataError, FileNotFoundError, ValueError, ImportError) as exc:
-        stop(str(exc), 2)
     return float("nan")  # not reached: stop() exits
 
 
@@ -86,10 +89,22 @@ def main() -> None:
     """Check the command line's keys (naming the nearest valid key for a typo), then run Hydra."""
     try:
         check_command_line(sys.argv[1:])
+        _check_run_folder(sys.argv[1:])
     except ConfigError as exc:
         print(f"cellcls: error: {exc}", file=sys.stderr)
         sys.exit(2)
     hydra_main()
+
+
+def _check_run_folder(argv: Sequence[str]) -> None:
+    """A single run into a folder another run holds is refused before Hydra writes its own files there (the lock
+    itself is taken by the run: cellcls.training.run_lock)."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        return
+    for a in argv:
+        key, eq, value = a.partition("=")
+        if eq and key.lstrip("+") == "hydra.run.dir" and "$" not in value:
+            check_run_folder_free(Path(value))
 
 
 class _CallableModule(types.ModuleType):

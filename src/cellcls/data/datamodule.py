@@ -24,6 +24,7 @@ from cellcls.data.layout import (
     locate_splits,
     scan_split,
     split_names,
+    unmatched_folders,
 )
 from cellcls.data.leakage import (
     Leak,
@@ -112,8 +113,17 @@ def scan_dataset(ds: DictConfig, root: Path) -> Scanned:
         return Scanned(table.classes, splits, missing=table.missing)
     classes, folders = resolve_layout(ds, root)
     aliases = OmegaConf.to_container(ds.class_aliases)
+    for name, folder in folders.items():
+        if extra := unmatched_folders(folder, classes, aliases):
+            what = (f"{folder}: folder(s) {[p.name for p in extra]} hold images of no class the model learns "
+                    f"({classes}")
+            if not ds.classes:  # the classes came from the training folder: the layouts disagree
+                raise DataError(f"{what}, the training folder's sub-folders); add them to the training folder too, "
+                                "or move them out of the data set")
+            log.warning("%s, dataset.classes); their images are not used", what)
     splits = {name: attach_groups(scan_split(folders[name], classes, aliases), ds) for name in SPLITS if name in folders}
-    return Scanned(classes, splits, folders, [p for s in splits.values() for p in s.ignored])
+    return Scanned(classes, splits, folders, [p for s in splits.values() for p in s.ignored],
+                   [b for s in splits.values() for b in s.broken])
 
 
 def fold_of(cfg: DictConfig) -> tuple[int, int] | None:

@@ -9,8 +9,10 @@ read: patient data is never logged or returned.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -98,15 +100,20 @@ def read_dicom(source: Path | BinaryIO, label: str, limit: int, window: Sequence
     if frames > 1:
         raise DataError(f"{label}: a multi-frame DICOM file ({frames} frames); cellcls classifies single images")
     try:
-        pixels = ds.pixel_array
+        with _quiet("pydicom"):  # pydicom logs each failing decoder's traceback; the DataError below says it once
+            pixels = ds.pixel_array
     # pydicom signals a transfer syntax with no installed decoder as NotImplementedError (or RuntimeError,
     # by handler); ValueError/AttributeError: pixel data that does not match its header
     except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))
+        lines = [ln.strip(" :") for ln in str(exc).splitlines() if ln.strip(" :")]
+        if "raised by all available plugins" in str(exc):  # a decoder exists and found the data broken
+            raise DataError(f"cannot decode image {label}: its pixel data (transfer syntax {name}) is corrupt "
+                            f"({lines[-1]})") from exc
         raise DataError(f"cannot decode image {label}: its pixel data (transfer syntax {name}) cannot be decoded by "
-                        f"the installed handlers ({str(exc).splitlines()[0]}); pydicom's documentation lists the "
-                        "packages that add them (e.g. pylibjpeg)") from exc
+                        f"the installed handlers ({lines[0] if lines else type(exc).__name__}); pydicom's "
+                        "documentation lists the packages that add them (e.g. pylibjpeg)") from exc
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         return Image.fromarray(_to_uint8(pixels, *_stored_range(ds)), mode="RGB")
     values = apply_modality_lut(pixels, ds)
@@ -122,6 +129,17 @@ def read_dicom(source: Path | BinaryIO, label: str, limit: int, window: Sequence
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":  # low values are bright: invert
         values = low + high - values
     return Image.fromarray(_to_uint8(values, low, high), mode="L")
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _stored_range(ds) -> tuple[float, float]:

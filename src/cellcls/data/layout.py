@@ -26,13 +26,15 @@ class Samples:
     labels: list[int] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
     groups: list[str] | None = None
+    broken: list[tuple[str, str]] = field(default_factory=list)  # links to nothing: (file, why), listed as skipped
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __add__(self, other: Samples) -> Samples:
         groups = None if self.groups is None or other.groups is None else self.groups + other.groups
-        return Samples(self.paths + other.paths, self.labels + other.labels, self.ignored + other.ignored, groups)
+        return Samples(self.paths + other.paths, self.labels + other.labels, self.ignored + other.ignored, groups,
+                       self.broken + other.broken)
 
     def subset(self, indices: Sequence[int]) -> Samples:
         groups = None if self.groups is None else [self.groups[i] for i in indices]
@@ -52,6 +54,18 @@ def _subdirs(folder: Path) -> list[Path]:
         return []
 
 
+def _by_lower_name(folder: Path, what: str = "class folders") -> dict[str, Path]:
+    """``folder``'s sub-folders by lower-case name; two that differ only in case are refused (names are matched
+    case-insensitively, so keeping both would give one class two labels, and dropping one would lose images)."""
+    by_name: dict[str, Path] = {}
+    for p in _subdirs(folder):
+        twin = by_name.setdefault(p.name.lower(), p)
+        if twin is not p:
+            raise DataError(f"{folder}: {what} {twin.name!r} and {p.name!r} differ only in letter case; cellcls matches "
+                            "names case-insensitively, so move the images of one into the other (or rename one)")
+    return by_name
+
+
 def class_names(cls: str, aliases: Mapping[str, Sequence[str]] | None) -> list[str]:
     """The names (lower case) a class goes by: its own and its ``dataset.class_aliases``."""
     return [cls.lower()] + [a.lower() for a in (aliases or {}).get(cls, [])]
@@ -61,7 +75,7 @@ def match_class_dirs(
     folder: Path, classes: Sequence[str], aliases: Mapping[str, Sequence[str]] | None = None
 ) -> list[Path] | None:
     """The folder of each class inside ``folder`` (case-insensitive, aliases allowed), or None if any is missing."""
-    found = {p.name.lower(): p for p in _subdirs(folder)}
+    found = _by_lower_name(folder)
     dirs = []
     for cls in classes:
         match = next((found[n] for n in class_names(cls, aliases) if n in found), None)
@@ -87,6 +101,21 @@ def find_class_dirs(split_dir: Path, classes: Sequence[str], aliases: Mapping[st
     return dirs
 
 
+def visible_entries(folder: Path) -> list[Path]:
+    """Everything below ``folder``, sorted, without hidden files and folders (``.DS_Store``, macOS's ``._x.png``,
+    ``.ipynb_checkpoints/``) or ``__MACOSX/``: what training reads, and so what predict reads."""
+    return sorted(p for p in folder.rglob("*") if not any(SKIP_DIRS.match(part) for part in p.relative_to(folder).parts))
+
+
+def unmatched_folders(
+    folder: Path, classes: Sequence[str], aliases: Mapping[str, Sequence[str]] | None = None
+) -> list[Path]:
+    """Sub-folders of a split's folder that hold images but match no class (a class the training folder lacks)."""
+    known = {n for c in classes for n in class_names(c, aliases)}
+    return [p for name, p in _by_lower_name(folder).items() if name not in known
+            and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in p.rglob("*") if f.is_file())]
+
+
 def scan_split(split_dir: Path, classes: Sequence[str], aliases: Mapping[str, Sequence[str]] | None = None) -> Samples:
     """All image files under each class folder of ``split_dir`` (recursively), sorted for reproducibility.
 
@@ -94,7 +123,9 @@ def scan_split(split_dir: Path, classes: Sequence[str], aliases: Mapping[str, Se
     """
     samples = Samples()
     for label, class_dir in enumerate(find_class_dirs(split_dir, classes, aliases)):
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+        entries = visible_entries(class_dir)
+        files = [p for p in entries if p.is_file()]
+        samples.broken += [(str(p), _broken_link(p)) for p in entries if p.is_symlink() and not p.exists()]
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
         samples.ignored += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
         if not images:
@@ -106,9 +137,20 @@ def scan_split(split_dir: Path, classes: Sequence[str], aliases: Mapping[str, Se
     return samples
 
 
+def _broken_link(path: Path) -> str:
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 raises this for a loop
+        return "a symbolic link that loops back on itself"
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP
+            return "a symbolic link that loops back on itself"
+    return f"a symbolic link to {path.readlink()}, which does not exist"
+
+
 def discover_classes(split_dir: Path) -> list[str]:
     """Class names of a user's own data set: the sub-folders of its training folder, sorted."""
-    names = [p.name for p in _subdirs(split_dir)]
+    names = [p.name for p in _by_lower_name(split_dir).values()]
     if len(names) < 2:
         raise DataError(f"{split_dir}: expected one sub-folder per class (at least 2), found {names or 'none'}")
     return names
@@ -126,7 +168,7 @@ def _walk(root: Path, max_depth: int):
 def _child(folder: Path, names: Sequence[str]) -> Path | None:
     if not names:
         return None
-    by_name = {p.name.lower(): p for p in _subdirs(folder)}
+    by_name = _by_lower_name(folder, "folders")
     for name in names:
         if Path(name).is_absolute():
             return Path(name) if Path(name).is_dir() else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import logging
 import re
 import warnings
@@ -147,7 +148,13 @@ def read_split_lists(run: RunFolder, root: Path, classes: list[str]) -> dict[str
         unknown = sorted({r["class"] for r in rows} - set(classes))
         if unknown:
             raise DataError(f"{file}: class(es) {unknown} are not among the run's classes {classes}")
-        splits[name] = Samples([root / r["file"] for r in rows], [classes.index(r["class"]) for r in rows])
+        paths = [Path(os.path.normpath(root / r["file"])) for r in rows]
+        outside = [(i + 2, r["file"]) for i, (r, p) in enumerate(zip(rows, paths, strict=True)) if not p.is_relative_to(root)]
+        if outside:  # a tampered list must not make cellcls read files elsewhere on the machine
+            line, where = outside[0]
+            raise DataError(f"{file} line {line}: {where!r} is outside the data root {root} ({len(outside)} such "
+                            "row(s)); a split list names files inside the data set")
+        splits[name] = Samples(paths, [classes.index(r["class"]) for r in rows])
     if "train" not in splits:
         raise DataError(f"{run.split_list('train')} not found: is {run.root} a cellcls run folder?")
     return splits

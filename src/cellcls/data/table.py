@@ -77,8 +77,14 @@ def read_rows(file: Path) -> tuple[list[str], Iterator[tuple[str, dict[str, str]
     def rows() -> Iterator[tuple[str, dict[str, str]]]:
         with fh:
             try:
+                last = reader.line_num
                 for row in reader:
-                    yield f"line {reader.line_num}", {k: (v or "").strip() for k, v in row.items() if k is not None}
+                    start, last = last + 1, reader.line_num
+                    if last > start and any("\n" in (v or "") for v in row.values() if isinstance(v, str)):
+                        # an image table has no multi-line values: a quote opened here swallowed the lines after it
+                        raise DataError(f"{file} line {start}: a quote (\") opened on this line is not closed until "
+                                        f"line {last} (the end of the file, or the next quote); close it or remove it")
+                    yield f"line {last}", {k: (v or "").strip() for k, v in row.items() if k is not None}
             except (UnicodeDecodeError, csv.Error) as exc:
                 raise DataError(f"{file} line {reader.line_num}: cannot be read ({exc})") from exc
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from cellcls.data.dataset import load_image
-from cellcls.data.layout import IMAGE_EXTENSIONS
+from cellcls.data.layout import IMAGE_EXTENSIONS, visible_entries
 from cellcls.data.table import is_table, table_paths
 from cellcls.deploy.predictor import Predictor
 from cellcls.errors import DataError, printable
@@ -46,7 +46,7 @@ def list_inputs(location: Path, column: str = "path", template: str | None = Non
     if location.is_file():
         return [location]
     if location.is_dir():
-        return sorted(p for p in location.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        return [p for p in visible_entries(location) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     raise FileNotFoundError(f"input={location}: no such file or folder")
 
 

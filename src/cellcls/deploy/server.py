@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,7 +65,12 @@ class Classifier:
         self.batcher = MicroBatcher(predictor, limits.max_batch, cam_layer)
 
     def info(self) -> dict[str, Any]:
-        return {**self.predictor.card, "gradcam": self.predictor.supports_cam, "limits": asdict(self.limits)}
+        """The model card for clients; the model file is named by its run folder and name only, since a full path
+        would show clients the server's file layout."""
+        card = dict(self.predictor.card)
+        if card.get("checkpoint"):
+            card["checkpoint"] = "/".join(Path(card["checkpoint"]).parts[-3:])
+        return {**card, "gradcam": self.predictor.supports_cam, "limits": asdict(self.limits)}
 
     def decode(self, name: str, data: bytes) -> torch.Tensor:
         """The uploaded file as the model's uint8 input; DataError says why it cannot be."""

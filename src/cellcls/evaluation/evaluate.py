@@ -83,6 +83,7 @@ def _external_data(loaded: LoadedModel, data: Path, batch_size: int) -> tuple[Sa
     else:
         root = data
         samples = attach_groups(scan_split(data, loaded.classes, OmegaConf.to_container(ds.class_aliases)), ds)
+        missing = samples.broken
     prep = loaded.preprocessing
     decoded = decode_split(samples, prep["channels"], prep["image_size"], cache_dir(), desc=f"decoding {data.name}",
                            window=prep.get("window"))

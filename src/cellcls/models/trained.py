@@ -91,14 +91,34 @@ def load_model(location: str | Path, device: str = "auto", tta: str | None = Non
     ckpt = load_checkpoint(location, name=BEST)
     dev = resolve_device(device, setting="device")
     prep = ckpt.preprocessing
-    model = build_model(ckpt.model_spec, prep["channels"], len(ckpt.classes), prep["image_size"],
-                        starting_weights=False)
-    model.load_state_dict(ckpt.model)
+    model = model_of(ckpt)
     model.to(dev).eval()
     assert ckpt.path is not None
     return LoadedModel(model, list(ckpt.classes), prep, OmegaConf.create(ckpt.config), ckpt.path, ckpt.epoch, dev,
                        checkpoint_metrics(ckpt), Decision.of(ckpt.calibration),
                        check_tta(tta if tta is not None else str(ckpt.model_spec.get("tta") or "none")))
+
+
+def model_of(ckpt: Checkpoint) -> nn.Module:
+    """The network a checkpoint describes, with its weights; a spec and weights that do not fit together (an edited
+    file, or two runs' parts mixed) are refused naming what differs."""
+    prep = ckpt.preprocessing
+    what = (f"{ckpt.model_spec.get('name')}, {len(ckpt.classes)} classes, {prep['channels']} channel(s), "
+            f"{'x'.join(str(s) for s in prep['image_size'])} px")
+    try:
+        model = build_model(ckpt.model_spec, prep["channels"], len(ckpt.classes), prep["image_size"],
+                            starting_weights=False)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"{ckpt.path}: its model_spec does not describe a model cellcls can build ({what}: {exc}); "
+                         "the file was edited or written by other code") from None
+    try:
+        model.load_state_dict(ckpt.model)
+    except RuntimeError as exc:
+        lines = [ln.strip().rstrip(".") for ln in str(exc).splitlines()[1:] if ln.strip()]
+        raise ValueError(f"{ckpt.path}: its weights do not fit the model its spec and classes describe ({what}): "
+                         f"{lines[0] if lines else exc}{f' (and {len(lines) - 1} more)' if len(lines) > 1 else ''}; "
+                         "the file was edited, or its parts come from two runs") from None
+    return model
 
 
 def checkpoint_metrics(ckpt: Checkpoint) -> dict[str, Any]:

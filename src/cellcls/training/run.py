@@ -25,6 +25,7 @@ from cellcls.run_folder import RunFolder
 from cellcls.training.callbacks import Callback
 from cellcls.training.crossval import cross_validate
 from cellcls.training.fit import fit
+from cellcls.training.run_lock import run_folder_lock
 from cellcls.training.sweep import write_status
 
 log = logging.getLogger("cellcls.train")
@@ -48,7 +49,14 @@ def train(
     ``callbacks`` join the configured ones (a search's pruning callback).
 
     A run that does not finish says why in ``result.json`` (``failed``, ``diverged``, ``interrupted``) and raises.
+    One run at a time per folder: another run holding ``run_dir`` is refused (:class:`RunFolderInUse`) before
+    anything is written there.
     """
+    with run_folder_lock(run_dir):
+        return _train(cfg, run_dir, overrides, callbacks)
+
+
+def _train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], callbacks: Sequence[Callback]) -> dict[str, Any]:
     if int(cfg.cv.folds) >= 2 and cfg.cv.fold is None:  # cross-validation: one ordinary run per fold
         validate(cfg)
         return cross_validate(cfg, run_dir, overrides, train)
