@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_cli, train_in_process
+from conftest import TINY, real_dataset, run_cli, train_in_process
 
 # big enough that an epoch takes a while on 2 cores, so a signal lands mid-epoch
 SLOW = [o for o in TINY if "render" not in o and "image_size" not in o] + [
@@ -156,6 +156,43 @@ def test_an_unreadable_image_whose_name_is_not_utf8_is_warned_about_in_the_log_f
     assert "Logging error" not in result.stderr and "UnicodeEncodeError" not in result.stderr
     log_file = (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
     assert "skipped 1 unreadable image(s)" in log_file and "broken\\udcff.png" in log_file
+
+
+def test_sigterm_while_the_cache_is_first_decoded_stops_at_once_and_leaves_nothing_half_written(tmp_path):
+    root = real_dataset("malaria")
+    cache = tmp_path / "cache"
+    env = {**os.environ, "CELLCLS_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cellcls.train", "dataset=malaria", f"dataset.root={root}",
+                             "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((cache / "decoded").glob(".*.pid*")):  # decoding the training split
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and "interrupted by SIGTERM before the first epoch" in err
+    record = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert record["status"] == "interrupted" and "run the same command again" in record["error"]
+    assert not list((cache / "decoded").glob(".*"))  # the half-written entry went with it
+
+
+def test_sigterm_while_best_pt_is_tested_lets_the_test_finish_and_the_run_complete(tmp_path, monkeypatch, caplog):
+    from cellcls.training import fit
+
+    original = fit.finish
+
+    def signalled(state):  # the scheduler's SIGTERM arrives as the final test starts
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(state)
+
+    monkeypatch.setattr(fit, "finish", signalled)
+    train_in_process(tmp_path / "run", "trainer.max_epochs=1", "logger=csv", *TINY)
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "ok"
+    assert (tmp_path / "run" / "test_metrics.json").is_file()
+    assert "SIGTERM received: finishing the test of best.pt first" in caplog.text
+    assert "the test finished and the run is complete" in caplog.text
 
 
 def test_one_pixel_limit_skips_huge_images_in_training(tmp_path, monkeypatch):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +199,78 @@ def test_worker_processes_and_threads_decode_the_same_pixels_and_skip_the_same_f
         results[mode] = (np.load(out.file)[out.kept], out.kept, [p for p, _ in out.skipped])
     assert np.array_equal(results["threads"][0], results["processes"][0])
     assert results["threads"][1:] == results["processes"][1:] and results["threads"][2] == [str(tmp_path / "imgs" / "broken.png")]
+
+
+def test_a_truncated_cache_file_is_decoded_again_instead_of_failing(small_set, tmp_path, caplog):
+    samples = scan_split(small_set, ["Uninfected", "Parasitized"])
+    first = decode_split(samples, 3, (32, 32), tmp_path, progress=False)
+    with open(first.file, "r+b") as fh:
+        fh.truncate(first.file.stat().st_size // 2)
+    again = decode_split(samples, 3, (32, 32), tmp_path, progress=False)
+    assert again.decoded == 24 and "is damaged" in caplog.text
+    assert np.load(again.file, mmap_mode="r").shape == (24, 3, 32, 32)
+
+
+def test_half_written_entries_of_stopped_processes_are_removed_and_running_ones_kept(small_set, tmp_path):
+    base = tmp_path / "decoded"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = base / f".abc.pid{int(dead.stdout)}.x1"
+    running = base / f".def.pid{os.getpid()}.x2"
+    for folder in (abandoned, running):
+        folder.mkdir(parents=True)
+        (folder / "images.npy").write_bytes(b"\0" * 1000)
+    decode_split(scan_split(small_set, ["Uninfected", "Parasitized"]), 3, (32, 32), tmp_path, progress=False)
+    assert not abandoned.exists() and running.exists()
+
+
+SLOW_DECODE = """
+import os, sys, time
+from pathlib import Path
+from cellcls.data import cache, decode
+from cellcls.data.layout import Samples
+
+original = decode.decode_image
+def slow(*args, **kwargs):
+    time.sleep(0.05)
+    return original(*args, **kwargs)
+decode.decode_image = slow  # the forked workers inherit it
+files = sorted(Path(sys.argv[1]).glob("*.png"))
+print("decoding", flush=True)
+cache.decode_split(Samples(files * 30, [0] * len(files) * 30), 3, (32, 32), Path(sys.argv[2]), workers=2,
+                   progress=False)
+"""
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc (Linux)")
+def test_decode_workers_die_with_a_killed_parent_and_its_entry_is_removed_next_time(small_set, tmp_path):
+    import signal
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", SLOW_DECODE, str(small_set / "Parasitized"), str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    assert parent.stdout.readline().strip() == "decoding"
+    deadline = time.monotonic() + 60
+    while len(workers := children_of(parent.pid)) < 2:
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.1)
+    assert list((tmp_path / "decoded").glob(".*.pid*"))  # half written
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2] for w in workers):
+        assert time.monotonic() < deadline, f"decode workers {workers} outlived their parent"
+        time.sleep(0.1)
+    decode_split(scan_split(small_set, ["Uninfected", "Parasitized"]), 3, (32, 32), tmp_path, progress=False)
+    assert not list((tmp_path / "decoded").glob(".*.pid*"))

@@ -140,3 +140,63 @@ def test_worker_processes_share_one_study(tmp_path):
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 4
     assert len({t.user_attrs["worker"] for t in study.trials}) == 2
     assert len(read_rows(out / "summary.csv")) == 4
+
+
+def start_search(tmp_path: Path, out: Path, trials: int):
+    """``python -m cellcls.tune`` as a subprocess, returned once trial 0 has a resumable checkpoint."""
+    import subprocess
+    import sys
+    import time
+
+    search = search_file(tmp_path, trials=trials, epochs=8)
+    proc = subprocess.Popen([sys.executable, "-m", "cellcls.tune", f"search={search}", f"output={out}"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (out / "trials" / "000" / "checkpoints" / "last.pt").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    return proc, search
+
+
+def trials_of(out: Path):
+    return optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'study.db'}").trials
+
+
+@pytest.mark.slow
+def test_a_search_killed_mid_trial_retries_that_trial_from_its_checkpoint_and_samples_on(tmp_path):
+    import signal
+
+    out = tmp_path / "study"
+    proc, search = start_search(tmp_path, out, trials=3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [t.state.name for t in trials_of(out)] == ["RUNNING"]
+    again = run_cli("cellcls.tune", f"search={search}", f"output={out}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "3 trial(s) to go" in again.stderr and "trial 0 was killed: queued again, continuing" in again.stderr
+    trials = trials_of(out)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
+    retry = trials[1]
+    assert retry.user_attrs["failed_trial"] == 0 and retry.params == trials[0].params
+    assert retry.user_attrs["run_dir"] == str(out / "trials" / "000")  # the killed run, continued
+    assert "resumed from" in (out / "trials" / "000" / "train.log").read_text()
+    lrs = [t.params["optim.lr"] for t in trials[1:]]
+    assert len(set(lrs)) == 3  # the restart samples on instead of replaying trial 0's values
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_search_after_a_step_and_the_same_command_continues_the_trial(tmp_path):
+    import signal
+
+    out = tmp_path / "study"
+    proc, search = start_search(tmp_path, out, trials=2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and err.count("cellcls: interrupted by SIGTERM") == 1
+    assert [t.state.name for t in trials_of(out)] == ["FAIL", "WAITING"]  # nothing else ran
+    again = run_cli("cellcls.tune", f"search={search}", f"output={out}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    trials = trials_of(out)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].user_attrs["resume_from"] == str(out / "trials" / "000")

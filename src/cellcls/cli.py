@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from cellcls.errors import DISK_ERRORS, ConfigError, describe_os_error, printable
 
@@ -79,6 +80,23 @@ def fail(exc: BaseException) -> int:
         message = str(exc)
     print(f"cellcls: error: {printable(message)}", file=sys.stderr)
     return 2
+
+
+def check_writable(folder: Path) -> None:
+    """Make ``folder`` and write (then remove) a 64 KiB file in it, so a read-only or full disk is said before any
+    work, naming the folder; raises ConfigError with that line."""
+    import os
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(bytes(65536))
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        exc.filename = str(folder)  # not the probe's temporary name
+        raise ConfigError(describe_os_error(exc)) from None
 
 
 def tolerant_log_files() -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the setting and the allowed values."""
@@ -49,19 +53,32 @@ class TrainingInterrupted(RuntimeError):
 DISK_ERRORS = (28, 30, 13, 1, 122)  # ENOSPC, EROFS, EACCES, EPERM, EDQUOT
 
 
+WAYS_OUT = "hydra.run.dir=<folder> for a training run, output=<file> for predict and export, CELLCLS_CACHE=<folder> " \
+           "for the decoded cache"
+
+
 def describe_os_error(exc: OSError, need_bytes: int | None = None) -> str:
     """A full, read-only or forbidden folder, said in one line with the folder and, when known, the space needed."""
     import shutil
-    from pathlib import Path
 
-    where = Path(str(exc.filename)).parent if exc.filename else Path.cwd()
+    named = Path(str(exc.filename)) if exc.filename else None
+    where = named if named is not None and named.is_dir() else named.parent if named is not None else Path.cwd()
     if exc.errno in (28, 122):  # no space, quota
         try:
             free = f"{shutil.disk_usage(where).free / 2**20:,.0f} MB free"
         except OSError:
             free = "free space unknown"
         need = f"; about {need_bytes / 2**20:,.0f} MB more are needed" if need_bytes else ""
-        return f"no space left to write {exc.filename} ({free} on the disk holding {where}{need}): free some space or " \
-               "write elsewhere (hydra.run.dir=<folder>, CELLCLS_CACHE=<folder> for the decoded cache)"
-    return f"cannot write {exc.filename or where}: {exc.strerror}; choose a writable folder (hydra.run.dir=<folder>, " \
-           "CELLCLS_CACHE=<folder> for the decoded cache)"
+        return f"no space left to write {named or where} ({free} on the disk holding {where}{need}): free some " \
+               f"space or write elsewhere ({WAYS_OUT})"
+    return f"cannot write {named or where}: {exc.strerror}; choose a writable folder ({WAYS_OUT})"
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Name ``path`` in a disk error raised while writing it (torch's, numpy's, Pillow's and ONNX's name no file)."""
+    try:
+        yield
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)
+        raise

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cellcls.cli import as_bool, command_args, fail, own_settings
 from cellcls.deploy.export import FORMATS, default_output, export_model, max_difference
-from cellcls.errors import ConfigError
+from cellcls.errors import ConfigError, writing
 from cellcls.models.trained import load_model
 
 SETTINGS = ("checkpoint", "format", "output", "opset", "check")
@@ -31,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"format={own['format']!r} is not valid; allowed values: {', '.join(FORMATS)}")
         loaded = load_model(own["checkpoint"], device="cpu")
         output = Path(own["output"]).expanduser() if "output" in own else default_output(loaded, fmt)
-        path = export_model(loaded, fmt, output, opset=int(own.get("opset", 18)))
+        with writing(output):
+            path = export_model(loaded, fmt, output, opset=int(own.get("opset", 18)))
         diff = max_difference(loaded, path) if as_bool("check", own.get("check", "true")) else None
     except (ConfigError, FileNotFoundError, ValueError, OSError) as exc:
         return fail(exc)

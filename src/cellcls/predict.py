@@ -17,12 +17,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cellcls.cli import as_bool, command_args, fail, own_settings
+from cellcls.cli import as_bool, check_writable, command_args, fail, own_settings
 from cellcls.data.layout import IMAGE_EXTENSIONS
 from cellcls.data.table import is_table
 from cellcls.deploy.predict import list_inputs, predict_files, write_csv
 from cellcls.deploy.predictor import load_predictor
-from cellcls.errors import ConfigError, DataError, printable
+from cellcls.errors import ConfigError, DataError, printable, writing
 
 SETTINGS = ("checkpoint", "input", "output", "cam", "cam_layer", "device", "batch_size", "column", "path_template",
             "tta")
@@ -43,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cam_dir = None
         if as_bool("cam", own.get("cam", "false")):
             cam_dir = output.with_name(f"{output.stem}_cam") if output else Path("cam")
+        for folder in {p.parent if p is output else p for p in (output, cam_dir) if p is not None}:
+            check_writable(folder)  # before the predictions, not after them
         loaded = load_predictor(own["checkpoint"], own.get("device", "auto"), own.get("tta"))
         if cam_dir is not None and not loaded.supports_cam:
             raise ConfigError(f"cam=true needs the PyTorch checkpoint (Grad-CAM takes gradients); {loaded.path} is an exported model")
@@ -56,7 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path, why in skipped:
         print(f"skipped {printable(path)}: {printable(why)}", file=sys.stderr)
     if output is not None:
-        write_csv(output, predictions, loaded.classes)
+        try:
+            with writing(output):
+                write_csv(output, predictions, loaded.classes)
+        except OSError as exc:
+            return fail(exc)
         print(f"{len(predictions)} prediction(s) written to {output}" + (f"; {len(skipped)} file(s) skipped" if skipped else ""))
     if cam_dir is not None and predictions:
         print(f"Grad-CAM overlays in {cam_dir}")

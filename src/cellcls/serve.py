@@ -26,7 +26,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from cellcls.cli import command_args, fail, own_settings
+from cellcls.cli import command_args, fail, own_settings, whole_number
 from cellcls.deploy.predictor import load_predictor
 from cellcls.deploy.server import Classifier, Limits
 from cellcls.errors import ConfigError
@@ -35,6 +35,30 @@ LIMITS = {"max_image_mb": float, "max_pixels": int, "max_images": int, "header_t
           "keep_alive_s": float, "max_batch": int, "uncertain_margin": float}  # settings that are Limits fields (defaults there)
 SETTINGS = ("checkpoint", "host", "port", "device", "cam_layer", *LIMITS)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse, by name, a port another program listens on (before the model loads; uvicorn would say it in its own
+    words and exit 3)."""
+    import errno
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"host={host}: not an address of this machine ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port={port} on {host} is in use by another program (another cellcls.serve?); "
+                                  "choose another port, or port=0 for a free one") from None
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [k for k in LIMITS if getattr(limits, k) <= 0]
         if bad:
             raise ConfigError(f"{', '.join(bad)} must be positive")
-        host, port = own.get("host", "127.0.0.1"), int(own.get("port", 8000))
+        host, port = own.get("host", "127.0.0.1"), whole_number("port", own.get("port", 8000), 0)
+        if port > 65535:
+            raise ConfigError(f"port={port} is not a TCP port: give 1-65535, or port=0 for a free one")
+        _check_port_free(host, port)
         classifier = Classifier(load_predictor(own["checkpoint"], own.get("device", "auto")), limits, own.get("cam_layer"))
         from cellcls.deploy.webapp import create_app
 

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls.cli import tolerant_log_files
+from cellcls.cli import check_writable, tolerant_log_files
 from cellcls.config import check_command_line
 from cellcls.errors import (
     DISK_ERRORS,
@@ -97,14 +97,19 @@ def main() -> None:
 
 
 def _check_run_folder(argv: Sequence[str]) -> None:
-    """A single run into a folder another run holds is refused before Hydra writes its own files there (the lock
-    itself is taken by the run: cellcls.training.run_lock)."""
-    if any(a in ("-m", "--multirun") for a in argv):
-        return
-    for a in argv:
-        key, eq, value = a.partition("=")
-        if eq and key.lstrip("+") == "hydra.run.dir" and "$" not in value:
-            check_run_folder_free(Path(value))
+    """Before Hydra writes its own files (its errors would be a traceback and exit 1): the output folder must take a
+    file, and a single run's folder must not be held by another run (the lock itself is taken by the run:
+    cellcls.training.run_lock)."""
+    if any(a.split("=")[0] in ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion")
+           for a in argv):
+        return  # Hydra prints and writes nothing
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [v for k, eq, v in (a.partition("=") for a in argv) if eq and k.lstrip("+") == key and "$" not in v]
+    folder = Path(given[-1]) if given else Path("outputs")
+    check_writable(folder)  # a read-only or full disk is said here, not inside Hydra
+    if given and not multirun:
+        check_run_folder_free(folder)
 
 
 class _CallableModule(types.ModuleType):

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cellcls.cli import command_args, fail, split_own, whole_number
-from cellcls.errors import ConfigError, DataError
+from cellcls.errors import ConfigError, DataError, printable
 
 OWN = ("search", "trials", "jobs", "storage", "output", "study", "pruner", "worker")
 
@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         return fail(ImportError('python -m cellcls.tune needs Optuna: pip install "cellcls[sweep]"'))
     from cellcls.config import check_command_line
-    from cellcls.training.study import Study, run_trials, spawn_workers
+    from cellcls.training.study import SearchInterrupted, Study, run_trials, spawn_workers
     from cellcls.training.tune import PRUNERS, load_search
 
     workers = []
@@ -64,6 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from cellcls.training.study import report
 
             print(report(study))
+    except SearchInterrupted as exc:
+        for proc in workers:
+            proc.terminate()
+        print(f"cellcls: {printable(exc)}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         for proc in workers:
             proc.terminate()

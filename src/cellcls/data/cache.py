@@ -8,14 +8,16 @@ Clear the cache by deleting ``<cache>/decoded`` (see ``cellcls.paths.cache_dir``
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -77,15 +79,35 @@ def _decode_all(
         # fork: a spawned worker would re-import the caller's __main__ (torch, Hydra) before decoding anything;
         # the workers only run Pillow and NumPy, which are safe after fork
         jobs = [[(i, str(samples.paths[i])) for i in range(start, min(start + CHUNK, n))] for start in range(0, n, CHUNK)]
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"),
+                                   initializer=_worker_start, initargs=(os.getpid(),))
+        try:
             for done in pool.map(decode_rows, repeat(str(file)), jobs, repeat(channels), repeat(list(size)),
                                  repeat(window)):
                 yield from done
+        finally:  # stopped early (a signal, an error): the chunks not started are dropped, not decoded
+            pool.shutdown(wait=True, cancel_futures=True)
         return
     # Pillow releases the GIL while decoding and resizing; each thread writes its row itself
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        yield from zip(range(n), pool.map(lambda i: _decode_into(pixels, i, samples.paths[i], channels, size, window),
-                                          range(n)))
+    threads = ThreadPoolExecutor(max_workers=workers)
+    try:
+        yield from zip(range(n), threads.map(lambda i: _decode_into(pixels, i, samples.paths[i], channels, size, window),
+                                             range(n)))
+    finally:
+        threads.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_start(parent: int) -> None:
+    """A decode worker dies with the process that started it (even a SIGKILLed one: Linux's parent-death signal)
+    and leaves SIGINT/SIGTERM to it, which stops the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown still ends the workers
+        pass
+    if os.getppid() != parent:  # the parent died before the signal was set up
+        os._exit(1)
 
 
 def _decode_into(
@@ -108,27 +130,39 @@ def decode_split(
     desc: str = "decoding",
     progress: bool = True,
     window: Sequence[float] | None = None,
+    check_stop: Callable[[], None] | None = None,
 ) -> DecodedSplit:
-    """Decode ``samples`` into the cache unless an entry for exactly these files and settings exists."""
+    """Decode ``samples`` into the cache unless an entry for exactly these files and settings exists.
+    ``check_stop`` is called as rows finish; what it raises (a signal's stop) ends the decoding, the half-written
+    entry removed."""
     key = cache_key(samples, channels, size, window)
     base = cache_root / "decoded"
     entry = base / key
     index = entry / "index.json"
+    height, width = (int(s) for s in size)
     if index.is_file():
-        meta = json.loads(index.read_text())
-        return DecodedSplit(entry / "images.npy", meta["kept"], [tuple(s) for s in meta["skipped"]], 0)
+        meta = _intact(entry, (len(samples), channels, height, width))
+        if meta is not None:
+            return DecodedSplit(entry / "images.npy", meta["kept"], [tuple(s) for s in meta["skipped"]], 0)
 
     base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=base))
-    height, width = (int(s) for s in size)
+    remove_abandoned(base)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.pid{os.getpid()}.", dir=base))
+    rows = None
     try:
-        pixels = np.lib.format.open_memmap(
-            tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(samples), channels, height, width)
-        )
+        try:
+            pixels = np.lib.format.open_memmap(
+                tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(samples), channels, height, width)
+            )
+        except OSError as exc:  # numpy's own errors name no file
+            exc.filename = exc.filename or str(tmp / "images.npy")
+            raise
         kept: list[int] = []
         skipped: list[tuple[str, str]] = []
         rows = _decode_all(tmp / "images.npy", pixels, samples, channels, size, workers or os.cpu_count() or 1, window)
         for i, error in tqdm(rows, total=len(samples), desc=desc, disable=not progress, mininterval=1.0, leave=False):
+            if check_stop is not None:
+                check_stop()
             if error is not None:
                 skipped.append((str(samples.paths[i]), error))
                 log.warning("skipping unreadable image %s: %s", samples.paths[i], error)
@@ -144,6 +178,46 @@ def decode_split(
         except OSError:  # a concurrent run wrote the same entry first
             pass
     finally:
+        if rows is not None:
+            rows.close()  # the worker pool ends here, before its folder goes
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return DecodedSplit(entry / "images.npy", kept, skipped, len(samples))
+
+
+def _intact(entry: Path, shape: tuple[int, ...]) -> dict | None:
+    """The entry's index when its pixel file is whole; else None, after removing the entry (it is rebuilt)."""
+    try:
+        meta = json.loads((entry / "index.json").read_text())
+        pixels = np.load(entry / "images.npy", mmap_mode="r")
+        ok = tuple(pixels.shape) == shape and meta.get("count") == shape[0]
+        del pixels
+    except (OSError, ValueError, KeyError) as exc:  # a truncated file: "mmap length is greater than file size"
+        ok, why = False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    else:
+        why = "its shape differs from its index"
+    if ok:
+        return meta
+    log.warning("the cache entry %s is damaged (%s); decoding it again", entry, why)
+    shutil.rmtree(entry, ignore_errors=True)
+    return None
+
+
+def remove_abandoned(base: Path) -> None:
+    """Remove the half-written entries of decoding processes that were killed (their PID no longer runs)."""
+    for tmp in base.glob(".*.pid*.*"):
+        pid = tmp.name.split(".pid", 1)[1].split(".", 1)[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("removed %s, left by a decoding process that was stopped", tmp)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

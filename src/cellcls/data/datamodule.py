@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,7 @@ def build_data(
     eval_batch_size: int | None = None,
     shard: tuple[int, int] | None = None,
     fold: tuple[int, int] | None = None,
+    check_stop: Callable[[], None] | None = None,
 ) -> DataBundle:
     """Locate, split, decode (once, cached) and wrap the data set ``ds``; only the training split is augmented.
 
@@ -236,7 +238,8 @@ def build_data(
     if use_cache:  # every split first: `auto` normalisation needs the training split's pixels
         for name, samples in splits.items():
             decoded[name] = decode_split(samples, prep["channels"], prep["image_size"], cache_dir(),
-                                         desc=f"decoding {name} (first use)", window=prep["window"])
+                                         desc=f"decoding {name} (first use)", window=prep["window"],
+                                         check_stop=check_stop)
             if decoded[name].decoded:
                 log.info("decoded %d %s images into the cache %s", decoded[name].decoded, name, decoded[name].file.parent)
             skipped += decoded[name].skipped

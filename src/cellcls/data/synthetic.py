@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from cellcls.config.schema import RenderConfig
+from cellcls.errors import writing
 from cellcls.paths import cache_dir
 
 RENDERER_VERSION = 1
@@ -103,7 +104,8 @@ def _render_split(root: Path, split: str, per_class: int, spec: SyntheticSpec, r
         for i in range(per_class):
             image, target = render_cell(rng, spec.size, parasitized=label == 1)
             rel = f"{split}/{name}/{name}_{i:05d}.png"
-            image.save(root / rel)
+            with writing(root / rel):
+                image.save(root / rel)
             rows.append([rel, name] + ([f"{v:.2f}" for v in target] if target else ["", "", ""]))
 
 

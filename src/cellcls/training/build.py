@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -86,10 +87,12 @@ def record_data_decisions(cfg: DictConfig, data: DataBundle) -> None:
         cfg.dataset.root = str(data.root)
 
 
-def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True) -> Job:
+def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True,
+              check_stop: Callable[[], None] | None = None) -> Job:
     """Build a job from a validated config. The config is updated in place with what the data decided
     (measured ``auto`` normalisation, the absolute data root), so checkpoints record what was trained on.
-    ``starting_weights=False`` (a resumed run) skips ``model.weights``/``model.pretrained``: the checkpoint's follow."""
+    ``starting_weights=False`` (a resumed run) skips ``model.weights``/``model.pretrained``: the checkpoint's follow.
+    ``check_stop`` is called while the cache is decoded (it raises to stop there: a signal)."""
     seed_everything(int(cfg.seed))
     t = cfg.trainer
     if starting_weights:
@@ -101,7 +104,7 @@ def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True) -> 
     shard = (runtime.dist.world_size, runtime.dist.rank) if runtime.dist.enabled else None
     data = build_data(cfg.dataset, cfg.augment, int(cfg.seed), runtime.device, str(t.pipeline),
                       eval_batch_size(t.eval_batch_size, int(cfg.dataset.batch_size), runtime.device), shard,
-                      fold_of(cfg))
+                      fold_of(cfg), check_stop)
     if runtime.is_main and runtime.dist.enabled:
         distributed.barrier()
     record_data_decisions(cfg, data)

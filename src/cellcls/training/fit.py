@@ -28,7 +28,7 @@ from cellcls.training.final import calibrate_and_test
 from cellcls.training.loggers import Loggers, create_loggers
 from cellcls.training.loop import EpochProgress, NonFinite, evaluate, train_one_epoch
 from cellcls.training.optim import step_scheduler
-from cellcls.training.preemption import stop_on_signals
+from cellcls.training.preemption import StopRequest, stop_on_signals
 from cellcls.training.runtime import epoch_seed
 from cellcls.training.state import FitState, Monitor, restore
 
@@ -45,36 +45,53 @@ def fit(
     Raises :class:`~cellcls.errors.TrainingDiverged` (non-finite loss or weights; nothing of that epoch is saved) and
     :class:`~cellcls.errors.TrainingInterrupted` (a signal; ``last.pt`` then holds the exact position).
     """
+    with stop_on_signals() as request:
+        # before the first epoch there is no step to finish: a signal stops at the next safe point, saying so
+        request.phase = "before the first epoch (while preparing the data and the model); nothing to resume: run " \
+                        "the same command again"
+        try:
+            return _fit(cfg, run_dir, resume, overrides, callbacks, request)
+        finally:
+            distributed.teardown()
+
+
+def _fit(cfg: DictConfig, run_dir: Path, resume: Checkpoint | None, overrides: Sequence[str] | None,
+         callbacks: Sequence[Callback], request: StopRequest) -> dict[str, Any]:
+    job = build_job(cfg, run_dir, starting_weights=resume is None, check_stop=request.check)
+    request.check()
+    job.callbacks.update({f"extra_{i}": cb for i, cb in enumerate(callbacks)})
+    t = cfg.trainer
+    monitor = Monitor(str(t.monitor), metric_mode(str(t.monitor), str(t.monitor_mode)),
+                      chance=beyond_chance(str(t.monitor), chance_level(
+                          str(t.monitor), job.data.splits["val"].labels, job.data.splits["train"].labels,
+                          len(job.data.classes))))
+    loggers = create_loggers(cfg.logger, job.run) if job.runtime.is_main else Loggers(job.run)
+    state = FitState(job, monitor, loggers, list(overrides or []))
+    if job.runtime.is_main:
+        remove_stale_temporaries(job.run)
+    start = restore(state, resume) if resume is not None else 0
+    loggers.start(state.history)
+    describe(state, first=resume is None)
+    for cb in job.callbacks.values():
+        cb.on_fit_start(state)
+    request.check_every = 10 if job.runtime.dist.enabled else 1
+    request.check()
+    request.phase = None  # from here a signal stops after the current step, with a resumable last.pt
+    state.stop_request = request
     try:
-        job = build_job(cfg, run_dir, starting_weights=resume is None)
-        job.callbacks.update({f"extra_{i}": cb for i, cb in enumerate(callbacks)})
-        t = cfg.trainer
-        monitor = Monitor(str(t.monitor), metric_mode(str(t.monitor), str(t.monitor_mode)),
-                          chance=beyond_chance(str(t.monitor), chance_level(
-                              str(t.monitor), job.data.splits["val"].labels, job.data.splits["train"].labels,
-                              len(job.data.classes))))
-        loggers = create_loggers(cfg.logger, job.run) if job.runtime.is_main else Loggers(job.run)
-        state = FitState(job, monitor, loggers, list(overrides or []))
-        if job.runtime.is_main:
-            remove_stale_temporaries(job.run)
-        start = restore(state, resume) if resume is not None else 0
-        loggers.start(state.history)
-        describe(state, first=resume is None)
-        for cb in job.callbacks.values():
-            cb.on_fit_start(state)
-        with stop_on_signals(check_every=10 if job.runtime.dist.enabled else 1) as request:
-            state.stop_request = request
-            try:
-                for epoch in range(start + 1, int(t.max_epochs) + 1):
-                    run_epoch(state, epoch)
-                    if state.should_stop:
-                        break
-            except (TrainingDiverged, TrainingInterrupted):
-                loggers.close()
-                raise
-        return finish(state)
-    finally:
-        distributed.teardown()
+        for epoch in range(start + 1, int(t.max_epochs) + 1):
+            run_epoch(state, epoch)
+            if state.should_stop:
+                break
+    except (TrainingDiverged, TrainingInterrupted):
+        loggers.close()
+        raise
+    request.defer = True  # the test of best.pt is the last step: it finishes, so the run is complete
+    summary = finish(state)
+    if request.signum is not None:
+        log.warning("%s came while best.pt was tested; the test finished and the run is complete",
+                    signal.Signals(request.signum).name)
+    return summary
 
 
 def remove_stale_temporaries(run: RunFolder) -> None:

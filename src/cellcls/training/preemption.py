@@ -32,6 +32,8 @@ class StopRequest:
         self.signum: int | None = None
         self.chain: Callable[[int, FrameType | None], object] | None = None  # submitit's requeue, for SIGUSR2
         self.check_every = check_every
+        self.phase: str | None = None  # a phase without steps (setup): check() stops at its safe points
+        self.defer = False  # the final test: it finishes, then the run ends as it would have
         self._calls = 0
 
     def __call__(self) -> bool:
@@ -43,11 +45,28 @@ class StopRequest:
         return self.signum is not None
 
     def handle(self, signum: int, _frame: FrameType | None) -> None:
+        # no raising here: a signal lands anywhere (inside logging's lock, an at-fork hook) and an exception
+        # there can be swallowed or leave a lock held; the loop and check() act on the flag at safe points
         if self.signum == signum:
             raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
         self.signum = signum
-        log.warning("%s received: stopping after the current step and writing a resumable checkpoint (send it again "
-                    "to stop at once)", signal.Signals(signum).name)
+        log.warning("%s received: %s (send it again to stop at once)", signal.Signals(signum).name, self.on_signal)
+
+    @property
+    def on_signal(self) -> str:
+        if self.phase is not None:
+            return f"stopping {self.phase.split(';')[0]}"
+        if self.defer:
+            return "finishing the test of best.pt first"
+        return "stopping after the current step and writing a resumable checkpoint"
+
+    def check(self) -> None:
+        """At a safe point of a phase without steps (setup): raise TrainingInterrupted if a signal came."""
+        if self.phase is not None and self.signum is not None:
+            from cellcls.errors import TrainingInterrupted
+
+            raise TrainingInterrupted(f"interrupted by {signal.Signals(self.signum).name} {self.phase}", self.signum,
+                                      self.chain if self.signum == CHAINED else None)
 
 
 @contextmanager

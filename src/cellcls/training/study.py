@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from cellcls.config import compose_config
+from cellcls.errors import TrainingInterrupted
 from cellcls.run_folder import RunFolder, write_json
 from cellcls.training.sweep import direction
 from cellcls.training.tune import (
@@ -28,7 +30,6 @@ from cellcls.training.tune import (
 )
 
 log = logging.getLogger("cellcls.tune")
-FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
 
 @dataclass
@@ -53,14 +54,14 @@ class Study:
                                     direction=direction(str(t.monitor), str(t.monitor_mode)), load_if_exists=True)
         if "monitor" not in study.user_attrs:  # named in the summary
             study.set_user_attr("monitor", str(t.monitor))
+        seed = self.spec.sampler.get("seed")
+        if seed is not None:  # a restarted or second process continues the search instead of replaying its values
+            offset = len(study.get_trials(deepcopy=False)) + 7919 * self.worker
+            study.sampler = make_sampler({**dict(self.spec.sampler), "seed": int(seed) + offset})
         return study
 
     def trial_dir(self, number: int) -> Path:
         return self.output / "trials" / f"{number:03d}"
-
-
-def finished(study) -> int:
-    return sum(t.state.name in FINISHED for t in study.get_trials(deepcopy=False))
 
 
 def objective(study: Study, trial) -> float:
@@ -71,10 +72,15 @@ def objective(study: Study, trial) -> float:
 
     values = suggest(trial, study.spec.params)
     overrides = [*study.spec.overrides, *study.overrides, *as_overrides(values)]
+    resume_from = trial.user_attrs.get("resume_from")  # a retry of a stopped trial continues its run
+    if resume_from:
+        overrides.append("trainer.resume=auto")
     cfg = compose_config(overrides)
-    run_dir = study.trial_dir(trial.number)
+    run_dir = Path(resume_from) if resume_from else study.trial_dir(trial.number)
     trial.set_user_attr("run_dir", str(run_dir))
     trial.set_user_attr("worker", study.worker)
+    trial.set_user_attr("pid", os.getpid())
+    trial.set_user_attr("host", socket.gethostname())
     cross_validated = int(cfg.cv.folds) >= 2
     pruning = TrialPruning(trial)
     handler = logging.FileHandler(_mkdir(run_dir) / "train.log")
@@ -108,27 +114,94 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def run_trials(study: Study, worker: int = 0) -> None:
-    """Run trials until the study holds ``spec.trials`` finished ones (shared with any other worker)."""
-    from optuna.study import MaxTrialsCallback
+class SearchInterrupted(BaseException):
+    """A signal stopped a trial's training after a step (its ``last.pt`` resumes it): the search stops, the trial
+    is marked failed with a retry that continues its run, and the same command carries on. A BaseException, so
+    Optuna does not record it as an ordinary failure and start the next trial."""
+
+    def __init__(self, trial: int, cause: TrainingInterrupted) -> None:
+        super().__init__(f"{cause}; trial {trial} continues when the same cellcls.tune command runs again")
+        self.trial, self.signum = trial, cause.signum
+
+
+def counted(study) -> int:
+    """Trials toward the study's total: finished (complete, pruned, failed without a retry) and running ones (a
+    worker does not start a trial another is already running to the total)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("failed_trial") for t in trials}
+    return sum(t.state.name in ("COMPLETE", "PRUNED", "RUNNING") or (t.state.name == "FAIL" and t.number not in retried)
+               for t in trials)
+
+
+def retry(study, trial, why: str) -> None:
+    """Mark ``trial`` failed and queue it again with its values; the retry continues its run where it has a
+    ``last.pt``. A killed trial is retried once; an interrupted one whenever it is interrupted."""
     from optuna.trial import TrialState
 
+    if trial.state == TrialState.RUNNING:
+        study.tell(trial.number, state=TrialState.FAIL)
+    history = [*trial.user_attrs.get("retry_history", []), trial.number]
+    if why == "killed" and len(history) > 1:
+        log.warning("trial %d was %s again: not retried", trial.number, why)
+        return
+    attrs: dict[str, Any] = {"failed_trial": trial.number, "retry_history": history}
+    run_dir = trial.user_attrs.get("run_dir")
+    if run_dir and RunFolder(Path(run_dir)).last_checkpoint.is_file():
+        attrs["resume_from"] = run_dir
+    study.enqueue_trial(trial.params, user_attrs=attrs)
+    log.warning("trial %d was %s: queued again%s", trial.number, why,
+                f", continuing {run_dir} from its last checkpoint" if "resume_from" in attrs else "")
+
+
+def recover_abandoned(study) -> None:
+    """Trials left running by a process of this machine that no longer runs (SIGKILL, a crash): failed and retried
+    now, not after the heartbeat's grace period (other machines' trials are left to the heartbeat)."""
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = trial.user_attrs.get("pid")
+        if trial.user_attrs.get("host") == host and isinstance(pid, int) and not _running(pid):
+            retry(study, trial, "killed")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_trials(study: Study, worker: int = 0) -> None:
+    """Run trials until the study holds ``spec.trials`` counted ones (shared with any other worker); raises
+    :class:`SearchInterrupted` when a signal stops a trial."""
     study.worker = worker
     optuna_study = study.open()
-    remaining = study.spec.trials - finished(optuna_study)
+    recover_abandoned(optuna_study)
+    remaining = study.spec.trials - counted(optuna_study)
     if remaining <= 0:
-        log.info("study %s already holds %d finished trials", study.spec.study, finished(optuna_study))
+        log.info("study %s already holds %d finished trials", study.spec.study, counted(optuna_study))
         return
     log.info("worker %d: %d trial(s) to go in study %s (%s)", worker, remaining, study.spec.study, study.output)
 
     def run(trial) -> float:
-        return objective(study, trial)
+        try:
+            return objective(study, trial)
+        except TrainingInterrupted as exc:
+            raise SearchInterrupted(trial.number, exc) from None
 
-    optuna_study.optimize(
-        run, n_trials=remaining, catch=(Exception,), gc_after_trial=True,
-        # running trials count too: a worker does not start a trial another one is already running to the total
-        callbacks=[MaxTrialsCallback(study.spec.trials, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                                TrialState.FAIL, TrialState.RUNNING))])
+    def stop_at_total(s, _trial) -> None:
+        if counted(s) >= study.spec.trials:
+            s.stop()
+
+    try:
+        optuna_study.optimize(run, catch=(Exception,), gc_after_trial=True, callbacks=[stop_at_total])
+    except SearchInterrupted as stop:
+        retry(optuna_study, optuna_study.get_trials(deepcopy=False)[stop.trial], "interrupted")
+        raise
 
 
 def spawn_workers(argv: Sequence[str], jobs: int) -> list[subprocess.Popen]:
