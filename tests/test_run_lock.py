@@ -54,7 +54,7 @@ def test_a_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path: Path) -> 
 def test_two_train_commands_into_one_folder_one_trains_and_the_other_is_refused(tmp_path: Path) -> None:
     run = tmp_path / "conc"
     first = subprocess.Popen([sys.executable, "-m", "cellcls.train", "dataset=synthetic", "trainer.resume=auto",
-                              "trainer.max_epochs=40", "callbacks.early_stopping=null", "seed=0", *TINY, "logger=csv",
+                              "trainer.max_epochs=1000", "callbacks.early_stopping=null", "seed=0", *TINY, "logger=csv",
                               f"hydra.run.dir={run}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     try:
@@ -75,3 +75,21 @@ def test_two_train_commands_into_one_folder_one_trains_and_the_other_is_refused(
     record = json.loads(RunFolder(run).result.read_text())  # the first run's, stopped by SIGTERM
     assert record["status"] == "interrupted" and "seed=0" in record["overrides"]
     assert "seed=7" not in (run / "train.log").read_text()
+
+
+def test_a_lock_path_that_is_a_folder_is_one_clear_error(tmp_path):
+    from cellcls.errors import ConfigError
+
+    (tmp_path / "run" / ".run.lock").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"cannot open its lock file .*\.run\.lock \(Is a directory\)"):
+        with run_folder_lock(tmp_path / "run"):
+            pass
+
+
+def test_an_output_folder_that_is_a_file_is_named(tmp_path):
+    from cellcls.cli import check_writable
+    from cellcls.errors import ConfigError
+
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(ConfigError, match=r"taken is a file, not a folder"):
+        check_writable(tmp_path / "taken")

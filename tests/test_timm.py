@@ -86,6 +86,20 @@ def test_a_file_that_is_not_weights_is_refused_by_name(tmp_path):
         build_model({**TIMM, "weights": str(tmp_path / "notes.pt")}, 3, 2, [64, 64])
 
 
+def test_a_weights_file_that_would_run_code_is_refused_for_safety_without_torchs_advice(tmp_path):
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"conv.weight": torch.zeros(1), "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ConfigError, match="evil.pt is not a readable weights file: it holds pickled Python objects "
+                                          r"\(code could run on loading\), so it is refused for safety") as err:
+        build_model({**TIMM, "weights": str(tmp_path / "evil.pt")}, 3, 2, [64, 64])
+    assert "weights_only" not in str(err.value) and not (tmp_path / "pwned").exists()  # torch's advice would run it
+
+
 def write_hub_cache(cache: Path, source: torch.nn.Module) -> Path:
     """The file where Hugging Face's client keeps timm's weights after a download (repo, ref and snapshot)."""
     repo = cache / ("models--" + source.pretrained_cfg["hf_hub_id"].replace("/", "--"))

@@ -88,6 +88,8 @@ def check_writable(folder: Path) -> None:
     import os
     import tempfile
 
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file, not a folder: choose a folder to write into")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder) as probe:

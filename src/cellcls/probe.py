@@ -53,11 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  as_bool("knn", own.get("knn", "true")), own.get("device", "auto"),
                                  whole_number("batch_size", own.get("batch_size", "64"), 1))
         run = Path(own.get("output") or f"outputs/{datetime.now():%Y-%m-%d/%H-%M-%S}_{cfg.dataset.name}_probe")
-        run.mkdir(parents=True, exist_ok=True)
         from cellcls.run_folder import RunFolder
+        from cellcls.training.run_lock import run_folder_lock
 
-        _log_to(RunFolder(run).probe_log)
-        summary = probe(cfg, run, settings)
+        with run_folder_lock(run):  # one writer per run folder, as for training
+            _log_to(RunFolder(run).probe_log)
+            summary = probe(cfg, run, settings)
     except (ConfigError, DataError, OSError, ValueError) as exc:
         return fail(exc)
     print(_lines(summary, run))

@@ -36,9 +36,10 @@ class FlipAverage(nn.Module):
         return out / (len(self.views) + 1)
 
 
-def check_tta(mode: str) -> str:
+def check_tta(mode: str, setting: str = "tta") -> str:
+    """``mode`` if it is a known flip set; else a ConfigError naming ``setting`` (``tta``, or the probe's ``flips``)."""
     if mode not in TTA_VIEWS:
-        raise ConfigError(f"tta={mode!r} is not valid; allowed values: {', '.join(TTA_VIEWS)} (flips: horizontal, "
+        raise ConfigError(f"{setting}={mode!r} is not valid; allowed values: {', '.join(TTA_VIEWS)} (flips: horizontal, "
                           "vertical and both)")
     return mode
 

@@ -36,8 +36,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise ConfigError(f"model.weights: {file} is not a readable weights file ({str(exc).splitlines()[0]}); "
-                          "expected a torch.save state dict, a .safetensors file or a cellcls checkpoint") from None
+        # torch's own first line advises weights_only=False, which would run the file's code: never pass that on
+        why = ("it holds pickled Python objects (code could run on loading), so it is refused for safety"
+               if "Unsupported global" in str(exc) or "GLOBAL" in str(exc) else
+               f"not a PyTorch or safetensors file, or corrupt ({file.stat().st_size:,} bytes)")
+        raise ConfigError(f"model.weights: {file} is not a readable weights file: {why}; expected a torch.save "
+                          "state dict, a .safetensors file or a cellcls checkpoint") from None
     if isinstance(state, dict):
         for key in _WRAPPER_KEYS:
             if isinstance(state.get(key), dict) and state[key]:

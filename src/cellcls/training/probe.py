@@ -70,7 +70,7 @@ def probe(cfg: DictConfig, run_dir: Path, settings: ProbeSettings) -> dict[str, 
     if spec.get("name") != "timm" or not (spec.get("pretrained") or spec.get("weights")):
         raise ConfigError("a probe needs a pretrained backbone: model=timm model.arch=<name> model.pretrained=true "
                           "(or model.weights=<file>); e.g. model.arch=tf_efficientnet_lite0 with the pretrained extra")
-    check_tta(settings.flips)
+    check_tta(settings.flips, setting="flips")
     started = time.perf_counter()
     seed_everything(int(cfg.seed))
     device = resolve_device(settings.device, setting="device")

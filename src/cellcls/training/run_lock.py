@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from cellcls.errors import RunFolderInUse
+from cellcls.errors import ConfigError, RunFolderInUse
 from cellcls.run_folder import RunFolder
 
 log = logging.getLogger("cellcls.train")
@@ -61,7 +61,11 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
     has it. Creates the folder."""
     path = RunFolder(run_dir).lock
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"run folder {run_dir}: cannot open its lock file {path} ({exc.strerror}); remove it if it "
+                          "is not a file, or give this run another folder (hydra.run.dir=<folder>)") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
