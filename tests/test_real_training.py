@@ -33,14 +33,15 @@ def rows(run_dir):
         return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
 
 
-def test_s1_lenet_with_adam_learns_as_well_as_a_plain_pytorch_loop_over_three_seeds(tmp_path):
-    # Issue 11's guard. The mean over three seeds of one fixed patient split (92 test cells from unseen patients)
-    # must clear 0.85. Measured on this split (docs/QUALITY.md): the current defaults give 0.95-0.99 per seed; the
+def test_s1_lenet_with_adam_learns_as_well_as_a_plain_pytorch_loop_over_two_seeds(tmp_path):
+    # Issue 11's guard. The mean over two seeds of one fixed patient split (92 test cells from unseen patients)
+    # must clear 0.85 (three seeds until 2026-12-02; two still separate the cases below, whose ranges do not meet,
+    # and save CI about 80 s). Measured on this split (docs/QUALITY.md): the current defaults give 0.95-0.99 per seed; the
     # defaults before the fix (pixels / 255 and Keras' initialisation) gave 0.58-0.80 (mean 0.68), as did the
     # plain-PyTorch loop on unnormalised pixels, while the same loop on standardised pixels gives 0.96-0.99.
     root = real_dataset("malaria")
     accuracies = []
-    for seed in (0, 1, 2):
+    for seed in (0, 1):
         run = tmp_path / f"seed{seed}"
         train_in_process(run, "experiment=s1_malaria_lenet", f"dataset.root={root}", "dataset.split_seed=42",
                          f"seed={seed}", "optim=adam", "trainer.max_epochs=15", "trainer.progress_bar=false",

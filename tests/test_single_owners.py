@@ -13,7 +13,7 @@ from cellcls.run_folder import RunFolder, atomic_write
 
 def test_every_file_a_run_writes_is_named_by_the_run_folder(one_epoch_run):
     run = RunFolder(one_epoch_run)
-    named = {run.config, run.metrics, run.result, run.test_metrics, run.test_predictions, run.model_summary,
+    named = {run.lock, run.config, run.metrics, run.result, run.test_metrics, run.test_predictions, run.model_summary,
              run.training_curves,
              run.augmented_samples, run.last_checkpoint, run.best_checkpoint,
              *(run.split_list(s) for s in ("train", "val", "test"))}

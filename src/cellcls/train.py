@@ -103,6 +103,8 @@ def _check_run_folder(argv: Sequence[str]) -> None:
     if any(a.split("=")[0] in ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion")
            for a in argv):
         return  # Hydra prints and writes nothing
+    if int(os.environ.get("RANK", "0")) > 0:
+        return  # a torchrun rank other than 0 writes nothing there (rank 0 holds the folder)
     multirun = any(a in ("-m", "--multirun") for a in argv)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     given = [v for k, eq, v in (a.partition("=") for a in argv) if eq and k.lstrip("+") == key and "$" not in v]

@@ -4,6 +4,7 @@ not finish. Used by ``python -m cellcls.train`` and ``cellcls.train(...)`` alike
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +53,8 @@ def train(
     One run at a time per folder: another run holding ``run_dir`` is refused (:class:`RunFolderInUse`) before
     anything is written there.
     """
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 holds the folder for all its ranks
+        return _train(cfg, run_dir, overrides, callbacks)
     with run_folder_lock(run_dir):
         return _train(cfg, run_dir, overrides, callbacks)
 
