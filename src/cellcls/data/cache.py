@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from cellcls.data.decode import decode_image, decode_rows, max_pixels
 from cellcls.data.layout import Samples
 from cellcls.errors import DataError
+from cellcls.processes import pid_running
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -207,17 +208,7 @@ def remove_abandoned(base: Path) -> None:
     """Remove the half-written entries of decoding processes that were killed (their PID no longer runs)."""
     for tmp in base.glob(".*.pid*.*"):
         pid = tmp.name.split(".pid", 1)[1].split(".", 1)[0]
-        if not pid.isdigit() or _running(int(pid)):
+        if not pid.isdigit() or pid_running(int(pid)):
             continue
         shutil.rmtree(tmp, ignore_errors=True)
         log.info("removed %s, left by a decoding process that was stopped", tmp)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cellcls.errors import ConfigError, RunFolderInUse
+from cellcls.processes import pid_running
 from cellcls.run_folder import RunFolder
 
 log = logging.getLogger("cellcls.train")
@@ -47,12 +48,9 @@ def _alive(holder: dict) -> bool:
     if holder.get("host") != socket.gethostname():
         return bool(holder)
     try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, ValueError, TypeError):
+        return pid_running(int(holder["pid"]))
+    except (KeyError, ValueError, TypeError):
         return True
-    return True
 
 
 @contextlib.contextmanager

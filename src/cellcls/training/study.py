@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from cellcls.config import compose_config
 from cellcls.errors import TrainingInterrupted
+from cellcls.processes import pid_running
 from cellcls.run_folder import RunFolder, write_json
 from cellcls.training.sweep import direction
 from cellcls.training.tune import (
@@ -161,18 +162,8 @@ def recover_abandoned(study) -> None:
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = trial.user_attrs.get("pid")
-        if trial.user_attrs.get("host") == host and isinstance(pid, int) and not _running(pid):
+        if trial.user_attrs.get("host") == host and isinstance(pid, int) and not pid_running(pid):
             retry(study, trial, "killed")
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_trials(study: Study, worker: int = 0) -> None:
