@@ -49,7 +49,7 @@ from cellcls.data.transforms import build_augment
 from cellcls.models import model_label
 from cellcls.training.build import Job, build_job
 from cellcls.training.loop import evaluate, train_one_epoch
-from cellcls.training.runtime import resolve_device
+from cellcls.infra.runtime import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 OWN = ("recipe", "device", "epochs", "warmup", "output", "scaling", "naive_workers", "profile", "_scaling_child")
@@ -142,7 +142,7 @@ def measure_cellcls(cfg: DictConfig, epochs: int, warmup: int, run_dir: Path) ->
 # ---- shared by (b) and (c) -------------------------------------------------------------------------------
 def step_fn(trainer: Job, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     """One optimisation step with the trainer's loss, autocast and grad scaling, on a fresh model."""
-    from cellcls.models import l2_penalty
+    from cellcls.scoring.losses import l2_penalty
 
     scaler = torch.amp.GradScaler(trainer.runtime.device.type, enabled=trainer.runtime.amp_dtype is torch.float16)
 

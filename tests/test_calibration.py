@@ -12,9 +12,9 @@ import torch
 from conftest import TINY, train_in_process
 from sklearn.metrics import brier_score_loss
 
-from cellcls.checkpoint import load_checkpoint
+from cellcls.infra.checkpoint import load_checkpoint
 from cellcls.errors import ConfigError, DataError
-from cellcls.evaluation.calibration import (
+from cellcls.scoring.calibration import (
     brier_score,
     choose_threshold,
     expected_calibration_error,
@@ -22,7 +22,7 @@ from cellcls.evaluation.calibration import (
     parse_operating_point,
 )
 from cellcls.evaluation.patients import aggregate
-from cellcls.models.heads import Decision
+from cellcls.scoring.heads import Decision
 
 
 def test_ece_is_the_weighted_gap_between_confidence_and_accuracy():

@@ -74,7 +74,7 @@ def test_plateau_scheduler_never_goes_below_min_lr():
 
 
 def test_chance_is_what_knowing_only_the_class_frequencies_scores():
-    from cellcls.evaluation.metrics import beyond_chance, chance_level
+    from cellcls.scoring.metrics import beyond_chance, chance_level
 
     train, val = [0] * 75 + [1] * 25, [0] * 20 + [1] * 20
     assert chance_level("val_loss", val, train, 2) == pytest.approx(-(math.log(0.75) + math.log(0.25)) / 2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cellcls import checkpoint as ckpt
-from cellcls.checkpoint import Checkpoint
+from cellcls.infra import checkpoint as ckpt
+from cellcls.infra.checkpoint import Checkpoint
 
 
 PREP = {"image_size": [32, 32], "channels": 3, "mean": None, "std": None}

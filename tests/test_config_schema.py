@@ -6,7 +6,7 @@ import pytest
 from conftest import compose_config, run_cli
 
 from cellcls.config import check_command_line
-from cellcls.config.checks import validate
+from cellcls.training.validate import validate
 from cellcls.config.schema import DatasetConfig, TrainerConfig
 from cellcls.errors import ConfigError
 

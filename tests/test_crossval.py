@@ -45,7 +45,7 @@ def test_a_fold_without_one_class_is_a_clear_error():
 
 
 def test_one_fold_or_a_fold_out_of_range_is_refused():
-    from cellcls.config.checks import validate
+    from cellcls.training.validate import validate
 
     with pytest.raises(ConfigError, match="cv.folds=1: use 0"):
         validate(compose_config("cv.folds=1"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import REPO, compose_config, real_dataset, run_cli
 
-from cellcls.config.checks import validate
+from cellcls.training.validate import validate
 from cellcls.models import build_model
 
 RECIPES = {

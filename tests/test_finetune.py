@@ -19,17 +19,17 @@ from cellcls.errors import ConfigError
 from cellcls.models import build_model
 from cellcls.models.tta import FlipAverage, with_tta
 from cellcls.training.callbacks import FreezeBackbone
-from cellcls.training.distributed import DistEnv
+from cellcls.infra.distributed import DistEnv
 from cellcls.training.ema import EMA
 from cellcls.training.loop import train_one_epoch
-from cellcls.training.losses import ClassificationLoss
+from cellcls.scoring.losses import ClassificationLoss
 from cellcls.training.optim import (
     Warmup,
     build_optimizer,
     build_scheduler,
     step_scheduler,
 )
-from cellcls.training.runtime import Runtime
+from cellcls.infra.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"), DistEnv(), None, torch.contiguous_format)
 ADAMW = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}

@@ -77,7 +77,7 @@ def test_predict_takes_one_path_as_one_image_and_an_empty_list_as_none(one_epoch
 def test_a_learning_rate_of_zero_is_refused_by_name():
     from conftest import compose_config
 
-    from cellcls.config.checks import validate
+    from cellcls.training.validate import validate
 
     with pytest.raises(ConfigError, match="optim.lr must be a positive number"):
         validate(compose_config("optim.lr=0"))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from sklearn.utils.class_weight import compute_class_weight
 
-from cellcls.models.heads import probabilities
-from cellcls.training.losses import ClassificationLoss, balanced_class_weights
+from cellcls.scoring.heads import probabilities
+from cellcls.scoring.losses import ClassificationLoss, balanced_class_weights
 
 
 def test_balanced_weights_equal_sklearns_and_the_s4_tutorials_figures():

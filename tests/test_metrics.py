@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellcls.evaluation.metrics import (
+from cellcls.scoring.metrics import (
     bootstrap_ci,
     evaluate_predictions,
     headline_metrics,

@@ -14,7 +14,7 @@ from conftest import TINY, compose_config, train_in_process
 from PIL import Image
 from torch import nn
 
-from cellcls.config.checks import validate
+from cellcls.training.validate import validate
 from cellcls.data.datamodule import build_data, resolve_root
 from cellcls.data.normalization import channel_statistics
 from cellcls.errors import ConfigError

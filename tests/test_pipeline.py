@@ -25,7 +25,7 @@ from cellcls.data.device_loader import DeviceBatches
 from cellcls.data.transforms import build_transform
 from cellcls.errors import ConfigError
 from cellcls.models import build_model
-from cellcls.training.losses import ClassificationLoss
+from cellcls.scoring.losses import ClassificationLoss
 
 S1 = {"rotation": 20, "shift": 0.0, "shear": 0.2, "zoom": 0.2, "hflip": True, "vflip": False, "fill": 0}
 EVERYTHING = {"rotation": 30, "shift": 0.15, "shear": 0.3, "zoom": 0.25, "hflip": True, "vflip": True, "fill": 40}

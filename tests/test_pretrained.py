@@ -133,7 +133,7 @@ def pretrained_run(tmp_path_factory, cache_root) -> Path:
 def test_a_run_records_its_starting_weights_in_config_checkpoint_card_and_tensorboard(pretrained_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cellcls.checkpoint import load_checkpoint
+    from cellcls.infra.checkpoint import load_checkpoint
     from cellcls.models.trained import load_model
 
     digest = sha256_of(PACKAGES["tf_efficientnet_lite0"].file())

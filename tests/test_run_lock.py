@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from cellcls.errors import RunFolderInUse
-from cellcls.run_folder import RunFolder
-from cellcls.training.run_lock import check_run_folder_free, run_folder_lock
+from cellcls.infra.run_folder import RunFolder
+from cellcls.infra.run_lock import check_run_folder_free, run_folder_lock
 
 from conftest import TINY, run_cli
 
@@ -35,7 +35,7 @@ def test_a_held_run_folder_refuses_a_second_lock_naming_the_holder(tmp_path: Pat
 
 def test_a_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from cellcls.training.run_lock import run_folder_lock\n"
+        "import sys, time; from pathlib import Path; from cellcls.infra.run_lock import run_folder_lock\n"
         "with run_folder_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)"),
         str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
     try:

@@ -7,8 +7,8 @@ import torch
 from torchvision.transforms import v2
 
 from cellcls.data.preprocessing import Normalize, preprocess, to_unit
-from cellcls.models.heads import labels_of, predicted_labels, probabilities
-from cellcls.run_folder import RunFolder, atomic_write
+from cellcls.scoring.heads import labels_of, predicted_labels, probabilities
+from cellcls.infra.run_folder import RunFolder, atomic_write
 
 
 def test_every_file_a_run_writes_is_named_by_the_run_folder(one_epoch_run):
@@ -76,7 +76,7 @@ def test_grad_cam_keeps_no_activation_alive_after_it_returns():
 def test_prediction_titles_say_which_class_is_predicted_and_which_is_true_and_colour_mistakes():
     import numpy as np
 
-    from cellcls.evaluation import plots
+    from cellcls.infra import plots
     from cellcls.evaluation.figures import probability_title, title_colors
 
     probs = np.array([[0.9, 0.1], [0.2, 0.8]])
@@ -85,7 +85,7 @@ def test_prediction_titles_say_which_class_is_predicted_and_which_is_true_and_co
 
 
 def test_training_curves_mark_the_best_epoch_and_the_early_stop():
-    from cellcls.evaluation import plots
+    from cellcls.infra import plots
 
     rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": v, "train_accuracy": 0.5, "val_accuracy": 0.5, "lr": 1e-3}
             for e, v in ((1, 0.9), (2, 0.5), (3, 0.6))]
@@ -97,7 +97,7 @@ def test_training_curves_mark_the_best_epoch_and_the_early_stop():
 def test_a_grad_cam_grid_has_a_labelled_colour_bar():
     import numpy as np
 
-    from cellcls.evaluation import plots
+    from cellcls.infra import plots
 
     fig = plots.image_grid([np.zeros((3, 8, 8), np.uint8)], ["x"], heat_legend=plots.CAM_LEGEND)
     assert any(ax.get_ylabel() == plots.CAM_LEGEND for ax in fig.axes)

@@ -17,9 +17,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
 from cellcls.errors import ConfigError
-from cellcls.models import build_model, l2_penalty
+from cellcls.models import build_model
+from cellcls.scoring.losses import l2_penalty
 from cellcls.training.build import build_job
-from cellcls.training.runtime import cpu_bf16_works
+from cellcls.infra.runtime import cpu_bf16_works
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:

@@ -46,7 +46,7 @@ def tampered_run(one_epoch_run: Path, tmp_path: Path, section: str) -> tuple[Pat
 @pytest.mark.parametrize("section", ["logger.csv", "callbacks.run_record", "hydra.callbacks.sweep_summary",
                                      "dataset.anything", "model"])
 def test_a_checkpoint_naming_foreign_code_in_any_section_is_refused_by_name(one_epoch_run, tmp_path, section):
-    from cellcls.checkpoint import load_checkpoint
+    from cellcls.infra.checkpoint import load_checkpoint
 
     run, marker, victim = tampered_run(one_epoch_run, tmp_path, section)
     with pytest.raises(ConfigError, match=rf"{section}\._target_='builtins\.dict'.*refused for safety"):
@@ -98,7 +98,7 @@ def test_evaluate_builds_its_loggers_from_this_cellcls_not_from_the_checkpoint(o
     shutil.copytree(one_epoch_run, run)
     best = run / "checkpoints" / "best.pt"
     payload = torch.load(best, weights_only=True)
-    payload["config"]["logger"] = {"csv": {"_target_": "cellcls.training.loggers.TensorBoardLogger"}}
+    payload["config"]["logger"] = {"csv": {"_target_": "cellcls.infra.loggers.TensorBoardLogger"}}
     torch.save(payload, best)
     evaluate(run, make_plots=False, n_boot=10)
     assert (run / "eval" / "summary.csv").is_file()
@@ -119,7 +119,7 @@ def test_a_run_folders_tampered_config_is_refused_by_the_audit(one_epoch_run, tm
 def test_a_split_list_naming_a_file_outside_the_data_root_is_refused(tmp_path, entry):
     from cellcls.data.splits import read_split_lists
     from cellcls.errors import DataError
-    from cellcls.run_folder import RunFolder
+    from cellcls.infra.run_folder import RunFolder
 
     root = tmp_path / "data"
     root.mkdir()
@@ -182,13 +182,13 @@ def test_hydra_logging_sections_may_name_only_logging_classes():
 
 
 def test_a_mistyped_cellcls_class_is_refused_with_the_nearest_allowed_name():
-    with pytest.raises(ConfigError, match="did you mean 'cellcls.training.loggers.CSVLogger'"):
-        check_targets({"logger": {"csv": {"_target_": "cellcls.training.loggers.CSVLoger"}}})
+    with pytest.raises(ConfigError, match="did you mean 'cellcls.infra.loggers.CSVLogger'"):
+        check_targets({"logger": {"csv": {"_target_": "cellcls.infra.loggers.CSVLoger"}}})
 
 
 def test_a_cellcls_class_is_refused_in_a_section_that_does_not_create_it():
-    with pytest.raises(ConfigError, match=r"callbacks\.x\._target_='cellcls\.training\.loggers\.CSVLogger'"):
-        check_targets({"callbacks": {"x": {"_target_": "cellcls.training.loggers.CSVLogger"}}})
+    with pytest.raises(ConfigError, match=r"callbacks\.x\._target_='cellcls\.infra\.loggers\.CSVLogger'"):
+        check_targets({"callbacks": {"x": {"_target_": "cellcls.infra.loggers.CSVLogger"}}})
 
 
 def test_a_registered_class_of_ones_own_is_allowed(monkeypatch):
@@ -233,3 +233,15 @@ def test_a_refused_target_is_never_imported(monkeypatch):
 
         resolve_target("antigravity.geohash", "callbacks")
     assert "antigravity" not in sys.modules
+
+
+def test_a_config_written_before_the_loggers_moved_still_creates_them(tmp_path):
+    from cellcls.config.targets import MOVED, instantiate
+    from cellcls.infra.loggers import CSVLogger
+    from cellcls.infra.run_folder import RunFolder
+
+    old = OmegaConf.create({"_target_": "cellcls.training.loggers.CSVLogger"})
+    assert "cellcls.training.loggers.CSVLogger" in MOVED
+    check_targets({"logger": {"csv": old}})
+    made = instantiate(old, "logger", _partial_=True)(run=RunFolder(tmp_path))
+    assert isinstance(made, CSVLogger)

@@ -20,7 +20,7 @@ import torch
 
 from cellcls.data.dataset import load_image
 from cellcls.deploy.predictor import Predictor, load_predictor
-from cellcls.models.heads import labels_of
+from cellcls.scoring.heads import labels_of
 
 ImageInput = str | Path | np.ndarray | torch.Tensor
 

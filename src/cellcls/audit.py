@@ -21,11 +21,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from cellcls.cli import command_args, fail, split_own
-from cellcls.config.checks import validate
+from cellcls.training.validate import validate
 from cellcls.config.targets import check_targets
 from cellcls.config.schema import DuplicatesConfig
 from cellcls.errors import ConfigError, DataError
-from cellcls.run_folder import AuditFolder, RunFolder, write_json
+from cellcls.infra.run_folder import AuditFolder, RunFolder, write_json
 
 OWN = ("run", "output", "truth", "top")
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from cellcls.cli import as_bool, command_args, fail, parse_key_values
 from cellcls.errors import ConfigError, DataError
 from cellcls.evaluation.evaluate import evaluate
-from cellcls.evaluation.metrics import HEADLINE
+from cellcls.metric_names import HEADLINE
 
 SETTINGS = ("checkpoint", "split", "data", "threshold", "bootstrap", "device", "cam_layer", "output", "plots",
             "group_by", "group_rule", "tta")

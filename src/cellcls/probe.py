@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return done
     own, overrides = split_own(args, OWN)
     from cellcls.config import check_command_line, compose_config
-    from cellcls.config.checks import validate
+    from cellcls.training.validate import validate
     from cellcls.training.probe import ProbeSettings, probe
 
     try:
@@ -53,8 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  as_bool("knn", own.get("knn", "true")), own.get("device", "auto"),
                                  whole_number("batch_size", own.get("batch_size", "64"), 1))
         run = Path(own.get("output") or f"outputs/{datetime.now():%Y-%m-%d/%H-%M-%S}_{cfg.dataset.name}_probe")
-        from cellcls.run_folder import RunFolder
-        from cellcls.training.run_lock import run_folder_lock
+        from cellcls.infra.run_folder import RunFolder
+        from cellcls.infra.run_lock import run_folder_lock
 
         with run_folder_lock(run):  # one writer per run folder, as for training
             _log_to(RunFolder(run).probe_log)

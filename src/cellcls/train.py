@@ -29,9 +29,9 @@ from cellcls.errors import (
     printable,
 )
 from cellcls.paths import config_dir
-from cellcls.training.distributed import rank_run_dir
+from cellcls.infra.distributed import rank_run_dir
 from cellcls.training.run import job_device, train
-from cellcls.training.run_lock import check_run_folder_free
+from cellcls.infra.run_lock import check_run_folder_free
 
 log = logging.getLogger("cellcls.train")
 
@@ -99,7 +99,7 @@ def main() -> None:
 def _check_run_folder(argv: Sequence[str]) -> None:
     """Before Hydra writes its own files (its errors would be a traceback and exit 1): the output folder must take a
     file, and a single run's folder must not be held by another run (the lock itself is taken by the run:
-    cellcls.training.run_lock)."""
+    cellcls.infra.run_lock)."""
     if any(a.split("=")[0] in ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion")
            for a in argv):
         return  # Hydra prints and writes nothing

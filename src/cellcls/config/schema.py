@@ -14,18 +14,37 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from cellcls.metric_names import EPOCH_METRICS, MODES
+
+
+def choice(default: str, allowed: tuple[str, ...]) -> Any:
+    """A setting with a closed set of values: the one place they are listed (checked by
+    :func:`cellcls.config.checks.check_choices`, read by the code that acts on them)."""
+    assert default in allowed, (default, allowed)
+    return field(default=default, metadata={"choices": allowed})
+
+
+PRECISIONS = ("auto", "32", "bf16", "16")
+STRATEGIES = ("auto", "ddp", "none")
+PIPELINES = ("auto", "device", "loader")
+ON_NONFINITE = ("stop", "skip_batch")
+SPLIT_BY = ("image", "patient", "duplicates")
+LEAKAGE_CHECKS = ("auto", "duplicates", "off")
+CHANNELS = ("1", "3")
+CLASS_WEIGHTS = ("none", "balanced")
+
 
 @dataclass
 class TrainerConfig:
     max_epochs: int = 15
     device: str = "auto"  # auto | cpu | cuda | cuda:<index>
-    strategy: str = "auto"  # auto (DDP when started by torchrun) | ddp | none; NCCL on GPUs, gloo on the CPU
-    precision: str = "auto"  # auto (bf16/fp16 autocast on CUDA, float32 on CPU) | 32 | bf16 | 16
-    monitor: str = "val_loss"  # the metric for best.pt, early stopping and the plateau scheduler
-    monitor_mode: str = "auto"  # auto (min for losses, max otherwise) | min | max
+    strategy: str = choice("auto", STRATEGIES)  # auto (DDP when started by torchrun) | ddp | none; NCCL on GPUs, gloo on the CPU
+    precision: str = choice("auto", PRECISIONS)  # auto (bf16/fp16 autocast on CUDA, float32 on CPU) | 32 | bf16 | 16
+    monitor: str = choice("val_loss", EPOCH_METRICS)  # the metric for best.pt, early stopping and the plateau scheduler
+    monitor_mode: str = choice("auto", MODES)  # auto (min for losses, max otherwise) | min | max
     # auto (device for cached data) | device: cached uint8 batches converted, augmented and normalised on the
     # training device | loader: DataLoader + per-image torchvision transforms
-    pipeline: str = "auto"
+    pipeline: str = choice("auto", PIPELINES)
     eval_batch_size: Any = "auto"  # auto (4x dataset.batch_size on CUDA, 1x on the CPU) | an integer
     compile: bool = False  # torch.compile the training step (minutes of compilation; pays off on long GPU runs)
     num_threads: Any = "auto"  # CPU threads: auto (OMP_NUM_THREADS if set, else the cores shared among ranks) | n
@@ -35,7 +54,7 @@ class TrainerConfig:
     # exponential moving average of the weights (e.g. 0.999), validated, checkpointed (best.pt holds it) and
     # exported instead of the raw weights; its decay warms up as min(decay, (1 + n) / (10 + n)) over n updates
     ema_decay: float | None = None
-    on_nonfinite: str = "stop"  # a NaN/infinite loss: stop the run (status diverged) | skip_batch (bounded, below)
+    on_nonfinite: str = choice("stop", ON_NONFINITE)  # a NaN/infinite loss: stop the run (status diverged) | skip_batch (bounded, below)
     max_skipped_batches: int = 10  # skip_batch: more non-finite batches than this in one epoch stop the run
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA; CPU runs are reproducible)
     progress_bar: bool = True
@@ -103,7 +122,7 @@ class DatasetConfig:
     split_seed: int | None = None  # seed of the hold-out splits; null: the run's seed
     # image | patient (the group_pattern's id in the file name) | duplicates (near-duplicate clusters: copies of
     # one original photo stay on one side)
-    split_by: str = "image"
+    split_by: str = choice("image", SPLIT_BY)
     group_pattern: str | None = None  # regex on the file name whose first group is the patient id
     group_tag: str | None = None  # ... or a DICOM header keyword holding it (PatientID)
     # [centre, width] applied to DICOM pixel values after the modality LUT, instead of the file's own VOI LUT/window
@@ -111,7 +130,7 @@ class DatasetConfig:
     # warn at start when val/test share groups with train. auto: patients (group_pattern), and near-duplicate
     # clusters when split_by=duplicates | duplicates: near-duplicates always (every image fingerprinted once,
     # cached) | off
-    leakage_check: str = "auto"
+    leakage_check: str = choice("auto", LEAKAGE_CHECKS)
     search_depth: int = 4  # how deep below root to look for the split/class folders
     shuffle: bool = True  # reshuffle the training split every epoch
     batch_size: int = 32
@@ -160,8 +179,9 @@ class ParamGroupsConfig:
     decay_norm_and_bias: bool = True  # false: no weight decay on biases and normalisation weights
 
 
-# the top level of the training config, besides the groups
+# the top level of the training config, besides the groups, and those of its settings with a closed set of values
 TOP_LEVEL = ("seed", "class_weights", "label_smoothing", "calibrate", "operating_point")
+TOP_LEVEL_CHOICES = {"class_weights": CLASS_WEIGHTS}
 GROUPS = ("dataset", "model", "optim", "scheduler", "augment", "trainer", "logger", "callbacks", "cv")
 SCHEMAS: dict[str, type] = {"trainer": TrainerConfig, "cv": CVConfig, "dataset": DatasetConfig, "augment": AugmentConfig,
                             "dataset.render": RenderConfig, "dataset.table": TableConfig,

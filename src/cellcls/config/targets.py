@@ -33,13 +33,16 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "cellcls.training.callbacks.FreezeBackbone",
     ),
     "logger": (
-        "cellcls.training.loggers.CSVLogger",
-        "cellcls.training.loggers.TensorBoardLogger",
-        "cellcls.training.loggers.MLflowLogger",
+        "cellcls.infra.loggers.CSVLogger",
+        "cellcls.infra.loggers.TensorBoardLogger",
+        "cellcls.infra.loggers.MLflowLogger",
     ),
     "hydra.callbacks": ("cellcls.training.sweep.SweepSummary",),
 }
 SECTIONS = tuple(BUILTIN)
+# classes that moved: a run folder's config.yaml or a checkpoint written before the move still names the old place
+MOVED = {f"cellcls.training.loggers.{name}": f"cellcls.infra.loggers.{name}"
+         for name in ("CSVLogger", "TensorBoardLogger", "MLflowLogger")}
 
 _registered: dict[str, set[str]] = {section: set() for section in SECTIONS}
 
@@ -70,6 +73,11 @@ def allowed_targets(section: str) -> list[str]:
         module, _, attr = ep.value.partition(":")
         names.add(f"{module}.{attr}" if attr else module)
     return sorted(names)
+
+
+def current_name(name: Any) -> Any:
+    """Where a class that moved lives now (anything else is returned as it is)."""
+    return MOVED.get(name, name) if isinstance(name, str) else name
 
 
 def _targets(node: Any, path: str) -> Iterator[tuple[str, str, Any]]:
@@ -114,7 +122,7 @@ def check_targets(config: Any, source: str = "the config") -> None:
         # a target must be the section's own entry (callbacks.<name>._target_), not nested in another's arguments
         own = section is not None and path.count(".") == section.count(".") + 1 and key == "_target_"
         allowed = allowed_targets(section) if own and section else []
-        if isinstance(value, str) and value in allowed:
+        if isinstance(value, str) and current_name(value) in allowed:
             continue
         where = f"the {section} section" if own else "this place (only callbacks, logger and hydra.callbacks " \
                                                     "entries create objects)"
@@ -131,6 +139,11 @@ def instantiate(node: Any, section: str, **kwargs: Any) -> Any:
     from hydra.utils import instantiate as hydra_instantiate
 
     check_targets(_nest(section, node))
+    target = node.get("_target_") if isinstance(node, Mapping) or hasattr(node, "get") else None
+    if target in MOVED:
+        from omegaconf import OmegaConf
+
+        node = OmegaConf.merge(node, {"_target_": MOVED[target]})
     return hydra_instantiate(node, **kwargs)
 
 
@@ -139,7 +152,7 @@ def resolve_target(name: str, section: str) -> type:
     from hydra.utils import get_class
 
     check_targets(_nest(section, {"_target_": name}))
-    return get_class(name)
+    return get_class(current_name(name))
 
 
 def _nest(section: str, node: Any) -> dict[str, Any]:

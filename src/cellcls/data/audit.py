@@ -16,7 +16,7 @@ from cellcls.data.duplicates import Duplicates, cached_duplicates
 from cellcls.data.layout import Samples
 from cellcls.data.splits import relative_path
 from cellcls.errors import DataError
-from cellcls.run_folder import AuditFolder, atomic_write, write_csv, write_json
+from cellcls.infra.run_folder import AuditFolder, atomic_write, write_csv, write_json
 
 
 @dataclass
@@ -125,7 +125,7 @@ def report_text(audit: Audit, summary: dict[str, Any], folder: AuditFolder) -> s
 
 def cluster_grid(audit: Audit, path: Path, top: int = 8, per_row: int = 8) -> Path:
     """The ``top`` largest clusters, one row each (up to ``per_row`` images), titled with split and class."""
-    from cellcls.evaluation.plots import (  # matplotlib only when a figure is drawn
+    from cellcls.infra.plots import (  # matplotlib only when a figure is drawn
         plt,
         save,
         to_display,

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from cellcls.config.schema import PIPELINES
 from cellcls.data.batch_augment import BatchAugment
 from cellcls.data.cache import DecodedSplit, decode_split
 from cellcls.data.dataset import CachedImages, ImageFiles, skip_none_collate
@@ -186,9 +187,6 @@ def _training_statistics(
     if not pixels:
         raise DataError("dataset.mean=auto: no training image could be decoded")
     return channel_statistics(np.stack(pixels), range(len(pixels)))
-
-
-PIPELINES = ("auto", "device", "loader")
 
 
 def resolve_pipeline(setting: str, cached: bool) -> str:

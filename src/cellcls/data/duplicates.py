@@ -37,7 +37,7 @@ from cellcls.data.cache import file_list_key
 from cellcls.data.decode import max_pixels, read_image
 from cellcls.errors import DataError
 from cellcls.paths import cache_dir
-from cellcls.run_folder import atomic_write
+from cellcls.infra.run_folder import atomic_write
 
 log = logging.getLogger(__name__)
 VERSION = 2

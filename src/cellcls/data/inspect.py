@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from cellcls.config.checks import validate
+from cellcls.training.validate import validate
 from cellcls.data.datamodule import make_splits, resolve_root, scan_dataset
 from cellcls.data.splits import group_source
 from cellcls.data.summary import count_table, image_properties
 from cellcls.errors import ConfigError, DataError
 from cellcls.paths import config_dir
-from cellcls.training.losses import balanced_class_weights
+from cellcls.scoring.losses import balanced_class_weights
 
 
 def group_lines(ds: DictConfig, splits: dict) -> list[str]:

@@ -1,6 +1,6 @@
 """MixUp and CutMix (``augment.mixup`` / ``augment.cutmix``): torchvision v2's batch transforms, applied in the
 training step to whole batches on either pipeline. They turn integer labels into class-probability rows, which
-:class:`cellcls.training.losses.ClassificationLoss` takes as soft targets."""
+:class:`cellcls.scoring.losses.ClassificationLoss` takes as soft targets."""
 
 from __future__ import annotations
 

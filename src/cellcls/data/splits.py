@@ -16,7 +16,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from cellcls.data.dicom import header_values
 from cellcls.data.layout import Samples
 from cellcls.errors import ConfigError, DataError
-from cellcls.run_folder import RunFolder, write_csv
+from cellcls.infra.run_folder import RunFolder, write_csv
 
 log = logging.getLogger(__name__)
 

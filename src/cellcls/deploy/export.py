@@ -17,9 +17,9 @@ from cellcls.deploy.runtimes import (
     jit_quiet,
     load_exported,
 )
-from cellcls.models.heads import Decision, num_outputs
+from cellcls.scoring.heads import Decision, num_outputs
 from cellcls.models.trained import LoadedModel
-from cellcls.run_folder import atomic_write, write_json
+from cellcls.infra.run_folder import atomic_write, write_json
 
 EXPORT_FORMAT = "cellcls-export/1"
 FORMATS = ("onnx", "torchscript")

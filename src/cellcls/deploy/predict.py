@@ -17,9 +17,9 @@ from cellcls.data.layout import IMAGE_EXTENSIONS, visible_entries
 from cellcls.data.table import is_table, table_paths
 from cellcls.deploy.predictor import Predictor
 from cellcls.errors import DataError, printable
-from cellcls.evaluation import plots
+from cellcls.infra import plots
 from cellcls.evaluation.figures import cam_maps
-from cellcls.models.heads import labels_of
+from cellcls.scoring.heads import labels_of
 from cellcls.models.trained import LoadedModel
 
 

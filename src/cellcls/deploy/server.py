@@ -20,8 +20,8 @@ from cellcls.data.reference import unusual
 from cellcls.deploy.batching import MicroBatcher
 from cellcls.deploy.predictor import Predictor
 from cellcls.errors import DataError
-from cellcls.evaluation import plots
-from cellcls.models.heads import labels_of
+from cellcls.infra import plots
+from cellcls.scoring.heads import labels_of
 
 
 @dataclass(frozen=True)

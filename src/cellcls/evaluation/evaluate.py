@@ -28,30 +28,31 @@ from cellcls.data.splits import attach_groups
 from cellcls.data.table import is_table, load_table
 from cellcls.data.transforms import build_augment, build_transform
 from cellcls.errors import ConfigError, DataError
-from cellcls.evaluation import plots
-from cellcls.evaluation.calibration import (
+from cellcls.infra import plots
+from cellcls.scoring.calibration import (
     brier_score,
     expected_calibration_error,
     reliability,
 )
 from cellcls.evaluation.figures import (
+    augmented_title,
     cam_grid,
     feature_map_figure,
     mistakes_grid,
     prediction_grid,
     spread_by_class,
 )
-from cellcls.evaluation.inference import mean_loss, run_inference
-from cellcls.evaluation.metrics import HEADLINE, evaluate_predictions
+from cellcls.scoring.inference import mean_loss, run_inference
+from cellcls.metric_names import HEADLINE
+from cellcls.scoring.metrics import evaluate_predictions
 from cellcls.evaluation.patients import aggregate, write_patients
 from cellcls.evaluation.report import write_predictions, write_report
-from cellcls.models.heads import Decision, labels_of, probabilities
+from cellcls.scoring.heads import Decision, labels_of, probabilities
 from cellcls.models.trained import LoadedModel, load_model
 from cellcls.paths import cache_dir
-from cellcls.run_folder import write_json
-from cellcls.training.callbacks import augmented_title
-from cellcls.training.loggers import rebuilt_loggers
-from cellcls.training.runtime import eval_batch_size
+from cellcls.infra.run_folder import write_json
+from cellcls.infra.loggers import rebuilt_loggers
+from cellcls.infra.runtime import eval_batch_size
 
 
 class ImageRows:

@@ -9,10 +9,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellcls.evaluation import plots
+from cellcls.infra import plots
 from cellcls.evaluation.gradcam import find_layer, grad_cam
-from cellcls.models.heads import labels_of
+from cellcls.scoring.heads import labels_of
 from cellcls.models.trained import LoadedModel
+
+
+def augmented_title(name: str) -> str:
+    """The title of a grid of augmented training images (training's callback and ``evaluate`` both draw one)."""
+    return f"Training images as the model sees them, after augment={name} (title: the true class)"
 
 
 def probability_title(probs: np.ndarray, classes: Sequence[str], truth: int | None = None) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cellcls.errors import ConfigError
-from cellcls.run_folder import write_csv
+from cellcls.infra.run_folder import write_csv
 
 RULES = ("auto", "max", "mean")
 

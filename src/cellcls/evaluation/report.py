@@ -10,9 +10,9 @@ import numpy as np
 
 from cellcls.data.layout import Samples
 from cellcls.data.splits import relative_path
-from cellcls.evaluation.metrics import HEADLINE
-from cellcls.models.heads import labels_of
-from cellcls.run_folder import atomic_write, write_csv
+from cellcls.metric_names import HEADLINE
+from cellcls.scoring.heads import labels_of
+from cellcls.infra.run_folder import atomic_write, write_csv
 
 
 def metric_rows(metrics: dict[str, Any]) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cellcls.config.schema import GROUPS
-from cellcls.run_folder import atomic_write
+from cellcls.infra.run_folder import atomic_write
 
 log = logging.getLogger("cellcls.tune")
 PLOTS = {"optimization_history": "plot_optimization_history", "param_importances": "plot_param_importances",

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from cellcls.config.checks import check_choice, check_unknown, signature_keys
 from cellcls.models.base import he_init_, keras_init_
 from cellcls.models.blood_cnn import blood_cnn
-from cellcls.models.heads import num_outputs
+from cellcls.scoring.heads import num_outputs
 from cellcls.models.lenet import lenet
 from cellcls.models.resnet import resnet18
 from cellcls.models.skin_cnn import skin_cnn
@@ -36,6 +37,15 @@ INITS: dict[str, Callable[[nn.Module], nn.Module]] = {"torch": lambda m: m, "ker
 MODEL_KEYS = ("name", "single_logit", "init", "starting_weights", "tta")
 # architecture options that fetch starting weights: a rebuilt trained model takes its weights from its checkpoint
 WEIGHT_KEYS = ("weights", "pretrained")
+
+
+
+def check_model_config(model: Mapping[str, Any]) -> None:
+    """Refuse a ``model`` section naming no registered architecture, or a key neither cellcls nor the architecture
+    function takes, naming the nearest valid one."""
+    name = str(model.get("name"))
+    check_choice("model.name", name, sorted(MODELS))
+    check_unknown("model", list(model.keys()), [*MODEL_KEYS, *signature_keys(MODELS[name], skip=3)])
 
 
 def build_model(
@@ -85,12 +95,6 @@ def model_label(spec: Mapping[str, Any]) -> str:
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameter count, as Keras' ``model.summary()`` reports it."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def l2_penalty(model: nn.Module) -> torch.Tensor | float:
-    """Keras-style kernel L2 terms the model declares (``coef * sum(w**2)``)."""
-    terms = getattr(model, "l2_terms", None)
-    return sum((coef * p.pow(2).sum() for p, coef in terms()), 0.0) if terms else 0.0
 
 
 def head_prefixes(model: nn.Module) -> tuple[str, ...]:

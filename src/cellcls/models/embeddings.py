@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cellcls.models.tta import TTA_VIEWS
-from cellcls.run_folder import atomic_write
+from cellcls.infra.run_folder import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -12,14 +12,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cellcls.checkpoint import Checkpoint, load_checkpoint
+from cellcls.infra.checkpoint import Checkpoint, load_checkpoint
 from cellcls.data.preprocessing import input_spec, preprocess
-from cellcls.evaluation.metrics import TEST_METRICS, wilson_interval
+from cellcls.metric_names import EPOCH_METRICS, TEST_METRICS, split_metric
+from cellcls.scoring.metrics import wilson_interval
 from cellcls.models import build_model, model_label
-from cellcls.models.heads import Decision
+from cellcls.scoring.heads import Decision
 from cellcls.models.tta import check_tta, with_tta
-from cellcls.run_folder import BEST, RunFolder
-from cellcls.training.runtime import resolve_device
+from cellcls.infra.run_folder import BEST, RunFolder
+from cellcls.infra.runtime import resolve_device
 
 
 @dataclass
@@ -125,7 +126,7 @@ def checkpoint_metrics(ckpt: Checkpoint) -> dict[str, Any]:
     """Validation metrics of the checkpoint's epoch, and the run's test metrics when they belong to it."""
     row = next((r for r in ckpt.history if int(r["epoch"]) == ckpt.epoch), {})
     out: dict[str, Any] = {"monitor": ckpt.monitor.get("metric")}
-    val = {k.removeprefix("val_"): float(v) for k, v in row.items() if k.startswith("val_")}
+    val = {split_metric(k)[1]: float(v) for k, v in row.items() if k in EPOCH_METRICS and k.startswith("val_")}
     if val:
         out["val"] = val
     test_file = ckpt.run.test_metrics

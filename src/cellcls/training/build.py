@@ -18,16 +18,16 @@ from cellcls.config.targets import instantiate
 from cellcls.data.datamodule import DataBundle, build_data, fold_of
 from cellcls.data.mixing import BatchMix, build_mix
 from cellcls.data.normalization import describe, follow_weights
-from cellcls.evaluation.metrics import metric_mode
+from cellcls.metric_names import metric_mode
 from cellcls.models import build_model, starting_statistics
-from cellcls.models.heads import num_outputs
-from cellcls.run_folder import RunFolder
-from cellcls.training import distributed
+from cellcls.scoring.heads import num_outputs
+from cellcls.infra.run_folder import RunFolder
+from cellcls.infra import distributed
 from cellcls.training.callbacks import Callback
 from cellcls.training.ema import EMA
-from cellcls.training.losses import ClassificationLoss, balanced_class_weights
+from cellcls.scoring.losses import ClassificationLoss, balanced_class_weights
 from cellcls.training.optim import Scheduler, build_optimizer, build_scheduler
-from cellcls.training.runtime import (
+from cellcls.infra.runtime import (
     Runtime,
     eval_batch_size,
     seed_everything,

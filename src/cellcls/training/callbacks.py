@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torchvision.utils import make_grid
 
-from cellcls.checkpoint import save_checkpoint
-from cellcls.evaluation import plots
-from cellcls.run_folder import write_json
+from cellcls.infra.checkpoint import save_checkpoint
+from cellcls.evaluation.figures import augmented_title
+from cellcls.infra import plots
+from cellcls.infra.run_folder import write_json
 
 if TYPE_CHECKING:
     from cellcls.training.state import FitState
@@ -136,10 +137,6 @@ class AugmentedSamples(Callback):
         titles = [classes[int(t)] for t in targets[: self.count]]
         plots.save(plots.image_grid(list(picked), titles, suptitle=augmented_title(state.cfg.augment.name)),
                    state.run.augmented_samples)
-
-
-def augmented_title(name: str) -> str:
-    return f"Training images as the model sees them, after augment={name} (title: the true class)"
 
 
 class TrainingCurves(Callback):

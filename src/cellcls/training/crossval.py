@@ -26,9 +26,10 @@ from cellcls.data.datamodule import resolve_root, scan_dataset
 from cellcls.data.layout import Samples
 from cellcls.data.leakage import interval_groups
 from cellcls.errors import ConfigError, DataError
-from cellcls.evaluation.metrics import TEST_METRICS, evaluate_predictions, metric_mode
+from cellcls.metric_names import TEST_METRICS, held_out_score, metric_mode
+from cellcls.scoring.metrics import evaluate_predictions
 from cellcls.evaluation.report import metric_rows
-from cellcls.run_folder import RunFolder, atomic_write, write_csv, write_json
+from cellcls.infra.run_folder import RunFolder, atomic_write, write_csv, write_json
 
 log = logging.getLogger(__name__)
 TrainFn = Callable[[DictConfig, Path, Sequence[str]], dict[str, Any]]
@@ -40,19 +41,15 @@ def check_cv(cfg: DictConfig) -> None:
         raise ConfigError(f"cv.folds={folds}: use 0 (no cross-validation) or at least 2 folds")
     if fold is not None and not 0 <= int(fold) < max(folds, 1):
         raise ConfigError(f"cv.fold={fold} must be between 0 and cv.folds - 1 = {folds - 1} (it is set per fold)")
-
-
-def cv_metric(monitor: str) -> str:
-    """The test-fold score that stands for the monitored validation metric: val_loss -> loss, and so on."""
-    name = monitor.removeprefix("val_")
-    return name if name in TEST_METRICS else "loss"
+    if folds:
+        held_out_score(str(cfg.trainer.monitor))
 
 
 def cross_validate(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], train_fold: TrainFn) -> dict[str, Any]:
     """Train every fold (a fold already finished in ``run_dir`` is kept), then pool and write the tables."""
     folds = int(cfg.cv.folds)
     run = RunFolder(run_dir)
-    metric = cv_metric(str(cfg.trainer.monitor))
+    metric = held_out_score(str(cfg.trainer.monitor))
     per_fold = []
     for k in range(folds):
         folder = run.fold(k)

@@ -9,17 +9,17 @@ from typing import Any
 
 import torch
 
-from cellcls.checkpoint import load_checkpoint, save_checkpoint
-from cellcls.evaluation.calibration import (
+from cellcls.infra.checkpoint import load_checkpoint, save_checkpoint
+from cellcls.scoring.calibration import (
     brier_score,
     expected_calibration_error,
     fit_decision,
 )
-from cellcls.evaluation.inference import run_inference, score
-from cellcls.evaluation.metrics import sensitivity, specificity
+from cellcls.scoring.inference import run_inference, score
+from cellcls.scoring.metrics import sensitivity, specificity
 from cellcls.evaluation.report import write_predictions
-from cellcls.models.heads import Decision
-from cellcls.run_folder import BEST, write_json
+from cellcls.scoring.heads import Decision
+from cellcls.infra.run_folder import BEST, write_json
 from cellcls.training.build import Job
 
 log = logging.getLogger(__name__)

@@ -13,23 +13,24 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls.checkpoint import Checkpoint, save_checkpoint
+from cellcls.infra.checkpoint import Checkpoint, save_checkpoint
 from cellcls.data.splits import write_split_lists
 from cellcls.data.summary import count_table
 from cellcls.errors import TrainingDiverged, TrainingInterrupted
-from cellcls.evaluation.metrics import beyond_chance, chance_level, metric_mode
+from cellcls.metric_names import epoch_metrics, metric_mode
+from cellcls.scoring.metrics import beyond_chance, chance_level
 from cellcls.models import count_parameters, model_label
 from cellcls.models.summary import summary_table
-from cellcls.run_folder import RunFolder, atomic_write
-from cellcls.training import distributed
+from cellcls.infra.run_folder import RunFolder, atomic_write
+from cellcls.infra import distributed
 from cellcls.training.build import build_job
 from cellcls.training.callbacks import Callback
 from cellcls.training.final import calibrate_and_test
-from cellcls.training.loggers import Loggers, create_loggers
+from cellcls.infra.loggers import Loggers, create_loggers
 from cellcls.training.loop import EpochProgress, NonFinite, evaluate, train_one_epoch
 from cellcls.training.optim import step_scheduler
 from cellcls.training.preemption import StopRequest, stop_on_signals
-from cellcls.training.runtime import epoch_seed
+from cellcls.infra.runtime import epoch_seed
 from cellcls.training.state import FitState, Monitor, restore
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,8 @@ def run_epoch(state: FitState, epoch: int) -> None:
     val = evaluate(job.validated, job.data.loaders["val"], job.runtime)
     if not math.isfinite(val.loss):
         raise diverged(state, epoch, f"the validation loss is {val.loss:g} after the epoch")
-    metrics = {"train_loss": done.loss, "train_accuracy": done.accuracy, "val_loss": val.loss,
-               "val_accuracy": val.accuracy, "val_balanced_accuracy": val.balanced_accuracy,
+    metrics = {**epoch_metrics("train", loss=done.loss, accuracy=done.accuracy),
+               **epoch_metrics("val", loss=val.loss, accuracy=val.accuracy, balanced_accuracy=val.balanced_accuracy),
                "lr": job.optimizer.param_groups[0]["lr"]}
     if done.skipped:
         metrics["skipped_batches"] = done.skipped

@@ -14,13 +14,12 @@ from tqdm.auto import tqdm
 
 from cellcls.data.mixing import BatchMix
 from cellcls.errors import TrainingDiverged
-from cellcls.evaluation.inference import Scores, run_inference, score
-from cellcls.models import l2_penalty
-from cellcls.models.heads import predicted_labels
-from cellcls.training import distributed
+from cellcls.scoring.inference import Scores, run_inference, score
+from cellcls.scoring.heads import predicted_labels
+from cellcls.infra import distributed
 from cellcls.training.ema import EMA
-from cellcls.training.losses import hard_labels
-from cellcls.training.runtime import Runtime
+from cellcls.scoring.losses import hard_labels, l2_penalty
+from cellcls.infra.runtime import Runtime
 
 BatchHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, ReduceLROnPlateau
 
+from cellcls.config.checks import check_choice, check_unknown, signature_keys
 from cellcls.config.schema import ParamGroupsConfig
 from cellcls.errors import ConfigError
 from cellcls.models import split_backbone
@@ -27,6 +28,25 @@ SCHEDULERS = {"plateau": ("factor", "patience", "min_lr", "threshold", "cooldown
               "cosine": ("min_lr", "warmup_epochs"), "none": ()}
 # cellcls' own `optim` settings, beside the optimiser's arguments: how the parameters are grouped
 PARAM_GROUP_KEYS = tuple(f.name for f in fields(ParamGroupsConfig))
+
+
+
+def check_optim_config(optim: Mapping[str, Any]) -> None:
+    """Refuse an unknown optimiser, a key neither cellcls nor the torch optimiser takes, or a learning rate that
+    cannot train."""
+    name = str(optim.get("name"))
+    check_choice("optim.name", name, sorted(OPTIMIZERS))
+    check_unknown("optim", list(optim.keys()), ["name", *PARAM_GROUP_KEYS, *signature_keys(OPTIMIZERS[name], skip=1)])
+    lr = optim.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ConfigError(f"optim.lr must be a positive number (e.g. 1e-3), got {lr!r}: at 0 nothing learns")
+
+
+def check_scheduler_config(scheduler: Mapping[str, Any]) -> None:
+    """Refuse an unknown scheduler or a setting it does not have."""
+    name = str(scheduler.get("name"))
+    check_choice("scheduler.name", name, list(SCHEDULERS))
+    check_unknown("scheduler", list(scheduler.keys()), ["name", *SCHEDULERS[name]])
 
 
 def param_groups(net: nn.Module, lr: float, weight_decay: float, backbone_lr_scale: float,

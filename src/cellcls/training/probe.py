@@ -22,24 +22,25 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
-from cellcls.checkpoint import Checkpoint, save_checkpoint
+from cellcls.metric_names import epoch_metrics
+from cellcls.infra.checkpoint import Checkpoint, save_checkpoint
 from cellcls.data.datamodule import DataBundle, build_data, fold_of
 from cellcls.data.dataset import skip_none_collate
 from cellcls.data.leakage import interval_groups
 from cellcls.data.splits import write_split_lists
 from cellcls.errors import ConfigError, DataError
-from cellcls.evaluation.calibration import fit_decision
-from cellcls.evaluation.inference import score
-from cellcls.evaluation.metrics import evaluate_predictions
+from cellcls.scoring.calibration import fit_decision
+from cellcls.scoring.inference import score
+from cellcls.scoring.metrics import evaluate_predictions
 from cellcls.evaluation.report import write_predictions, write_report
 from cellcls.models import build_model
 from cellcls.models.embeddings import cache_key, cached_embeddings, embed
-from cellcls.models.heads import Decision, num_outputs
+from cellcls.scoring.heads import Decision, num_outputs
 from cellcls.models.tta import check_tta
 from cellcls.paths import cache_dir
-from cellcls.run_folder import RunFolder, atomic_write, write_json
+from cellcls.infra.run_folder import RunFolder, atomic_write, write_json
 from cellcls.training.build import apply_weight_statistics, record_data_decisions
-from cellcls.training.runtime import resolve_device, seed_everything
+from cellcls.infra.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("cellcls.probe")
 
@@ -107,7 +108,7 @@ def probe(cfg: DictConfig, run_dir: Path, settings: ProbeSettings) -> dict[str, 
     if "val" in embedded:
         val_logits, val_targets = _logits(net, embedded["val"], device)
         val = score(net, val_logits, val_targets)
-        history.update(val_loss=val.loss, val_accuracy=val.accuracy, val_balanced_accuracy=val.balanced_accuracy)
+        history.update(epoch_metrics("val", loss=val.loss, accuracy=val.accuracy, balanced_accuracy=val.balanced_accuracy))
         if cfg.calibrate or cfg.operating_point:
             decision = fit_decision(val_logits, val_targets, bool(cfg.calibrate), cfg.operating_point)
     ckpt = Checkpoint(epoch=1, model={k: v.cpu() for k, v in net.state_dict().items()},

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls.checkpoint import load_checkpoint, require_resumable
-from cellcls.config.checks import apply_overrides, validate
+from cellcls.infra.checkpoint import load_checkpoint, require_resumable
+from cellcls.config.checks import apply_overrides
+from cellcls.training.validate import validate
 from cellcls.config.schema import GROUPS
 from cellcls.errors import (
     DISK_ERRORS,
@@ -22,11 +23,11 @@ from cellcls.errors import (
     TrainingInterrupted,
     describe_os_error,
 )
-from cellcls.run_folder import RunFolder
+from cellcls.infra.run_folder import RunFolder
 from cellcls.training.callbacks import Callback
 from cellcls.training.crossval import cross_validate
 from cellcls.training.fit import fit
-from cellcls.training.run_lock import run_folder_lock
+from cellcls.infra.run_lock import run_folder_lock
 from cellcls.training.sweep import write_status
 
 log = logging.getLogger("cellcls.train")

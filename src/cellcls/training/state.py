@@ -10,11 +10,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls.checkpoint import Checkpoint
+from cellcls.infra.checkpoint import Checkpoint
 from cellcls.data.preprocessing import Normalize
-from cellcls.run_folder import RunFolder
+from cellcls.infra.run_folder import RunFolder
 from cellcls.training.build import Job
-from cellcls.training.loggers import Loggers
+from cellcls.infra.loggers import Loggers
 from cellcls.training.loop import EpochProgress
 from cellcls.training.preemption import StopRequest
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class Monitor:
     """The monitored metric's best value so far (which epoch ``best.pt`` holds), and whether any epoch has yet
     done clearly better than chance: ``chance`` is the value to beat, a margin beyond the metric of a model that
-    knows only the class frequencies (:func:`cellcls.evaluation.metrics.chance_level`, ``beyond_chance``).
+    knows only the class frequencies (:func:`cellcls.scoring.metrics.chance_level`, ``beyond_chance``).
 
     Patience (early stopping, the plateau scheduler) counts only from the first epoch that beats chance. A model
     still learning from its random start becomes confident before it becomes right, so its validation loss rises

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from cellcls.config import compose_config
 from cellcls.errors import TrainingInterrupted
 from cellcls.processes import pid_running
-from cellcls.run_folder import RunFolder, write_json
+from cellcls.infra.run_folder import RunFolder, write_json
 from cellcls.training.sweep import direction
 from cellcls.training.tune import (
     SearchSpec,

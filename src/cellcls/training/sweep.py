@@ -13,8 +13,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls.evaluation.metrics import TEST_METRICS, metric_mode
-from cellcls.run_folder import RunFolder, atomic_write, write_json
+from cellcls.metric_names import TEST_METRICS, metric_mode
+from cellcls.infra.run_folder import RunFolder, atomic_write, write_json
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,12 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 
+def l2_penalty(model: nn.Module) -> torch.Tensor | float:
+    """Keras-style kernel L2 terms the model declares (``coef * sum(w**2)``)."""
+    terms = getattr(model, "l2_terms", None)
+    return sum((coef * p.pow(2).sum() for p, coef in terms()), 0.0) if terms else 0.0
+
+
 def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
     """sklearn's 'balanced' weights, ``n_samples / (n_classes * count)``, as Keras' ``class_weight`` takes them."""
     weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=np.asarray(labels))

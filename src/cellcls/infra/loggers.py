@@ -18,14 +18,14 @@ import numpy as np
 
 from cellcls.config.targets import instantiate
 from cellcls.errors import ConfigError
-from cellcls.evaluation.metrics import EPOCH_METRICS
-from cellcls.run_folder import RunFolder, atomic_write, write_csv
+from cellcls.metric_names import EPOCH_METRICS, split_metric
+from cellcls.infra.run_folder import RunFolder, atomic_write, write_csv
 
 
 def tag(name: str) -> str:
     """A metric's chart name: ``train_loss`` -> ``loss/train`` (train and val of a metric share a chart)."""
     if name in EPOCH_METRICS:
-        split, _, metric = name.partition("_")
+        split, metric = split_metric(name)
         return f"{metric}/{split}"
     return {"epoch_time_s": "time/epoch_s"}.get(name, name)
 
@@ -191,7 +191,7 @@ class TensorBoardLogger(Logger):
         self.writer.flush()
 
     def log_evaluation(self, name: str, scores: Mapping[str, float], step: int, figures: Mapping[str, Path]) -> None:
-        from cellcls.evaluation.plots import png_to_array
+        from cellcls.infra.plots import png_to_array
 
         for key, value in scores.items():
             if np.isfinite(value):

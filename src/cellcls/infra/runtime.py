@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from cellcls.errors import ConfigError
-from cellcls.training import distributed
+from cellcls.infra import distributed
 
 # A bf16 conv + linear under CPU autocast: the ops a training step uses.
 _BF16_PROBE = """

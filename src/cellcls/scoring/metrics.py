@@ -16,18 +16,10 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from cellcls.models.heads import labels_of
+from cellcls.metric_names import HEADLINE, split_metric
+from cellcls.scoring.heads import labels_of
 
 Metric = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
-
-# The one list of metric names. Each epoch logs these (metrics.csv columns, logger keys, trainer.monitor choices):
-EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy")
-EPOCH_EXTRAS = ("lr", "epoch_time_s")  # logged beside them, not monitorable
-# the training run's final test of best.pt (test_metrics.json):
-TEST_METRICS = ("loss", "accuracy", "balanced_accuracy", "roc_auc")
-# `evaluate` reports these with a bootstrap interval (sensitivity/specificity for two classes only):
-HEADLINE = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity")
-
 
 def chance_level(metric: str, split_labels: Sequence[int], train_labels: Sequence[int], num_classes: int) -> float:
     """What ``metric`` (an epoch metric) scores for a model that knows nothing but the training split's class
@@ -35,10 +27,11 @@ def chance_level(metric: str, split_labels: Sequence[int], train_labels: Sequenc
     loss, the share of the training split's most frequent class for accuracy, ``1 / classes`` for balanced accuracy."""
     counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=num_classes).astype(float)
     prior = np.clip(counts / max(counts.sum(), 1.0), 1e-12, 1.0)
-    measured = np.asarray(split_labels if metric.startswith("val_") else train_labels, dtype=np.int64)
-    if metric.endswith("_loss"):
+    split, score = split_metric(metric)
+    measured = np.asarray(split_labels if split == "val" else train_labels, dtype=np.int64)
+    if score == "loss":
         return float(-np.log(prior[measured]).mean()) if len(measured) else math.nan
-    if metric.endswith("balanced_accuracy"):
+    if score == "balanced_accuracy":
         return 1.0 / num_classes
     return float((measured == int(counts.argmax())).mean()) if len(measured) else math.nan
 
@@ -49,14 +42,7 @@ CHANCE_MARGIN = 0.05  # "clearly better than chance": 5% below its loss, 5 point
 def beyond_chance(metric: str, chance: float) -> float:
     """The value ``metric`` must beat to be clearly better than ``chance`` (an uncertain first epoch's loss sits
     a hair below the prior's)."""
-    return chance * (1 - CHANCE_MARGIN) if metric.endswith("_loss") else chance + CHANCE_MARGIN
-
-
-def metric_mode(metric: str, mode: str = "auto") -> str:
-    """'min' for losses, 'max' for everything else, unless ``mode`` says otherwise."""
-    if mode != "auto":
-        return mode
-    return "min" if "loss" in metric else "max"
+    return chance * (1 - CHANCE_MARGIN) if split_metric(metric)[1] == "loss" else chance + CHANCE_MARGIN
 
 
 def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:

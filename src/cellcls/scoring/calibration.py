@@ -2,7 +2,7 @@
 
 Measures: the expected calibration error (ECE: the gap between confidence and accuracy, averaged over confidence
 bins) and the Brier score. Fixes, both fitted on the validation split and stored in the checkpoint
-(:class:`cellcls.models.heads.Decision`): temperature scaling (Guo et al. 2017: logits / T, one number that
+(:class:`cellcls.scoring.heads.Decision`): temperature scaling (Guo et al. 2017: logits / T, one number that
 minimises the validation negative log-likelihood; accuracy is unchanged) and, for two classes, an operating point:
 the threshold on the positive class's probability that reaches a target sensitivity or specificity on validation.
 """
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cellcls.errors import ConfigError, DataError
-from cellcls.models.heads import Decision, probabilities
+from cellcls.scoring.heads import Decision, probabilities
 
 BINS = 15
 TARGETS = ("sensitivity", "specificity")

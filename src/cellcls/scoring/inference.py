@@ -11,10 +11,9 @@ from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cellcls.evaluation.metrics import roc_auc
-from cellcls.models import l2_penalty
-from cellcls.models.heads import predicted_labels, probabilities
-from cellcls.training.losses import ClassificationLoss
+from cellcls.scoring.metrics import roc_auc
+from cellcls.scoring.heads import predicted_labels, probabilities
+from cellcls.scoring.losses import ClassificationLoss, l2_penalty
 
 
 @torch.inference_mode()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cellcls.errors import ConfigError, RunFolderInUse
 from cellcls.processes import pid_running
-from cellcls.run_folder import RunFolder
+from cellcls.infra.run_folder import RunFolder
 
 log = logging.getLogger("cellcls.train")
 

@@ -80,7 +80,7 @@ class RunFolder:
 
     @property
     def lock(self) -> Path:
-        """Held by the training run writing this folder (cellcls.training.run_lock), naming its process and host."""
+        """Held by the training run writing this folder (cellcls.infra.run_lock), naming its process and host."""
         return self.root / ".run.lock"
 
     @property

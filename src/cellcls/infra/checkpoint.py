@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from cellcls.config.targets import check_targets
-from cellcls.run_folder import LAST, RunFolder, atomic_write
+from cellcls.infra.run_folder import LAST, RunFolder, atomic_write
 
 FORMAT = "cellcls-checkpoint"
 VERSION = 2
@@ -39,7 +39,7 @@ class Checkpoint:
     monitor: dict[str, Any] = field(default_factory=dict)  # metric, mode, best, best_epoch
     # optimizer, scheduler, scaler, callbacks, position and, with an EMA, the raw weights (resume)
     training: dict[str, Any] = field(default_factory=dict)
-    # the decision rule fitted on validation (cellcls.models.heads.Decision): temperature, threshold; {} = none
+    # the decision rule fitted on validation (cellcls.scoring.heads.Decision): temperature, threshold; {} = none
     calibration: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
     path: Path | None = None  # where it was read from
