@@ -39,12 +39,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cellcls.config import compose_config
 from cellcls.data.cache import decode_split
-from cellcls.data.datamodule import (
-    make_splits,
-    resolve_layout,
-    resolve_root,
-    scan_dataset,
-)
+from cellcls.data.datamodule import make_splits, resolve_root
+from cellcls.data.layouts import scan
+from cellcls.data.layouts.folders import ClassFolders
 from cellcls.data.transforms import build_augment
 from cellcls.models import model_label
 from cellcls.training.build import Job, build_job
@@ -162,8 +159,8 @@ def fresh_model(trainer: Job, cfg: DictConfig, layout: torch.memory_format):
     from cellcls.training.optim import build_optimizer
 
     prep = trainer.data.preprocessing
-    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), prep["channels"], len(trainer.data.classes),
-                        prep["image_size"]).to(trainer.runtime.device, memory_format=layout).train()
+    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), prep.channels, len(trainer.data.classes),
+                        prep.image_size).to(trainer.runtime.device, memory_format=layout).train()
     optimizer = build_optimizer(model, OmegaConf.to_container(cfg.optim, resolve=True))
     return model, optimizer
 
@@ -175,7 +172,7 @@ def measure_naive(trainer: Job, cfg: DictConfig, epochs: int, warmup: int, worke
     from torchvision.transforms import v2
 
     root = resolve_root(cfg.dataset)
-    classes, folders = resolve_layout(cfg.dataset, root)
+    classes, folders = ClassFolders.locate(cfg.dataset, root)
     wanted = {c.lower(): c for c in classes}
 
     class Folder(datasets.ImageFolder):
@@ -186,13 +183,13 @@ def measure_naive(trainer: Job, cfg: DictConfig, epochs: int, warmup: int, worke
 
     prep = trainer.data.preprocessing
     steps = [v2.ToImage()]
-    if prep["channels"] == 1:
+    if prep.channels == 1:
         steps.append(v2.Grayscale())
-    steps.append(v2.Resize(prep["image_size"], antialias=True))
+    steps.append(v2.Resize(prep.image_size, antialias=True))
     steps += build_augment(OmegaConf.to_container(cfg.augment)) if cfg.get("augment") else []
     steps.append(v2.ToDtype(torch.float32, scale=True))
-    if prep["mean"] is not None:
-        steps.append(v2.Normalize(prep["mean"], prep["std"]))
+    if prep.mean is not None:
+        steps.append(v2.Normalize(prep.mean, prep.std))
     data = Folder(str(folders["train"]), transform=v2.Compose(steps))
     loader = DataLoader(data, batch_size=int(cfg.dataset.batch_size), shuffle=True, num_workers=workers,
                         pin_memory=trainer.runtime.device.type == "cuda")
@@ -267,7 +264,7 @@ def measure_cache_build(cfg: DictConfig) -> tuple[int, float]:
     """Decode the training split into an empty cache folder with all cores: (images, seconds)."""
     ds = cfg.dataset
     root = resolve_root(ds)
-    scanned = scan_dataset(ds, root)
+    scanned = scan(ds, root)
     splits, _ = make_splits(ds, scanned.splits, scanned.classes, int(cfg.seed))
     with tempfile.TemporaryDirectory(prefix="cellcls-bench-cache-") as tmp:
         start = time.perf_counter()

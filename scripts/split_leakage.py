@@ -22,7 +22,8 @@ def main(argv: list[str]) -> int:
 
     from cellcls.audit import read_truth
     from cellcls.config import compose_config
-    from cellcls.data.datamodule import make_splits, resolve_root, scan_dataset
+    from cellcls.data.datamodule import make_splits, resolve_root
+    from cellcls.data.layouts import scan
 
     truth = read_truth(Path(own["truth"]))
     print("| seed | split_by | split | images sharing their group with train |")
@@ -30,7 +31,7 @@ def main(argv: list[str]) -> int:
     for seed in own.get("seeds", "0,1,2,42").split(","):
         for rule in own.get("split_by", "image,duplicates").split(","):
             cfg = compose_config([*overrides, f"seed={seed}", f"dataset.split_by={rule}"])
-            scanned = scan_dataset(cfg.dataset, resolve_root(cfg.dataset))
+            scanned = scan(cfg.dataset, resolve_root(cfg.dataset))
             splits = make_splits(cfg.dataset, scanned.splits, scanned.classes, int(seed), progress=False)[0]
             train = {truth.get(p.resolve()) for p in splits["train"].paths}
             for name in ("val", "test"):

@@ -9,7 +9,7 @@ import re
 import pytest
 from conftest import TINY, compose_config, real_dataset, run_cli
 
-from cellcls.data.layout import Samples
+from cellcls.data.samples import Samples
 from cellcls.data.splits import cross_validation_fold
 from cellcls.errors import ConfigError, DataError
 

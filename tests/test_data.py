@@ -11,7 +11,7 @@ from conftest import real_dataset, run_cli
 from PIL import Image
 
 from cellcls.data.dataset import load_image
-from cellcls.data.layout import discover_classes, scan_split
+from cellcls.data.layouts.folders import discover_classes, scan_split
 from cellcls.data.splits import stratified_holdout
 from cellcls.data.transforms import build_augment, build_transform
 from cellcls.errors import ConfigError, DataError

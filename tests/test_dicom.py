@@ -94,7 +94,7 @@ def test_the_patient_id_never_appears_in_an_error(tmp_path):
 
 def test_a_dicom_file_in_a_class_folder_is_found_and_cached_like_any_image(tmp_path):
     from cellcls.data.cache import decode_split
-    from cellcls.data.layout import scan_split
+    from cellcls.data.layouts.folders import scan_split
 
     for cls in ("normal", "pneumonia"):
         write_dicom((tmp_path / "train" / cls).mkdir(parents=True) or tmp_path / "train" / cls / "x.dcm", xray())
@@ -123,17 +123,18 @@ def test_a_configured_window_replaces_the_files_own(tmp_path):
 
 def test_the_configured_window_is_part_of_the_model_recipe_and_the_cache_key(tmp_path):
     from cellcls.data.cache import cache_key
-    from cellcls.data.layout import Samples
-    from cellcls.data.preprocessing import preprocessing_of
+    from cellcls.data.samples import Samples
+    from cellcls.data.preprocessing import Preprocessing
 
     cfg = compose_config("dataset=pneumonia", "dataset.dicom_window=[40,400]")
-    assert preprocessing_of(cfg.dataset)["window"] == [40.0, 400.0]
+    assert Preprocessing.from_config(cfg.dataset).to_dict()["window"] == [40.0, 400.0]
     samples = Samples([write_dicom(tmp_path / "x.dcm", xray())], [0])
     assert cache_key(samples, 1, (64, 64), [40, 400]) != cache_key(samples, 1, (64, 64))
 
 
 def test_the_patient_id_in_the_header_keeps_each_patients_images_on_one_side(tmp_path):
-    from cellcls.data.datamodule import make_splits, resolve_root, scan_dataset
+    from cellcls.data.datamodule import make_splits, resolve_root
+    from cellcls.data.layouts import scan
 
     image = xray()[:128, :128]
     for i in range(24):
@@ -144,14 +145,14 @@ def test_the_patient_id_in_the_header_keeps_each_patients_images_on_one_side(tmp
         write_dicom(folder / f"img{i:02d}.dcm", np.roll(image, i, axis=1), PatientID=f"P{(i // 2) // 2 * 2 + i % 2:02d}")
     cfg = compose_config("dataset=folder", f"dataset.root={tmp_path}", "dataset.group_tag=PatientID",
                          "dataset.split_by=patient", "dataset.val_fraction=0.34")
-    scanned = scan_dataset(cfg.dataset, resolve_root(cfg.dataset))
+    scanned = scan(cfg.dataset, resolve_root(cfg.dataset))
     splits, leaks = make_splits(cfg.dataset, scanned.splits, scanned.classes, 0)
     train, val = set(splits["train"].groups), set(splits["val"].groups)
     assert len(train | val) == 12 and not train & val and not leaks
 
 
 def test_a_group_tag_that_is_no_dicom_keyword_is_refused_with_examples(tmp_path):
-    from cellcls.data.layout import Samples
+    from cellcls.data.samples import Samples
     from cellcls.data.splits import attach_groups
     from cellcls.errors import ConfigError
 

@@ -13,9 +13,10 @@ from conftest import SHARED_DATA, compose_config, copy_images, real_dataset, run
 from PIL import Image, ImageOps
 
 from cellcls.config.schema import DuplicatesConfig
-from cellcls.data.datamodule import make_splits, resolve_root, scan_dataset
+from cellcls.data.datamodule import make_splits, resolve_root
+from cellcls.data.layouts import scan
 from cellcls.data.duplicates import MIRROR, find_duplicates, fingerprint
-from cellcls.data.layout import Samples
+from cellcls.data.samples import Samples
 from cellcls.data.leakage import duplicate_clusters, find_leaks
 from cellcls.data.splits import attach_groups
 from cellcls.data.splits import group_ids
@@ -123,7 +124,7 @@ def blood_splits(cache_root):
     with pytest.MonkeyPatch.context() as mp:  # the autouse cache fixture is per test, not yet active here
         mp.setenv("CELLCLS_CACHE", str(cache_root))
         cfg = compose_config("dataset=blood_cells", f"dataset.root={root}")
-        scanned = scan_dataset(cfg.dataset, resolve_root(cfg.dataset))
+        scanned = scan(cfg.dataset, resolve_root(cfg.dataset))
         splits, leaks = make_splits(cfg.dataset, scanned.splits, scanned.classes, int(cfg.seed), progress=False)
         return splits, leaks, duplicate_clusters(splits, cfg.dataset, progress=False)
 
@@ -184,7 +185,7 @@ def test_a_patient_on_both_sides_of_given_split_folders_is_reported(tmp_path):
     (tmp_path / "val" / "Parasitized").mkdir()
     Image.open(infected[0]).save(tmp_path / "val" / "Parasitized" / infected[0].name)
     cfg = compose_config("dataset=folder", f"dataset.root={tmp_path}", "dataset.group_pattern='^(C\\d+)'")
-    scanned = scan_dataset(cfg.dataset, resolve_root(cfg.dataset))
+    scanned = scan(cfg.dataset, resolve_root(cfg.dataset))
     _, leaks = make_splits(cfg.dataset, scanned.splits, scanned.classes, 0)
     assert [(leak.split, leak.kind, leak.images, leak.total) for leak in leaks] == [("val", "patient", 4, 4)]
 

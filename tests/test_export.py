@@ -23,7 +23,7 @@ from cellcls.models.trained import LoadedModel, load_model
 
 def real_batch(loaded: LoadedModel, n: int = 12) -> torch.Tensor:
     prep = loaded.preprocessing
-    return torch.stack([load_image(p, prep["channels"], prep["image_size"]) for p in malaria_images(n)])
+    return torch.stack([load_image(p, prep.channels, prep.image_size) for p in malaria_images(n)])
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

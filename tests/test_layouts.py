@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import compose_config, copy_images, real_dataset
 
-from cellcls.data.datamodule import make_splits, resolve_root, scan_dataset
+from cellcls.data.datamodule import make_splits, resolve_root
+from cellcls.data.layouts import scan
 from cellcls.errors import DataError
 
 BLOOD = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
@@ -14,7 +15,7 @@ BLOOD = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 def layout(dataset: str, root, *overrides: str):
     cfg = compose_config(f"dataset={dataset}", f"dataset.root={root}", *overrides)
     base = resolve_root(cfg.dataset)
-    scanned = scan_dataset(cfg.dataset, base)
+    scanned = scan(cfg.dataset, base)
     splits, _ = make_splits(cfg.dataset, scanned.splits, scanned.classes, 0)
     return scanned.classes, scanned.folders, splits, scanned.ignored
 
@@ -149,8 +150,55 @@ def test_dangling_and_looping_links_are_listed_as_skipped_with_their_reason(tmp_
     (infected / "loop.png").symlink_to(infected / "loop.png")
     (infected / "good_link.png").symlink_to(sorted(infected.glob("*.png"))[0])
     cfg = compose_config("dataset=malaria", f"dataset.root={tmp_path}")
-    scanned = scan_dataset(cfg.dataset, resolve_root(cfg.dataset))
+    scanned = scan(cfg.dataset, resolve_root(cfg.dataset))
     assert dict(scanned.missing) == {
         str(infected / "gone.png"): f"a symbolic link to {tmp_path / 'nowhere.png'}, which does not exist",
         str(infected / "loop.png"): "a symbolic link that loops back on itself"}
     assert infected / "good_link.png" in scanned.splits["train"].paths
+
+
+def test_a_layout_of_ones_own_is_used_by_training_and_by_evaluate_alike(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+    from conftest import malaria_images
+
+    from cellcls.data import layouts
+    from cellcls.data.datamodule import build_data
+    from cellcls.data.layouts import Layout, Scanned, scan_location
+    from cellcls.data.samples import Samples
+
+    class FlatNames(Layout):
+        """One folder of ``<class>__<name>.png`` files: the class in the file name."""
+
+        what = "a flat folder of <class>__<name>.png files"
+
+        def describes(self, ds):
+            return ds.name == "flat"
+
+        def holds(self, location):
+            return location.is_dir() and any("__" in p.name for p in location.glob("*.png"))
+
+        def _samples(self, folder, classes):
+            files = sorted(folder.glob("*__*.png"))
+            return Samples(files, [classes.index(p.name.split("__")[0]) for p in files])
+
+        def scan(self, ds, root):
+            return Scanned(["Parasitized", "Uninfected"], {"train": self._samples(root, ["Parasitized", "Uninfected"])})
+
+        def scan_location(self, ds, location, classes):
+            return Scanned(list(classes), {"data": self._samples(location, list(classes))}, root=location)
+
+    monkeypatch.setattr(layouts, "LAYOUTS", list(layouts.LAYOUTS))
+    layouts.register_layout(FlatNames())
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in malaria_images(20):
+        shutil.copy2(path, flat / f"{path.parent.name}__{path.name}")
+    cfg = compose_config("dataset=folder", "dataset.name=flat", f"dataset.root={flat}", "dataset.image_size=[32,32]",
+                         "dataset.val_fraction=0.2")
+    data = build_data(cfg.dataset, None, 0, torch.device("cpu"), "loader")
+    assert data.classes == ["Parasitized", "Uninfected"]
+    assert len(data.splits["train"]) + len(data.splits["val"]) == 20
+    found = scan_location(cfg.dataset, flat, ["Parasitized", "Uninfected"])
+    assert sorted(found.splits["data"].labels) == [0] * 10 + [1] * 10

@@ -75,7 +75,7 @@ def test_a_timm_model_exports_with_the_checkpoints_probabilities(timm_run, tmp_p
     loaded = load_model(timm_run, device="cpu")
     exported = load_exported(export_model(loaded, fmt, tmp_path / ("m.onnx" if fmt == "onnx" else "m.torchscript.pt")))
     prep = loaded.preprocessing
-    images = torch.stack([load_image(p, prep["channels"], prep["image_size"]) for p in malaria_images(8)])
+    images = torch.stack([load_image(p, prep.channels, prep.image_size) for p in malaria_images(8)])
     np.testing.assert_allclose(exported.predict(images), loaded.predict(images), atol=1e-4, rtol=0)
     assert exported.card["model"] == "timm:resnet18"
 
@@ -85,7 +85,7 @@ def test_predict_with_tta_gives_the_average_of_the_flipped_predictions(timm_run)
     with_tta, _ = predict_files(load_model(timm_run, "cpu", tta="hflip"), files)
     plain = load_model(timm_run, "cpu")
     prep = plain.preprocessing
-    images = torch.stack([load_image(p, prep["channels"], prep["image_size"]) for p in files])
+    images = torch.stack([load_image(p, prep.channels, prep.image_size) for p in files])
     with torch.inference_mode():
         x = plain.prepare(images)
         expected = plain.decision.probabilities((plain.model(x) + plain.model(x.flip(3))) / 2).numpy()

@@ -81,7 +81,8 @@ def test_the_imagenet_preset_normalises_with_the_published_statistics(channels, 
     cfg = compose_config(*TINY, f"dataset.channels={channels}", "dataset.mean=imagenet", "dataset.std=ImageNet")
     validate(cfg)
     data = build_data(cfg.dataset, None, 0, torch.device("cpu"), "loader")
-    assert data.preprocessing["mean"] == mean and data.preprocessing["std"] == std  # numbers: what checkpoints and exports keep
+    stored = data.preprocessing.to_dict()
+    assert stored["mean"] == mean and stored["std"] == std  # numbers: what checkpoints and exports keep
     images, _ = next(iter(data.loaders["val"]))
     raw = next(iter(build_data(compose_config(*TINY, f"dataset.channels={channels}", "dataset.mean=null",
                                               "dataset.std=null").dataset, None, 0, torch.device("cpu"),

@@ -15,6 +15,7 @@ import pytest
 from conftest import Server, malaria_images, write_dicom
 from PIL import Image
 
+from cellcls.data.preprocessing import Preprocessing
 from cellcls.deploy.export import export_model
 from cellcls.deploy.predict import predict_files
 from cellcls.models.trained import load_model
@@ -286,9 +287,8 @@ class _Fixed:
 
     def __init__(self, probs: list[float]) -> None:
         self.probs = probs
-        self.preprocessing = {"channels": 3, "image_size": [64, 64], "mean": None, "std": None,
-                              "reference": {"width": [100, 150], "height": [100, 150], "modes": ["RGB"],
-                                            "intensity": [0.3, 0.7]}}
+        self.preprocessing = Preprocessing((64, 64), 3, reference={
+            "width": [100, 150], "height": [100, 150], "modes": ["RGB"], "intensity": [0.3, 0.7]})
 
     def predict(self, images):
         import numpy as np

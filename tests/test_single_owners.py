@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from cellcls.data.preprocessing import Normalize, preprocess, to_unit
+from cellcls.data.preprocessing import Normalize, Preprocessing, preprocess, to_unit
 from cellcls.scoring.heads import labels_of, predicted_labels, probabilities
 from cellcls.infra.run_folder import RunFolder, atomic_write
 
@@ -37,9 +37,19 @@ def test_the_input_recipe_is_torchvisions_to_dtype_and_normalize():
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     expected = v2.Normalize(mean, std)(v2.ToDtype(torch.float32, scale=True)(images))
-    assert torch.equal(preprocess(images, {"mean": mean, "std": std}), expected)
+    assert torch.equal(preprocess(images, Preprocessing((8, 8), 3, mean, std)), expected)
     assert torch.allclose(Normalize(mean, std).inverse(expected), to_unit(images), atol=1e-6)
-    assert torch.equal(preprocess(images, {"mean": None, "std": None}), to_unit(images))
+    assert torch.equal(preprocess(images, Preprocessing((8, 8), 3)), to_unit(images))
+
+
+def test_the_input_recipe_reads_back_what_it_stored_and_fills_what_older_files_lack():
+    recipe = Preprocessing((32, 48), 1, (0.5,), (0.25,), (40.0, 400.0), reference={"modes": ["L"]})
+    assert Preprocessing.from_dict(recipe.to_dict()) == recipe
+    assert Preprocessing.from_input_spec(recipe.input_spec()) == recipe  # an exported model's card keeps the window
+    old = Preprocessing.from_dict({"image_size": [32, 32], "channels": 3, "mean": None, "std": None})
+    assert (old.window, old.resize, old.scale, old.reference) == (None, "bilinear", "1/255", {})
+    with pytest.raises(ValueError, match=r"best.pt is not usable: preprocessing lacks \['std'\]"):
+        Preprocessing.from_dict({"image_size": [32, 32], "channels": 3, "mean": None}, source="best.pt")
 
 
 @pytest.mark.parametrize("outputs", [1, 2, 4])

@@ -19,9 +19,9 @@ from cellcls.data.datamodule import (
     build_data,
     make_splits,
     resolve_root,
-    scan_dataset,
 )
-from cellcls.data.layout import scan_split
+from cellcls.data.layouts import scan
+from cellcls.data.layouts.folders import scan_split
 from cellcls.data.transforms import build_augment
 from cellcls.errors import DataError
 from cellcls.paths import cache_dir
@@ -33,7 +33,7 @@ def patient(path, pattern):
 
 def splits_of(*overrides):
     cfg = compose_config(*overrides)
-    scanned = scan_dataset(cfg.dataset, resolve_root(cfg.dataset))
+    scanned = scan(cfg.dataset, resolve_root(cfg.dataset))
     return make_splits(cfg.dataset, scanned.splits, scanned.classes, int(cfg.seed))[0], cfg
 
 
@@ -187,7 +187,7 @@ def test_rotation_really_rotates_an_image():
 
 def test_worker_processes_and_threads_decode_the_same_pixels_and_skip_the_same_files(tmp_path, monkeypatch):
     from cellcls.data import cache
-    from cellcls.data.layout import Samples
+    from cellcls.data.samples import Samples
 
     files = copy_images(real_dataset("malaria") / "cell_images" / "Parasitized", tmp_path / "imgs", 40)
     (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
@@ -227,7 +227,7 @@ SLOW_DECODE = """
 import os, sys, time
 from pathlib import Path
 from cellcls.data import cache, decode
-from cellcls.data.layout import Samples
+from cellcls.data.samples import Samples
 
 original = decode.decode_image
 def slow(*args, **kwargs):

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY, compose_config, real_dataset, train_in_process
 
-from cellcls.data.datamodule import build_data, make_splits, resolve_root, scan_dataset
+from cellcls.data.datamodule import build_data, make_splits, resolve_root
+from cellcls.data.layouts import scan
 from cellcls.errors import DataError
 
 DIAGNOSES = {"benign": ["nevus", "seborrheic_keratosis"], "malignant": ["melanoma"]}
@@ -55,7 +56,7 @@ def isic_config(folder: Path, *overrides: str):
 
 
 def splits_of(cfg):
-    scanned = scan_dataset(cfg.dataset, resolve_root(cfg.dataset))
+    scanned = scan(cfg.dataset, resolve_root(cfg.dataset))
     return scanned, make_splits(cfg.dataset, scanned.splits, scanned.classes, int(cfg.seed))[0]
 
 

@@ -74,9 +74,9 @@ class Model:
         if isinstance(images, (np.ndarray, torch.Tensor)) and np.ndim(images) == 4:
             batch = torch.as_tensor(np.asarray(images))
         else:
-            batch = torch.stack([load_image(Path(i), prep["channels"], prep["image_size"], window=prep.get("window"))
+            batch = torch.stack([load_image(Path(i), prep.channels, prep.image_size, window=prep.window)
                                  if isinstance(i, (str, Path)) else torch.as_tensor(np.asarray(i)) for i in images])
-        want = (int(prep["channels"]), *(int(s) for s in prep["image_size"]))
+        want = (int(prep.channels), *(int(s) for s in prep.image_size))
         if batch.dtype != torch.uint8 or tuple(batch.shape[1:]) != want:
             raise ValueError(f"arrays must be uint8 N x {want[0]} x {want[1]} x {want[2]} (decoded and resized as in "
                              f"training); got {batch.dtype} {tuple(batch.shape)}; pass file paths to have them decoded")

@@ -35,7 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if done is not None:
         return done
     from cellcls.data.audit import audit_splits, recovery, report_text, write_audit
-    from cellcls.data.datamodule import make_splits, resolve_root, scan_dataset
+    from cellcls.data.datamodule import make_splits, resolve_root
+    from cellcls.data.layouts import scan
     from cellcls.data.splits import read_split_lists
 
     own, overrides = split_own(args, OWN)
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = OmegaConf.load(run.config)
             check_targets(cfg, source=str(run.config))
             root = resolve_root(cfg.dataset)
-            classes = list(cfg.dataset.classes or scan_dataset(cfg.dataset, root).classes)
+            classes = list(cfg.dataset.classes or scan(cfg.dataset, root).classes)
             splits = read_split_lists(run, root, classes)
             folder = AuditFolder(Path(own["output"])) if "output" in own else run.audit
         else:
@@ -59,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = compose_config(overrides)
             validate(cfg)
             root = resolve_root(cfg.dataset)
-            scanned = scan_dataset(cfg.dataset, root)
+            scanned = scan(cfg.dataset, root)
             classes = scanned.classes
             splits = make_splits(cfg.dataset, scanned.splits, classes, int(cfg.seed))[0]
             folder = AuditFolder(Path(own.get("output", f"audit/{cfg.dataset.name}")))

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cellcls.cli import as_bool, check_writable, command_args, fail, own_settings
-from cellcls.data.layout import IMAGE_EXTENSIONS
-from cellcls.data.table import is_table
+from cellcls.data.layouts.folders import IMAGE_EXTENSIONS
+from cellcls.data.layouts.table import is_table
 from cellcls.deploy.predict import list_inputs, predict_files, write_csv
 from cellcls.deploy.predictor import load_predictor
 from cellcls.errors import ConfigError, DataError, printable, writing

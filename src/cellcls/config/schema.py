@@ -88,7 +88,7 @@ class DuplicatesConfig:
 
 @dataclass
 class TableConfig:
-    """A data set listed in a table (``dataset=csv``; cellcls.data.table): one row per image."""
+    """A data set listed in a table (``dataset=csv``; cellcls.data.layouts.table): one row per image."""
 
     file: str | None = None  # the CSV or Parquet file (absolute, or relative to the working folder or root)
     path: str = "path"  # the column holding each image's path, relative to dataset.root

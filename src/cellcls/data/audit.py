@@ -13,7 +13,7 @@ from sklearn.metrics.cluster import pair_confusion_matrix
 from cellcls.config.schema import DuplicatesConfig
 from cellcls.data.decode import decode_image
 from cellcls.data.duplicates import Duplicates, cached_duplicates
-from cellcls.data.layout import Samples
+from cellcls.data.samples import Samples
 from cellcls.data.splits import relative_path
 from cellcls.errors import DataError
 from cellcls.infra.run_folder import AuditFolder, atomic_write, write_csv, write_json

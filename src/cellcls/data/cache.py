@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cellcls.data.decode import decode_image, decode_rows, max_pixels
-from cellcls.data.layout import Samples
+from cellcls.data.samples import Samples
 from cellcls.errors import DataError
 from cellcls.processes import pid_running
 

@@ -7,7 +7,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,14 +19,8 @@ from cellcls.data.cache import DecodedSplit, decode_split
 from cellcls.data.dataset import CachedImages, ImageFiles, skip_none_collate
 from cellcls.data.decode import decode_image
 from cellcls.data.device_loader import DeviceBatches
-from cellcls.data.layout import (
-    Samples,
-    discover_classes,
-    locate_splits,
-    scan_split,
-    split_names,
-    unmatched_folders,
-)
+from cellcls.data.layouts import scan
+from cellcls.data.layouts.folders import SPLITS
 from cellcls.data.leakage import (
     Leak,
     duplicate_clusters,
@@ -41,17 +34,16 @@ from cellcls.data.normalization import (
     is_auto,
     sample_rows,
 )
-from cellcls.data.preprocessing import preprocessing_of
+from cellcls.data.preprocessing import Preprocessing
 from cellcls.data.reference import training_reference
-from cellcls.data.splits import attach_groups, cross_validation_fold, stratified_holdout
+from cellcls.data.samples import Samples
+from cellcls.data.splits import cross_validation_fold, stratified_holdout
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
-from cellcls.data.table import load_table
 from cellcls.data.transforms import build_transform
 from cellcls.errors import ConfigError, DataError
 from cellcls.paths import cache_dir
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -62,7 +54,7 @@ class DataBundle:
     classes: list[str]
     splits: dict[str, Samples]
     loaders: dict[str, DataLoader | DeviceBatches]
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     train_generator: torch.Generator
     ignored: list[Path] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -82,50 +74,6 @@ def resolve_root(ds: DictConfig) -> Path:
     if not root.is_dir():
         raise DataError(f"dataset.root={ds.root!s}: no such folder (expected the unzipped {ds.name} download)")
     return root.resolve()
-
-
-def resolve_layout(ds: DictConfig, root: Path) -> tuple[list[str], dict[str, Path]]:
-    """Class names and the folder of each split present in the download."""
-    names = split_names(OmegaConf.to_container(ds.splits, resolve=True))
-    aliases = OmegaConf.to_container(ds.class_aliases)
-    classes = list(ds.classes) if ds.classes else None
-    if classes is None:  # a user's own data set: the training folder's sub-folders are the classes
-        train = next((root / n for n in names.get("train", []) if (root / n).is_dir()), root)
-        classes = discover_classes(train)
-    return classes, locate_splits(root, classes, names, aliases, int(ds.search_depth))
-
-
-@dataclass
-class Scanned:
-    """A data set as its source lists it, before any hold-out: classes, the images of each split it names, the
-    non-image files passed over and the table rows whose file does not exist."""
-
-    classes: list[str]
-    splits: dict[str, Samples]
-    folders: dict[str, Path] = field(default_factory=dict)  # class-folder data sets: each split's folder
-    ignored: list[Path] = field(default_factory=list)
-    missing: list[tuple[str, str]] = field(default_factory=list)
-
-
-def scan_dataset(ds: DictConfig, root: Path) -> Scanned:
-    """The images of each split that the download's folders (or ``dataset.table``) name, with their groups."""
-    if ds.get("table") is not None:
-        table = load_table(ds, root)
-        splits = {name: attach_groups(table.splits[name], ds) for name in SPLITS if name in table.splits}
-        return Scanned(table.classes, splits, missing=table.missing)
-    classes, folders = resolve_layout(ds, root)
-    aliases = OmegaConf.to_container(ds.class_aliases)
-    for name, folder in folders.items():
-        if extra := unmatched_folders(folder, classes, aliases):
-            what = (f"{folder}: folder(s) {[p.name for p in extra]} hold images of no class the model learns "
-                    f"({classes}")
-            if not ds.classes:  # the classes came from the training folder: the layouts disagree
-                raise DataError(f"{what}, the training folder's sub-folders); add them to the training folder too, "
-                                "or move them out of the data set")
-            log.warning("%s, dataset.classes); their images are not used", what)
-    splits = {name: attach_groups(scan_split(folders[name], classes, aliases), ds) for name in SPLITS if name in folders}
-    return Scanned(classes, splits, folders, [p for s in splits.values() for p in s.ignored],
-                   [b for s in splits.values() for b in s.broken])
 
 
 def fold_of(cfg: DictConfig) -> tuple[int, int] | None:
@@ -173,7 +121,7 @@ def _require_every_class(samples: Samples, classes: list[str], split: str) -> No
 
 
 def _training_statistics(
-    train: Samples, decoded: DecodedSplit | None, prep: dict[str, Any]
+    train: Samples, decoded: DecodedSplit | None, prep: Preprocessing
 ) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the training images: all of them from the cache, else a decoded sample."""
     if decoded is not None:
@@ -181,7 +129,7 @@ def _training_statistics(
     pixels = []
     for i in sample_rows(len(train)):
         try:
-            pixels.append(decode_image(train.paths[i], prep["channels"], prep["image_size"], window=prep.get("window")))
+            pixels.append(decode_image(train.paths[i], prep.channels, prep.image_size, window=prep.window))
         except DataError:
             continue  # reported when training reaches it
     if not pixels:
@@ -219,12 +167,12 @@ def build_data(
     ``fold=(k, K)`` the splits are those of cross-validation fold k (see :func:`make_splits`).
     """
     root = resolve_root(ds)
-    scanned = scan_dataset(ds, root)
+    scanned = scan(ds, root)
     classes = scanned.classes
     splits, leaks = make_splits(ds, scanned.splits, classes, seed if ds.split_seed is None else int(ds.split_seed),
                                 fold=fold)
     warn_leaks(leaks)
-    prep = preprocessing_of(ds)
+    prep = Preprocessing.from_config(ds)
     use_cache = bool(ds.cache)
     mode = resolve_pipeline(str(pipeline), use_cache)
     workers = int(ds.num_workers)
@@ -235,25 +183,25 @@ def build_data(
     decoded: dict[str, DecodedSplit] = {}
     if use_cache:  # every split first: `auto` normalisation needs the training split's pixels
         for name, samples in splits.items():
-            decoded[name] = decode_split(samples, prep["channels"], prep["image_size"], cache_dir(),
-                                         desc=f"decoding {name} (first use)", window=prep["window"],
+            decoded[name] = decode_split(samples, prep.channels, prep.image_size, cache_dir(),
+                                         desc=f"decoding {name} (first use)", window=prep.window,
                                          check_stop=check_stop)
             if decoded[name].decoded:
                 log.info("decoded %d %s images into the cache %s", decoded[name].decoded, name, decoded[name].file.parent)
             skipped += decoded[name].skipped
             splits[name] = samples.subset(decoded[name].kept)
-    if is_auto(prep["mean"]):
-        prep["mean"], prep["std"] = _training_statistics(splits["train"], decoded.get("train"), prep)
-        log.info("input normalisation (training split statistics): %s", describe(prep["mean"], prep["std"]))
-    prep["reference"] = training_reference(splits["train"], decoded.get("train"), prep)
+    if is_auto(ds.mean):
+        prep = prep.with_statistics(*_training_statistics(splits["train"], decoded.get("train"), prep))
+        log.info("input normalisation (training split statistics): %s", describe(prep.mean, prep.std))
+    prep = prep.with_reference(training_reference(splits["train"], decoded.get("train"), prep))
     for name, samples in splits.items():
         aug = OmegaConf.to_container(augment) if (name == "train" and augment is not None) else None
-        transform = build_transform(aug, prep["mean"], prep["std"])
+        transform = build_transform(aug, prep.mean, prep.std)
         dataset: Dataset
         if use_cache:
             dataset = CachedImages(decoded[name].file, decoded[name].kept, samples.labels, transform)
         else:
-            dataset = ImageFiles(samples, prep["channels"], prep["image_size"], transform, prep["window"])
+            dataset = ImageFiles(samples, prep.channels, prep.image_size, transform, prep.window)
         _require_every_class(samples, classes, name)
         batch_size = int(ds.batch_size) if name == "train" or not eval_batch_size else int(eval_batch_size)
         sampler = None
@@ -267,7 +215,7 @@ def build_data(
         if mode == "device":
             loaders[name] = DeviceBatches(
                 decoded[name].file, decoded[name].kept, samples.labels, batch_size, device,
-                augment=BatchAugment(aug) if aug else None, mean=prep["mean"], std=prep["std"],
+                augment=BatchAugment(aug) if aug else None, mean=prep.mean, std=prep.std,
                 shuffle=name == "train" and bool(ds.shuffle),
                 generator=generator if name == "train" else None, sampler=sampler, drop_last=drop_last,
             )

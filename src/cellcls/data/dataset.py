@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from cellcls.data.decode import decode_image
-from cellcls.data.layout import Samples
+from cellcls.data.samples import Samples
 from cellcls.errors import DataError
 
 

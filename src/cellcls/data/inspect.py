@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from cellcls.training.validate import validate
-from cellcls.data.datamodule import make_splits, resolve_root, scan_dataset
+from cellcls.data.datamodule import make_splits, resolve_root
+from cellcls.data.layouts import scan
 from cellcls.data.splits import group_source
 from cellcls.data.summary import count_table, image_properties
 from cellcls.errors import ConfigError, DataError
@@ -39,7 +40,7 @@ def describe(cfg: DictConfig) -> str:
     """The report ``inspect`` prints for a composed training config."""
     ds = cfg.dataset
     root = resolve_root(ds)
-    scanned = scan_dataset(ds, root)
+    scanned = scan(ds, root)
     classes, ignored = scanned.classes, scanned.ignored
     splits, leaks = make_splits(ds, scanned.splits, classes, int(cfg.seed))
     lines = [f"data set {ds.name} at {root}"]

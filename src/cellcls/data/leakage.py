@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cellcls.config.schema import DuplicatesConfig
 from cellcls.data.duplicates import cached_duplicates
-from cellcls.data.layout import Samples
+from cellcls.data.samples import Samples
 from cellcls.errors import DataError
 
 log = logging.getLogger(__name__)

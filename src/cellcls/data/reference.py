@@ -13,15 +13,16 @@ import numpy as np
 
 from cellcls.data.cache import DecodedSplit
 from cellcls.data.decode import decode_image, image_header
-from cellcls.data.layout import Samples
+from cellcls.data.samples import Samples
 from cellcls.data.normalization import sample_rows
+from cellcls.data.preprocessing import Preprocessing
 from cellcls.errors import DataError
 
 # how far outside the training sizes an upload may be before it is worth a warning (a factor)
 SIZE_SLACK = 2.0
 
 
-def training_reference(train: Samples, decoded: DecodedSplit | None, prep: dict[str, Any]) -> dict[str, Any]:
+def training_reference(train: Samples, decoded: DecodedSplit | None, prep: Preprocessing) -> dict[str, Any]:
     """Sizes, modes and the intensity range of (a sample of) the training split."""
     rows = sample_rows(len(train))
     widths, heights, modes = [], [], set()
@@ -41,7 +42,7 @@ def training_reference(train: Samples, decoded: DecodedSplit | None, prep: dict[
         means = []
         for i in rows:
             try:
-                means.append(float(decode_image(train.paths[i], prep["channels"], prep["image_size"], window=prep.get("window")).mean()) / 255)
+                means.append(float(decode_image(train.paths[i], prep.channels, prep.image_size, window=prep.window).mean()) / 255)
             except DataError:
                 continue
     if not means or not widths:

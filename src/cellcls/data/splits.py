@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from cellcls.data.dicom import header_values
-from cellcls.data.layout import Samples
+from cellcls.data.samples import Samples
 from cellcls.errors import ConfigError, DataError
 from cellcls.infra.run_folder import RunFolder, write_csv
 

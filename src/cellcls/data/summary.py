@@ -6,7 +6,7 @@ from collections import Counter
 from collections.abc import Mapping
 
 from cellcls.data.decode import image_header, max_pixels
-from cellcls.data.layout import Samples
+from cellcls.data.samples import Samples
 from cellcls.errors import DataError
 
 

@@ -71,9 +71,9 @@ def export_model(loaded: LoadedModel, fmt: str, output: Path, opset: int = 18) -
         raise ValueError(f"format={fmt!r} is not valid; allowed values: {', '.join(FORMATS)}")
     prep = loaded.preprocessing
     # the scorer: a model that averages flips by default (a probe fitted on flip-averaged features) exports with them
-    module = ExportModule(loaded.scorer, prep["mean"], prep["std"], loaded.decision).to("cpu").eval()
-    height, width = (int(v) for v in prep["image_size"])
-    example = torch.rand(2, int(prep["channels"]), height, width)
+    module = ExportModule(loaded.scorer, prep.mean, prep.std, loaded.decision).to("cpu").eval()
+    height, width = (int(v) for v in prep.image_size)
+    example = torch.rand(2, int(prep.channels), height, width)
     card = export_card(loaded, fmt)
     try:
         if fmt == "onnx":
@@ -105,6 +105,6 @@ def _onnx_program(module: nn.Module, example: torch.Tensor, card: dict[str, Any]
 def max_difference(loaded: LoadedModel, exported_path: Path, batch: int = 3) -> float:
     """Largest absolute difference of class probabilities between the checkpoint and the exported file."""
     prep = loaded.preprocessing
-    images = torch.randint(0, 256, (batch, int(prep["channels"]), *(int(v) for v in prep["image_size"])), dtype=torch.uint8)
+    images = torch.randint(0, 256, (batch, int(prep.channels), *(int(v) for v in prep.image_size)), dtype=torch.uint8)
     exported = load_exported(exported_path, device="cpu")
     return float(abs(loaded.predict(images) - exported.predict(images)).max())

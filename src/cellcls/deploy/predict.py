@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from cellcls.data.dataset import load_image
-from cellcls.data.layout import IMAGE_EXTENSIONS, visible_entries
-from cellcls.data.table import is_table, table_paths
+from cellcls.data.layouts.folders import IMAGE_EXTENSIONS, visible_entries
+from cellcls.data.layouts.table import is_table, table_paths
 from cellcls.deploy.predictor import Predictor
 from cellcls.errors import DataError, printable
 from cellcls.infra import plots
@@ -61,7 +61,7 @@ def predict_files(
         chunk, images = [], []
         for path in files[start : start + batch_size]:
             try:
-                images.append(load_image(path, prep["channels"], prep["image_size"], window=prep.get("window")))
+                images.append(load_image(path, prep.channels, prep.image_size, window=prep.window))
                 chunk.append(path)
             except DataError as exc:
                 skipped.append((path, str(exc.__cause__ or exc)))

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from cellcls.data.preprocessing import Preprocessing
 from cellcls.deploy.runtimes import is_exported, load_exported
 from cellcls.errors import ConfigError
 from cellcls.models.trained import load_model
@@ -18,7 +19,7 @@ class Predictor(Protocol):
     """What predict and serve need of a model, whether a checkpoint or an exported file."""
 
     classes: list[str]
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     path: Path
     supports_cam: bool
     threshold: float | None  # two classes: class 1 when its probability reaches it; None: the arg-max

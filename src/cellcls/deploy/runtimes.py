@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cellcls.config.targets import check_targets
-from cellcls.data.preprocessing import to_unit
+from cellcls.data.preprocessing import Preprocessing, to_unit
 
 CARD_KEY = "cellcls"
 TS_EXTRA = "cellcls.json"
@@ -61,10 +61,8 @@ class ExportedModel:
         return (self.card.get("decision") or {}).get("threshold")
 
     @property
-    def preprocessing(self) -> dict[str, Any]:
-        spec = self.card["input"]
-        return {"channels": spec["channels"], "image_size": [spec["height"], spec["width"]], "mean": spec["mean"],
-                "std": spec["std"], "reference": spec.get("training_range") or {}}
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_input_spec(self.card["input"])
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
         """Class probabilities ``N x num_classes`` for uint8 images (``N x C x H x W``)."""

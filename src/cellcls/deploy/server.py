@@ -79,8 +79,8 @@ class Classifier:
         if len(data) > self.limits.max_image_bytes:
             raise DataError(f"{name} is {len(data) / 2**20:.1f} MB; the limit is {self.limits.max_image_mb:g} MB per image")
         prep = self.predictor.preprocessing
-        return load_image(io.BytesIO(data), prep["channels"], prep["image_size"], name=name, limit=self.limits.max_pixels,
-                          window=prep.get("window"))
+        return load_image(io.BytesIO(data), prep.channels, prep.image_size, name=name, limit=self.limits.max_pixels,
+                          window=prep.window)
 
     def classify_base64(self, name: str, text: str, cam: bool = True) -> dict[str, Any]:
         """:meth:`classify` for a file sent as base64 text (the JSON API's form)."""
@@ -115,7 +115,7 @@ class Classifier:
 
     def unusual(self, data: bytes, image: torch.Tensor) -> list[str]:
         """Ways the upload is far from the training images (shown as warnings; the image is still classified)."""
-        reference = self.predictor.preprocessing.get("reference") or {}
+        reference = self.predictor.preprocessing.reference or {}
         if not reference:
             return []
         width, height, mode = image_header(io.BytesIO(data))

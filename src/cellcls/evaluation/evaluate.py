@@ -5,9 +5,7 @@ bootstrap intervals), report.md, predictions.csv and figures; the scores and fig
 from __future__ import annotations
 
 import csv
-import functools
 import json
-import operator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,14 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from cellcls.config.checks import apply_overrides
-from cellcls.config.schema import TableConfig
 from cellcls.data.cache import decode_split
 from cellcls.data.datamodule import build_data, fold_of
 from cellcls.data.dataset import CachedImages, load_image
-from cellcls.data.layout import Samples, scan_split
+from cellcls.data.samples import Samples
 from cellcls.data.leakage import interval_groups
-from cellcls.data.splits import attach_groups
-from cellcls.data.table import is_table, load_table
+from cellcls.data.layouts import scan_location
 from cellcls.data.transforms import build_augment, build_transform
 from cellcls.errors import ConfigError, DataError
 from cellcls.infra import plots
@@ -65,33 +61,23 @@ class ImageRows:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return load_image(self.samples.paths[int(i)], self.prep["channels"], self.prep["image_size"],
-                          window=self.prep.get("window")).numpy()
+        return load_image(self.samples.paths[int(i)], self.prep.channels, self.prep.image_size,
+                          window=self.prep.window).numpy()
 
 
 def _external_data(loaded: LoadedModel, data: Path, batch_size: int) -> tuple[Samples, DataLoader, list, Path]:
     """A class-folder directory, or a table (``dataset.table`` settings; paths relative to the table's folder,
     every row whatever its split), scored with the checkpoint's classes; returns its images root too."""
-    ds = loaded.config.dataset
-    missing: list[tuple[str, str]] = []
-    if is_table(data):
-        table = OmegaConf.merge(OmegaConf.structured(TableConfig), ds.get("table") or {}, {"file": str(data), "split": None})
-        external = OmegaConf.merge(ds, {"table": table, "classes": list(loaded.classes)})
-        root = data.parent
-        found = load_table(external, root)
-        samples = functools.reduce(operator.add, found.splits.values())
-        missing = found.missing
-    else:
-        root = data
-        samples = attach_groups(scan_split(data, loaded.classes, OmegaConf.to_container(ds.class_aliases)), ds)
-        missing = samples.broken
+    found = scan_location(loaded.config.dataset, data, list(loaded.classes))
+    samples = found.splits["data"]
     prep = loaded.preprocessing
-    decoded = decode_split(samples, prep["channels"], prep["image_size"], cache_dir(), desc=f"decoding {data.name}",
-                           window=prep.get("window"))
+    decoded = decode_split(samples, prep.channels, prep.image_size, cache_dir(), desc=f"decoding {data.name}",
+                           window=prep.window)
     kept = samples.subset(decoded.kept)
-    transform = build_transform(None, prep["mean"], prep["std"])
+    transform = build_transform(None, prep.mean, prep.std)
     dataset = CachedImages(decoded.file, decoded.kept, kept.labels, transform)
-    return kept, DataLoader(dataset, batch_size=batch_size), missing + decoded.skipped, root
+    assert found.root is not None
+    return kept, DataLoader(dataset, batch_size=batch_size), found.missing + decoded.skipped, found.root
 
 
 def evaluate(

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from cellcls.data.layout import Samples
+from cellcls.data.samples import Samples
 from cellcls.data.splits import relative_path
 from cellcls.metric_names import HEADLINE
 from cellcls.scoring.heads import labels_of

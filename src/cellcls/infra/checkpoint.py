@@ -115,12 +115,12 @@ def load_checkpoint(location: str | Path, name: str = LAST) -> Checkpoint:
     return Checkpoint(**fields, version=int(version), path=path)
 
 
-# what a reader needs, by field: (type, what it should be); preprocessing's keys are preprocessing_of's
+# what a reader needs, by field: (type, what it should be); the preprocessing's own keys are checked by its type,
+# cellcls.data.preprocessing.Preprocessing.from_dict, where a model is rebuilt
 _REQUIRED = {"epoch": (int, "the epoch number"), "model": (dict, "the network's state dict"),
              "model_spec": (dict, "the model section (name, options)"), "classes": (list, "the class names"),
              "preprocessing": (dict, "the input recipe (image_size, channels, mean, std)"),
              "config": (dict, "the run's config")}
-_PREPROCESSING = ("image_size", "channels", "mean", "std")
 
 
 def _check_contents(payload: dict[str, Any], path: Path) -> None:
@@ -131,10 +131,8 @@ def _check_contents(payload: dict[str, Any], path: Path) -> None:
             found = "missing" if key not in payload else f"a {type(payload[key]).__name__}"
             raise ValueError(f"{path} is not a usable checkpoint: '{key}' ({what}) is {found}; use the run's other "
                              "checkpoint (best.pt or last.pt) or train again")
-    missing = [k for k in _PREPROCESSING if k not in payload["preprocessing"]]
-    if missing or len(payload["classes"]) < 2 or not isinstance(payload["model_spec"].get("name"), str):
-        what = (f"preprocessing lacks {missing}" if missing else "fewer than 2 classes" if len(payload["classes"]) < 2
-                else "model_spec names no model")
+    if len(payload["classes"]) < 2 or not isinstance(payload["model_spec"].get("name"), str):
+        what = "fewer than 2 classes" if len(payload["classes"]) < 2 else "model_spec names no model"
         raise ValueError(f"{path} is not a usable checkpoint: {what}; use the run's other checkpoint or train again")
     bad = [k for k, v in payload["model"].items()
            if not isinstance(v, torch.Tensor) or (v.is_floating_point() and not bool(torch.isfinite(v).all()))]

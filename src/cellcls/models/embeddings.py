@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cellcls.data.preprocessing import Preprocessing
 from cellcls.models.tta import TTA_VIEWS
 from cellcls.infra.run_folder import atomic_write
 
@@ -46,9 +47,10 @@ def embed(net: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], 
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def cache_key(weights_sha256: str, arch: str, preprocessing: dict[str, Any], flips: str, files: Iterable[Path]) -> str:
+def cache_key(weights_sha256: str, arch: str, preprocessing: Preprocessing, flips: str, files: Iterable[Path]) -> str:
     """The key of a split's embeddings: everything that changes them."""
-    recipe = {k: preprocessing.get(k) for k in ("image_size", "channels", "mean", "std", "window", "resize")}
+    stored = preprocessing.to_dict()  # lists, as the cache's keys always hashed them
+    recipe = {k: stored[k] for k in ("image_size", "channels", "mean", "std", "window", "resize")}
     stamps = []
     for f in files:
         st = Path(f).stat()

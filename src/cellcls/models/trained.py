@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cellcls.infra.checkpoint import Checkpoint, load_checkpoint
-from cellcls.data.preprocessing import input_spec, preprocess
+from cellcls.data.preprocessing import Preprocessing, preprocess
 from cellcls.metric_names import EPOCH_METRICS, TEST_METRICS, split_metric
 from cellcls.scoring.metrics import wilson_interval
 from cellcls.models import build_model, model_label
@@ -29,7 +29,7 @@ class LoadedModel:
 
     model: nn.Module
     classes: list[str]
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     config: DictConfig
     path: Path
     epoch: int
@@ -72,7 +72,7 @@ class LoadedModel:
             "model": model_label(self.config.model),
             "dataset": str(self.config.dataset.name) if "dataset" in self.config else None,  # None: built by hand
             "classes": list(self.classes),
-            "input": input_spec(self.preprocessing),
+            "input": self.preprocessing.input_spec(),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "epoch": self.epoch,
             "checkpoint": str(self.path),
@@ -91,7 +91,7 @@ def load_model(location: str | Path, device: str = "auto", tta: str | None = Non
     fitted on flip-averaged features sets, else none)."""
     ckpt = load_checkpoint(location, name=BEST)
     dev = resolve_device(device, setting="device")
-    prep = ckpt.preprocessing
+    prep = Preprocessing.from_dict(ckpt.preprocessing, source=str(ckpt.path))
     model = model_of(ckpt)
     model.to(dev).eval()
     assert ckpt.path is not None
@@ -103,11 +103,11 @@ def load_model(location: str | Path, device: str = "auto", tta: str | None = Non
 def model_of(ckpt: Checkpoint) -> nn.Module:
     """The network a checkpoint describes, with its weights; a spec and weights that do not fit together (an edited
     file, or two runs' parts mixed) are refused naming what differs."""
-    prep = ckpt.preprocessing
-    what = (f"{ckpt.model_spec.get('name')}, {len(ckpt.classes)} classes, {prep['channels']} channel(s), "
-            f"{'x'.join(str(s) for s in prep['image_size'])} px")
+    prep = Preprocessing.from_dict(ckpt.preprocessing, source=str(ckpt.path))
+    what = (f"{ckpt.model_spec.get('name')}, {len(ckpt.classes)} classes, {prep.channels} channel(s), "
+            f"{'x'.join(str(s) for s in prep.image_size)} px")
     try:
-        model = build_model(ckpt.model_spec, prep["channels"], len(ckpt.classes), prep["image_size"],
+        model = build_model(ckpt.model_spec, prep.channels, len(ckpt.classes), prep.image_size,
                             starting_weights=False)
     except (TypeError, ValueError, KeyError) as exc:
         raise ValueError(f"{ckpt.path}: its model_spec does not describe a model cellcls can build ({what}: {exc}); "

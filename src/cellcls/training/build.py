@@ -82,7 +82,9 @@ def apply_weight_statistics(cfg: DictConfig) -> None:
 def record_data_decisions(cfg: DictConfig, data: DataBundle) -> None:
     """Write what the data decided into the config (measured normalisation, the absolute data root), so the run's
     config and checkpoints record what was trained on."""
-    cfg.dataset.mean, cfg.dataset.std = data.preprocessing["mean"], data.preprocessing["std"]
+    prep = data.preprocessing
+    cfg.dataset.mean = list(prep.mean) if prep.mean is not None else None
+    cfg.dataset.std = list(prep.std) if prep.std is not None else None
     if cfg.dataset.render is None:
         cfg.dataset.root = str(data.root)
 
@@ -111,7 +113,7 @@ def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True,
 
     prep, classes = data.preprocessing, data.classes
     spec = OmegaConf.to_container(cfg.model, resolve=True)
-    net = build_model(spec, prep["channels"], len(classes), prep["image_size"], starting_weights).to(runtime.device)
+    net = build_model(spec, prep.channels, len(classes), prep.image_size, starting_weights).to(runtime.device)
     net = net.to(memory_format=runtime.memory_format)
     if starting_weights:  # a resumed run keeps the record of what its first attempt started from
         record = getattr(net, "starting_weights", None)

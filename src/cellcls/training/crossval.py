@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls.data.datamodule import resolve_root, scan_dataset
-from cellcls.data.layout import Samples
+from cellcls.data.datamodule import resolve_root
+from cellcls.data.layouts import scan
+from cellcls.data.samples import Samples
 from cellcls.data.leakage import interval_groups
 from cellcls.errors import ConfigError, DataError
 from cellcls.metric_names import TEST_METRICS, held_out_score, metric_mode
@@ -113,7 +114,7 @@ def _classes(folder: RunFolder) -> list[str]:
 
 
 def _scanned(cfg: DictConfig) -> dict[str, Samples]:
-    return scan_dataset(cfg.dataset, resolve_root(cfg.dataset)).splits
+    return scan(cfg.dataset, resolve_root(cfg.dataset)).splits
 
 
 def _as_arrays(rows: list[dict[str, Any]], classes: list[str], cfg: DictConfig) -> tuple[Samples, np.ndarray, np.ndarray]:

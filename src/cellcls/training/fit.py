@@ -195,7 +195,7 @@ def describe(state: FitState, first: bool) -> None:
     job, cfg = state.job, state.cfg
     data, run = job.data, job.run
     prep = data.preprocessing
-    table = summary_table(job.net, (prep["channels"], *prep["image_size"]))
+    table = summary_table(job.net, (prep.channels, *prep.image_size))
     if job.runtime.is_main:
         write_split_lists(run, data.splits, data.root, data.classes)
         # the resolved config beside the splits: what `scripts/reference.py` and a reader of the folder need
@@ -232,7 +232,7 @@ def finish(state: FitState) -> dict[str, Any]:
     prep = job.data.preprocessing
     # the model and data first: TensorBoard's HParams table shows its first columns by default
     hparams = {"model": model_label(cfg.model), "dataset": str(cfg.dataset.name),
-               "image_size": "x".join(str(v) for v in (*prep["image_size"], prep["channels"])),
+               "image_size": "x".join(str(v) for v in (*prep.image_size, prep.channels)),
                "parameters": count_parameters(job.net), "epochs": len(state.history),
                "max_epochs": int(cfg.trainer.max_epochs), "optim": str(cfg.optim.name), "lr": float(cfg.optim.lr),
                "weight_decay": float(cfg.optim.get("weight_decay") or 0.0), "batch_size": int(cfg.dataset.batch_size),

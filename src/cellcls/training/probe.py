@@ -79,7 +79,7 @@ def probe(cfg: DictConfig, run_dir: Path, settings: ProbeSettings) -> dict[str, 
     data = build_data(cfg.dataset, None, int(cfg.seed), device, "loader", settings.batch_size, fold=fold_of(cfg))
     prep, classes = data.preprocessing, data.classes
     record_data_decisions(cfg, data)
-    net = build_model(spec, prep["channels"], len(classes), prep["image_size"]).to(device)
+    net = build_model(spec, prep.channels, len(classes), prep.image_size).to(device)
     record = net.starting_weights
     with open_dict(cfg.model):
         cfg.model.starting_weights = record.to_dict()
@@ -112,7 +112,7 @@ def probe(cfg: DictConfig, run_dir: Path, settings: ProbeSettings) -> dict[str, 
         if cfg.calibrate or cfg.operating_point:
             decision = fit_decision(val_logits, val_targets, bool(cfg.calibrate), cfg.operating_point)
     ckpt = Checkpoint(epoch=1, model={k: v.cpu() for k, v in net.state_dict().items()},
-                      model_spec=OmegaConf.to_container(cfg.model, resolve=True), classes=classes, preprocessing=prep,
+                      model_spec=OmegaConf.to_container(cfg.model, resolve=True), classes=classes, preprocessing=prep.to_dict(),
                       config=OmegaConf.to_container(cfg, resolve=True), history=[history],
                       monitor={"metric": "val_loss", "mode": "min", "best": history.get("val_loss", math.nan),
                                "best_epoch": 1},

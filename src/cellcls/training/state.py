@@ -86,7 +86,7 @@ class FitState:
 
     @property
     def normalize(self) -> Normalize:
-        return Normalize(self.job.data.preprocessing["mean"], self.job.data.preprocessing["std"])
+        return self.job.data.preprocessing.normalize()
 
     def checkpoint(self, position: EpochProgress | None = None) -> Checkpoint:
         """The job's state after the last complete epoch (and, mid-epoch, how far the next one got). ``model`` holds
@@ -95,7 +95,7 @@ class FitState:
         job = self.job
         return Checkpoint(
             epoch=self.epoch, model=job.validated.state_dict(), model_spec=job.model_spec, classes=job.data.classes,
-            preprocessing=job.data.preprocessing, config=OmegaConf.to_container(job.cfg, resolve=True),
+            preprocessing=job.data.preprocessing.to_dict(), config=OmegaConf.to_container(job.cfg, resolve=True),
             history=list(self.history),
             monitor=self.monitor.state_dict(),
             training={

@@ -9,7 +9,9 @@ rows whose file does not exist are skipped and listed, as unreadable images are.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
+import operator
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +20,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls.data.layout import Samples, class_names, split_names
+from cellcls.config.schema import TableConfig
+from cellcls.data.layouts.base import Layout, Scanned
+from cellcls.data.layouts.folders import class_names, split_names
+from cellcls.data.samples import Samples
+from cellcls.data.splits import attach_groups
 from cellcls.errors import ConfigError, DataError, nearest
 
 log = logging.getLogger(__name__)
@@ -211,3 +217,31 @@ def load_table(ds: DictConfig, root: Path) -> TableData:
                         f"{', '.join(n for n, s in split_of.items() if s == 'train')})" if t.split else
                         f"{file}: none of its {len(entries)} image file(s) exist under dataset.root={root}")
     return TableData(classes, splits, missing, dropped)
+
+
+class Table(Layout):
+    """A CSV or Parquet file listing each image's path, label and optionally its group and split
+    (``dataset.table``)."""
+
+    what = f"a table ({', '.join(sorted(TABLE_SUFFIXES))})"
+
+    def describes(self, ds: Any) -> bool:
+        return ds.get("table") is not None
+
+    def holds(self, location: Path) -> bool:
+        return is_table(location)
+
+    def scan(self, ds: Any, root: Path) -> Scanned:
+        table = load_table(ds, root)
+        splits = {name: attach_groups(table.splits[name], ds) for name in ("train", "val", "test")
+                  if name in table.splits}
+        return Scanned(table.classes, splits, missing=table.missing, root=root)
+
+    def scan_location(self, ds: Any, location: Path, classes: list[str]) -> Scanned:
+        """Every row whatever its split, with the training config's column settings (``dataset.table``) and paths
+        relative to the table's folder."""
+        settings = OmegaConf.merge(OmegaConf.structured(TableConfig), ds.get("table") or {},
+                                   {"file": str(location), "split": None})
+        found = load_table(OmegaConf.merge(ds, {"table": settings, "classes": list(classes)}), location.parent)
+        samples = functools.reduce(operator.add, found.splits.values())
+        return Scanned(found.classes, {"data": samples}, missing=found.missing, root=location.parent)

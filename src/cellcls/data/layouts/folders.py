@@ -1,44 +1,26 @@
-"""Finding a download's split and class folders, wherever the user's root points inside it."""
+"""The class-folder layout: a download's split folders (``train/``, ``TEST/``, ...) each holding one folder per
+class, found wherever the user's root points inside it (every data set of the tutorials, and a user's own)."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from omegaconf import OmegaConf
+
+from cellcls.data.layouts.base import Layout, Scanned
+from cellcls.data.samples import Samples
+from cellcls.data.splits import attach_groups
 from cellcls.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"})
 SKIP_DIRS = re.compile(r"^(__MACOSX|\..*)$")
-
-
-@dataclass
-class Samples:
-    """Image files and their class indices, plus what was passed over while scanning.
-
-    ``groups`` (when known) is each file's patient, lesion or slide: from the file name (``dataset.group_pattern``),
-    a DICOM header (``dataset.group_tag``) or a table column (``dataset.table.group``); see
-    :func:`cellcls.data.splits.attach_groups`."""
-
-    paths: list[Path] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    ignored: list[Path] = field(default_factory=list)
-    groups: list[str] | None = None
-    broken: list[tuple[str, str]] = field(default_factory=list)  # links to nothing: (file, why), listed as skipped
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __add__(self, other: Samples) -> Samples:
-        groups = None if self.groups is None or other.groups is None else self.groups + other.groups
-        return Samples(self.paths + other.paths, self.labels + other.labels, self.ignored + other.ignored, groups,
-                       self.broken + other.broken)
-
-    def subset(self, indices: Sequence[int]) -> Samples:
-        groups = None if self.groups is None else [self.groups[i] for i in indices]
-        return Samples([self.paths[i] for i in indices], [self.labels[i] for i in indices], groups=groups)
 
 
 def split_names(splits: Mapping[str, object]) -> dict[str, list[str]]:
@@ -228,3 +210,51 @@ def locate_splits(
         + (f"  (optional beside it: {', '.join(others)})" if others else "")
         + f"\nfound:\n{_tree(root)}"
     )
+
+
+SPLITS = ("train", "val", "test")
+
+
+class ClassFolders(Layout):
+    """Split folders named by ``dataset.splits``, class folders named by ``dataset.classes`` (or, for a user's own
+    data set, the training folder's sub-folders) and their ``class_aliases``."""
+
+    what = "a folder whose sub-folders are the classes"
+
+    def describes(self, ds: Any) -> bool:
+        return ds.get("table") is None
+
+    def holds(self, location: Path) -> bool:
+        return location.is_dir()
+
+    def scan(self, ds: Any, root: Path) -> Scanned:
+        classes, folders = self.locate(ds, root)
+        aliases = OmegaConf.to_container(ds.class_aliases)
+        for name, folder in folders.items():
+            if extra := unmatched_folders(folder, classes, aliases):
+                what = (f"{folder}: folder(s) {[p.name for p in extra]} hold images of no class the model learns "
+                        f"({classes}")
+                if not ds.classes:  # the classes came from the training folder: the layouts disagree
+                    raise DataError(f"{what}, the training folder's sub-folders); add them to the training folder "
+                                    "too, or move them out of the data set")
+                log.warning("%s, dataset.classes); their images are not used", what)
+        splits = {name: attach_groups(scan_split(folders[name], classes, aliases), ds)
+                  for name in SPLITS if name in folders}
+        return Scanned(classes, splits, folders, [p for s in splits.values() for p in s.ignored],
+                       [b for s in splits.values() for b in s.broken], root)
+
+    def scan_location(self, ds: Any, location: Path, classes: list[str]) -> Scanned:
+        samples = attach_groups(scan_split(location, classes, OmegaConf.to_container(ds.class_aliases)), ds)
+        return Scanned(list(classes), {"data": samples}, {"data": location}, list(samples.ignored),
+                       list(samples.broken), location)
+
+    @staticmethod
+    def locate(ds: Any, root: Path) -> tuple[list[str], dict[str, Path]]:
+        """Class names and the folder of each split present in the download."""
+        names = split_names(OmegaConf.to_container(ds.splits, resolve=True))
+        aliases = OmegaConf.to_container(ds.class_aliases)
+        classes = list(ds.classes) if ds.classes else None
+        if classes is None:  # a user's own data set: the training folder's sub-folders are the classes
+            train = next((root / n for n in names.get("train", []) if (root / n).is_dir()), root)
+            classes = discover_classes(train)
+        return classes, locate_splits(root, classes, names, aliases, int(ds.search_depth))

@@ -1,0 +1,52 @@
+"""The layout registry: how a data set's files name their splits and classes, one class per layout.
+
+Every reader of a data set, training, ``evaluate data=``, ``inspect`` and the audit, goes through :func:`scan` (a
+configured data set) or :func:`scan_location` (a folder or table given to ``evaluate``), so a layout is added in one
+place: a module here with a :class:`Layout` subclass, its entry in :data:`LAYOUTS` (or :func:`register_layout`
+from one's own code), and its ``configs/dataset`` YAML.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cellcls.data.layouts.base import Layout, Scanned
+from cellcls.data.layouts.folders import ClassFolders
+from cellcls.data.layouts.table import Table
+from cellcls.errors import DataError
+
+# first match wins: a `dataset.table` section makes a table data set, anything else is class folders
+LAYOUTS: list[Layout] = [Table(), ClassFolders()]
+
+__all__ = ["LAYOUTS", "Layout", "Scanned", "layout_at", "layout_of", "register_layout", "scan", "scan_location"]
+
+
+def register_layout(layout: Layout) -> Layout:
+    """Put a layout of one's own first in line (before the built-in ones, which claim every other data set)."""
+    LAYOUTS.insert(0, layout)
+    return layout
+
+
+def layout_of(ds: Any) -> Layout:
+    """The layout the ``dataset`` section ``ds`` describes."""
+    return next(layout for layout in LAYOUTS if layout.describes(ds))
+
+
+def layout_at(location: Path) -> Layout:
+    """The layout of a folder or file given on its own (``evaluate data=<location>``)."""
+    for layout in LAYOUTS:
+        if layout.holds(location):
+            return layout
+    raise DataError(f"{location}: neither a folder of class folders nor a table "
+                    f"({', '.join(layout.what for layout in LAYOUTS)})")
+
+
+def scan(ds: Any, root: Path) -> Scanned:
+    """The images of each split the data set's own layout names, with their groups."""
+    return layout_of(ds).scan(ds, root)
+
+
+def scan_location(ds: Any, location: Path, classes: list[str]) -> Scanned:
+    """Every image at ``location`` as one split, ``data``, labelled with ``classes`` (a trained model's)."""
+    return layout_at(location).scan_location(ds, location, classes)
