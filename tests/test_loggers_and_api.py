@@ -53,6 +53,14 @@ def test_the_api_trains_like_the_command_line(tmp_path):
         cellcls.train(["+trainer.max_epoch=1"], run_dir=tmp_path / "typo")
 
 
+def test_cellcls_train_stays_the_api_function_once_the_training_command_is_imported():
+    import cellcls.api
+    import cellcls.commands.train  # noqa: F401 - what `python -m cellcls.train` and the cellcls-train script run
+
+    assert cellcls.train is cellcls.api.train
+    assert "__call__" not in vars(type(cellcls.commands.train))  # a plain module: no class swapped in at import
+
+
 def test_a_loaded_model_predicts_files_and_arrays_as_the_checkpoint_does(one_epoch_run):
     model = cellcls.load(one_epoch_run)
     root = resolve_root(load_model(one_epoch_run).config.dataset)  # the synthetic set, rendered into the cache

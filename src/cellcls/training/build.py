@@ -1,5 +1,6 @@
 """Everything a training job is made of, built from the composed config: runtime, data, model, loss, optimiser,
-LR scheduler, grad scaler, callbacks and loggers."""
+LR scheduler, grad scaler, EMA and batch mixing. The callbacks and loggers are the fit loop's
+(:mod:`cellcls.training.fit`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cellcls.config.targets import instantiate
 from cellcls.data.datamodule import DataBundle, build_data, fold_of
 from cellcls.data.mixing import BatchMix, build_mix
 from cellcls.data.normalization import describe, follow_weights
@@ -23,7 +23,6 @@ from cellcls.models import build_model, starting_statistics
 from cellcls.scoring.heads import num_outputs
 from cellcls.infra.run_folder import RunFolder
 from cellcls.infra import distributed
-from cellcls.training.callbacks import Callback
 from cellcls.training.ema import EMA
 from cellcls.scoring.losses import ClassificationLoss, balanced_class_weights
 from cellcls.training.optim import Scheduler, build_optimizer, build_scheduler
@@ -53,7 +52,6 @@ class Job:
     optimizer: torch.optim.Optimizer
     scheduler: Scheduler | None
     scaler: torch.amp.GradScaler
-    callbacks: dict[str, Callback]
     ema: EMA | None = None
     mix: BatchMix | None = None
 
@@ -138,8 +136,7 @@ def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True,
     mode = metric_mode(str(t.monitor), str(t.monitor_mode))
     scheduler = build_scheduler(optimizer, OmegaConf.to_container(cfg.scheduler, resolve=True), int(t.max_epochs), mode)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype is torch.float16)
-    callbacks = {name: instantiate(node, "callbacks") for name, node in cfg.callbacks.items() if node is not None}
     ema = EMA(net, float(t.ema_decay)) if t.get("ema_decay") else None
     mix = build_mix(OmegaConf.to_container(cfg.augment, resolve=True) if cfg.get("augment") else None, len(classes))
-    return Job(cfg, RunFolder(run_dir), runtime, data, net, model, loss_fn, optimizer, scheduler, scaler, callbacks,
-               ema, mix)
+    return Job(cfg, RunFolder(run_dir), runtime, data, net, model, loss_fn, optimizer, scheduler, scaler, ema,
+               mix)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torchvision.utils import make_grid
 
+from cellcls.config.targets import instantiate
 from cellcls.infra.checkpoint import save_checkpoint
 from cellcls.evaluation.figures import augmented_title
 from cellcls.infra import plots
@@ -41,6 +43,14 @@ class Callback:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+
+def create_callbacks(section: Any, extra: Sequence[Callback] = ()) -> dict[str, Callback]:
+    """The ``callbacks`` config list, each entry created from its ``_target_`` (a null entry is switched off), and
+    ``extra`` ones a caller adds (a search's pruning) after them."""
+    made = {name: instantiate(node, "callbacks") for name, node in (section or {}).items() if node is not None}
+    return {**made, **{f"extra_{i}": cb for i, cb in enumerate(extra)}}
 
 
 class EarlyStopping(Callback):

@@ -24,7 +24,7 @@ from cellcls.models.summary import summary_table
 from cellcls.infra.run_folder import RunFolder, atomic_write
 from cellcls.infra import distributed
 from cellcls.training.build import build_job
-from cellcls.training.callbacks import Callback
+from cellcls.training.callbacks import Callback, create_callbacks
 from cellcls.training.final import calibrate_and_test
 from cellcls.infra.loggers import Loggers, create_loggers
 from cellcls.training.loop import EpochProgress, NonFinite, evaluate, train_one_epoch
@@ -60,20 +60,19 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Checkpoint | None, overrides: S
          callbacks: Sequence[Callback], request: StopRequest) -> dict[str, Any]:
     job = build_job(cfg, run_dir, starting_weights=resume is None, check_stop=request.check)
     request.check()
-    job.callbacks.update({f"extra_{i}": cb for i, cb in enumerate(callbacks)})
     t = cfg.trainer
     monitor = Monitor(str(t.monitor), metric_mode(str(t.monitor), str(t.monitor_mode)),
                       chance=beyond_chance(str(t.monitor), chance_level(
                           str(t.monitor), job.data.splits["val"].labels, job.data.splits["train"].labels,
                           len(job.data.classes))))
     loggers = create_loggers(cfg.logger, job.run) if job.runtime.is_main else Loggers(job.run)
-    state = FitState(job, monitor, loggers, list(overrides or []))
+    state = FitState(job, monitor, loggers, list(overrides or []), create_callbacks(cfg.callbacks, callbacks))
     if job.runtime.is_main:
         remove_stale_temporaries(job.run)
     start = restore(state, resume) if resume is not None else 0
     loggers.start(state.history)
     describe(state, first=resume is None)
-    for cb in job.callbacks.values():
+    for cb in state.callbacks.values():
         cb.on_fit_start(state)
     request.check_every = 10 if job.runtime.dist.enabled else 1
     request.check()
@@ -114,10 +113,10 @@ def run_epoch(state: FitState, epoch: int) -> None:
         job.data.train_sampler.set_epoch(epoch)
 
     def on_batch(step: int, images: torch.Tensor, targets: torch.Tensor) -> None:
-        for cb in job.callbacks.values():
+        for cb in state.callbacks.values():
             cb.on_train_batch(state, step, images, targets)
 
-    for cb in job.callbacks.values():
+    for cb in state.callbacks.values():
         cb.on_epoch_start(state, epoch)
     show = bool(t.progress_bar and job.runtime.is_main)
     resume, state.position = state.position, None
@@ -146,7 +145,7 @@ def run_epoch(state: FitState, epoch: int) -> None:
         log.info("epoch %d: %s %.4f is clearly better than chance (%.4f) for the first time; patience counts from "
                  "here", epoch,
                  state.monitor.metric, monitored, state.monitor.chance)
-    for cb in job.callbacks.values():
+    for cb in state.callbacks.values():
         cb.on_validation_end(state, metrics)
     state.should_stop = distributed.broadcast_flag(state.should_stop)
     # the plateau scheduler's patience, like early stopping's, counts from the first epoch better than chance
@@ -154,7 +153,7 @@ def run_epoch(state: FitState, epoch: int) -> None:
     metrics["epoch_time_s"] = time.perf_counter() - started
     state.history.append({"epoch": epoch, **metrics})
     # checkpoints first: metrics.csv never lists an epoch that last.pt does not hold
-    for cb in job.callbacks.values():
+    for cb in state.callbacks.values():
         cb.on_epoch_end(state, metrics)
     state.loggers.log_epoch(epoch, metrics)
     log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  lr %.2g%s  (%.1fs)",
@@ -245,7 +244,7 @@ def finish(state: FitState) -> dict[str, Any]:
         final["hparam/test_accuracy"] = summary["test"]["accuracy"]
     if all(math.isfinite(v) for v in final.values()):
         state.loggers.log_hparams(hparams, final)
-    for cb in job.callbacks.values():
+    for cb in state.callbacks.values():
         cb.on_fit_end(state, summary)
     state.loggers.close()
     return summary

@@ -6,7 +6,8 @@ import logging
 import math
 import shutil
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -57,6 +58,14 @@ class Monitor:
                 "chance": self.chance, "beat_chance": self.beat_chance}
 
 
+class Stateful(Protocol):
+    """What a checkpoint keeps of a callback (cellcls.training.callbacks.Callback)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class FitState:
     """What callbacks see of the running job."""
@@ -65,6 +74,8 @@ class FitState:
     monitor: Monitor
     loggers: Loggers
     overrides: list[str]
+    # the fit loop's callbacks by name: their states go into each checkpoint and come back on resuming
+    callbacks: Mapping[str, Stateful] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     epoch: int = 0
     improved: bool = False
@@ -102,7 +113,7 @@ class FitState:
                 "optimizer": job.optimizer.state_dict(),
                 "scheduler": job.scheduler.state_dict() if job.scheduler is not None else None,
                 "scaler": job.scaler.state_dict() if job.scaler.is_enabled() else None,
-                "callbacks": {name: cb.state_dict() for name, cb in job.callbacks.items()},
+                "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items()},
                 "position": {"epoch": self.epoch + 1, **position.state_dict()} if position is not None else None,
                 "ema": {"net": job.net.state_dict(), **job.ema.state_dict()} if job.ema is not None else None,
             },
@@ -127,7 +138,7 @@ def restore(state: FitState, ckpt: Checkpoint) -> int:
         job.scheduler.load_state_dict(ckpt.training["scheduler"])
     if ckpt.training.get("scaler"):
         job.scaler.load_state_dict(ckpt.training["scaler"])
-    for name, cb in job.callbacks.items():
+    for name, cb in state.callbacks.items():
         cb.load_state_dict(ckpt.training.get("callbacks", {}).get(name, {}))
     state.monitor.best = float(ckpt.monitor.get("best", math.nan))
     state.monitor.best_epoch = int(ckpt.monitor.get("best_epoch", 0))
