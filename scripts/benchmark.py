@@ -100,8 +100,7 @@ def sync(device: torch.device) -> None:
 
 def train_epoch(job: Job) -> None:
     """One epoch of cellcls' training, the call fit makes (with the run's accumulation, MixUp/CutMix and EMA)."""
-    train_one_epoch(job.model, job.net, job.data.loaders["train"], job.loss_fn, job.optimizer, job.scaler, job.runtime,
-                    accumulate=int(job.cfg.trainer.accumulate_grad_batches), mix=job.mix, ema=job.ema)
+    train_one_epoch(job.train_step(), job.data.loaders["train"])
 
 
 # ---- (a) cellcls ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from cellcls.models.tta import FlipAverage, with_tta
 from cellcls.training.callbacks import FreezeBackbone
 from cellcls.infra.distributed import DistEnv
 from cellcls.training.ema import EMA
-from cellcls.training.loop import train_one_epoch
+from cellcls.training.loop import TrainStep, train_one_epoch
 from cellcls.scoring.losses import ClassificationLoss
 from cellcls.training.optim import (
     Warmup,
@@ -46,8 +46,8 @@ def batches(n: int, size: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.
 
 
 def train(net, loader, optimizer, **kw) -> None:
-    train_one_epoch(net, net, loader, ClassificationLoss(2), optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                    CPU, **kw)
+    train_one_epoch(TrainStep(net, net, ClassificationLoss(2), optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                              CPU, **kw), loader)
 
 
 def test_the_head_gets_optim_lr_and_the_backbone_its_scaled_share():

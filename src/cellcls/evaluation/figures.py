@@ -15,11 +15,6 @@ from cellcls.scoring.heads import labels_of
 from cellcls.models.trained import LoadedModel
 
 
-def augmented_title(name: str) -> str:
-    """The title of a grid of augmented training images (training's callback and ``evaluate`` both draw one)."""
-    return f"Training images as the model sees them, after augment={name} (title: the true class)"
-
-
 def probability_title(probs: np.ndarray, classes: Sequence[str], truth: int | None = None) -> str:
     """'predicted: <class> (xx.x%)' and, when known, 'true: <class>', said in words on the figure."""
     pred = int(labels_of(probs[None])[0])

@@ -164,9 +164,9 @@ class RunFolder:
         return self.root / "splits" / f"{split}.csv"
 
     # evaluation and export
-    def evaluation(self, name: str) -> Path:
+    def evaluation(self, name: str) -> EvaluationFolder:
         """``eval/<split or folder name>/``: metrics.json, report.md, predictions.csv, figures."""
-        return self.root / "eval" / name
+        return EvaluationFolder(self.root / "eval" / name)
 
     @property
     def evaluations(self) -> Path:
@@ -179,6 +179,34 @@ class RunFolder:
     def audit(self) -> AuditFolder:
         """``audit/``: the duplicate audit of this run's splits (``python -m cellcls.audit run=<run>``)."""
         return AuditFolder(self.root / "audit")
+
+
+@dataclass(frozen=True)
+class EvaluationFolder:
+    """Names of one evaluation's files (``<run>/eval/<split>/``, or ``evaluate output=<folder>``)."""
+
+    root: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions.csv"
+
+    @property
+    def patients(self) -> Path:
+        return self.root / "patients.csv"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    def figure(self, name: str) -> Path:
+        """``<name>.png``: reliability, confusion_matrix, predictions, confident_mistakes, gradcam, feature_maps,
+        and the run's own training_curves and augmented_samples."""
+        return self.root / f"{name}.png"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from cellcls.scoring.heads import num_outputs
 from cellcls.infra.run_folder import RunFolder
 from cellcls.infra import distributed
 from cellcls.training.ema import EMA
+from cellcls.training.loop import TrainStep
 from cellcls.scoring.losses import ClassificationLoss, balanced_class_weights
 from cellcls.training.optim import Scheduler, build_optimizer, build_scheduler
 from cellcls.infra.runtime import (
@@ -54,6 +55,12 @@ class Job:
     scaler: torch.amp.GradScaler
     ema: EMA | None = None
     mix: BatchMix | None = None
+
+    def train_step(self) -> TrainStep:
+        """The optimisation step ``train_one_epoch`` runs, with the trainer's clipping and accumulation."""
+        t = self.cfg.trainer
+        return TrainStep(self.model, self.net, self.loss_fn, self.optimizer, self.scaler, self.runtime,
+                         t.gradient_clip, int(t.accumulate_grad_batches), self.mix, self.ema)
 
     @property
     def model_spec(self) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from torchvision.utils import make_grid
 
 from cellcls.config.targets import instantiate
 from cellcls.infra.checkpoint import save_checkpoint
-from cellcls.evaluation.figures import augmented_title
 from cellcls.infra import plots
 from cellcls.infra.run_folder import write_json
 
@@ -147,6 +146,10 @@ class AugmentedSamples(Callback):
         titles = [classes[int(t)] for t in targets[: self.count]]
         plots.save(plots.image_grid(list(picked), titles, suptitle=augmented_title(state.cfg.augment.name)),
                    state.run.augmented_samples)
+
+
+def augmented_title(name: str) -> str:
+    return f"Training images as the model sees them, after augment={name} (title: the true class)"
 
 
 class TrainingCurves(Callback):

@@ -121,11 +121,9 @@ def run_epoch(state: FitState, epoch: int) -> None:
     show = bool(t.progress_bar and job.runtime.is_main)
     resume, state.position = state.position, None
     try:
-        done = train_one_epoch(
-            job.model, job.net, job.data.loaders["train"], job.loss_fn, job.optimizer, job.scaler, job.runtime,
-            t.gradient_clip, on_batch, f"epoch {epoch}/{t.max_epochs}" if show else None,
-            NonFinite(str(t.on_nonfinite), int(t.max_skipped_batches)), resume, state.stop_request,
-            int(t.accumulate_grad_batches), job.mix, job.ema)
+        done = train_one_epoch(job.train_step(), job.data.loaders["train"], on_batch,
+                               f"epoch {epoch}/{t.max_epochs}" if show else None,
+                               NonFinite(str(t.on_nonfinite), int(t.max_skipped_batches)), resume, state.stop_request)
     except TrainingDiverged as exc:
         raise diverged(state, epoch, str(exc)) from None
     if not done.complete:

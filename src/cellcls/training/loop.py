@@ -72,36 +72,71 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+@dataclass
+class TrainStep:
+    """One optimisation step, everything it holds: ``model`` (``net`` itself, or its DDP/compiled wrapper), loss,
+    optimiser, grad scaler, gradient clipping and accumulation, MixUp/CutMix and the weights' EMA.
+
+    The optimiser steps once every ``accumulate`` batches (and after the last) on their summed gradients of
+    ``loss / accumulate``; ``ema`` follows each step; ``mix`` mixes each batch on the device.
+    """
+
+    model: nn.Module
+    net: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    runtime: Runtime
+    gradient_clip: float | None = None
+    accumulate: int = 1
+    mix: BatchMix | None = None
+    ema: EMA | None = None
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, loss (with the model's L2 terms) and the targets as trained on (mixed, when mixing)."""
+        images = images.to(self.runtime.device, non_blocking=True, memory_format=self.runtime.memory_format)
+        targets = targets.to(self.runtime.device, non_blocking=True)
+        if self.mix is not None:
+            images, targets = self.mix(images, targets)
+        with self.runtime.autocast():
+            logits = self.model(images)
+            loss = self.loss_fn(logits, targets) + l2_penalty(self.net)
+        return logits, loss, targets
+
+    def backward(self, loss: torch.Tensor, window_end: bool) -> None:
+        """Accumulate ``loss``'s gradients; at the end of an accumulation window, clip, step, and update the EMA."""
+        self.scaler.scale(loss / self.accumulate if self.accumulate > 1 else loss).backward()
+        if not window_end:
+            return
+        if self.gradient_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.net.parameters(), float(self.gradient_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.net)
+
+
 def train_one_epoch(
-    model: nn.Module,
-    net: nn.Module,
+    trainer: TrainStep,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    loss_fn: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    runtime: Runtime,
-    gradient_clip: float | None = None,
     on_batch: BatchHook | None = None,
     progress: str | None = None,
     nonfinite: NonFinite = NonFinite(),
     resume: EpochProgress | None = None,
     interrupted: Callable[[], bool] | None = None,
-    accumulate: int = 1,
-    mix: BatchMix | None = None,
-    ema: EMA | None = None,
 ) -> EpochProgress:
-    """Train ``model`` (``net`` itself, or its DDP/compiled wrapper) over ``loader`` once.
+    """Train over ``loader`` once with ``trainer``'s step; the reported training accuracy counts a mixed image as
+    its larger share's class.
 
-    The optimiser steps once every ``accumulate`` batches (and after the last) on their summed gradients of
-    ``loss / accumulate``; ``ema`` follows each step. ``mix`` (MixUp/CutMix) mixes each batch on the device; the
-    reported training accuracy counts a mixed image as its larger share's class.
     ``on_batch(step, images, targets)`` sees each batch before the step (and before mixing). A non-finite loss raises
     :class:`~cellcls.errors.TrainingDiverged` before it reaches the weights (on CUDA within 16 steps: checking every
     step would stall the GPU). When ``interrupted()`` turns true the epoch stops after the current step and the
     returned progress is not ``complete``; ``resume`` continues such an epoch where it stopped.
     """
-    model.train()
-    device = runtime.device
+    trainer.model.train()
+    device = trainer.runtime.device
     done = resume or EpochProgress()
     # running sums stay on the device: reading them every step would stall the GPU's queue of work
     total_loss = torch.tensor(done.loss_sum, dtype=torch.float64, device=device)
@@ -118,39 +153,24 @@ def train_one_epoch(
     bar = tqdm(batches, desc=progress, leave=False, disable=progress is None, mininterval=0.5, dynamic_ncols=True,
                initial=done.step, total=total)
     step = done.step - 1
-    optimizer.zero_grad(set_to_none=True)
+    trainer.optimizer.zero_grad(set_to_none=True)
     for step, (images, targets) in enumerate(bar, start=done.step):
         if targets.numel() == 0:  # every image of the batch failed to decode (uncached mode)
             continue
         if on_batch is not None:
             on_batch(step, images, targets)
-        images = images.to(device, non_blocking=True, memory_format=runtime.memory_format)
-        targets = targets.to(device, non_blocking=True)
-        if mix is not None:
-            images, targets = mix(images, targets)
-        with runtime.autocast():
-            logits = model(images)
-            loss = loss_fn(logits, targets) + l2_penalty(net)
+        logits, loss, targets = trainer.forward(images, targets)
         bad |= ~torch.isfinite(loss.detach())
         if step % check_every == 0 and bool(bad):
             if nonfinite.action == "skip_batch" and skipped < nonfinite.max_skipped:
                 skipped += 1
                 bad.zero_()
-                optimizer.zero_grad(set_to_none=True)  # the window's other gradients go with it
+                trainer.optimizer.zero_grad(set_to_none=True)  # the window's other gradients go with it
                 continue
             raise TrainingDiverged(f"the training loss is {float(loss.detach()):g} at step {step + 1}"
                                    + (f" ({skipped} batches skipped before)" if skipped else ""))
-        scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
-        window_end = (step + 1) % accumulate == 0 or (total is not None and step + 1 == total)
-        if window_end:
-            if gradient_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(net.parameters(), float(gradient_clip))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(net)
+        window_end = (step + 1) % trainer.accumulate == 0 or (total is not None and step + 1 == total)
+        trainer.backward(loss, window_end)
         n = targets.shape[0]
         total_loss += loss.detach().double() * n
         correct += (predicted_labels(logits.detach()) == hard_labels(targets)).sum()
@@ -165,7 +185,7 @@ def train_one_epoch(
         raise TrainingDiverged(f"the training loss became non-finite by step {step + 1}")
     if skipped and not seen:
         raise TrainingDiverged(f"the training loss was non-finite in every batch of the epoch ({skipped} skipped)")
-    if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+    if not all(bool(torch.isfinite(p).all()) for p in trainer.net.parameters()):
         raise TrainingDiverged("the weights are no longer finite at the end of the epoch")
     total, right, count = distributed.all_reduce_sum([float(total_loss), float(correct), float(seen)])
     return EpochProgress(step + 1, total, int(right), int(count), skipped, True)

@@ -247,9 +247,9 @@ def _knn_test(knn: dict[str, Any], test: Embedded, data: DataBundle, run: RunFol
     result = {"checkpoint": f"k-NN (k={knn['chosen']['k']}) on the probe's embeddings", "epoch": 1, "split": "test",
               "loss": float(-np.log(clipped).mean()), **result}
     out = run.evaluation("knn_test")
-    write_json(out / "metrics.json", result)
-    write_predictions(out / "predictions.csv", samples, probs, data.classes, data.root)
-    write_report(result, out / "report.md", {})
+    write_json(out.metrics, result)
+    write_predictions(out.predictions, samples, probs, data.classes, data.root)
+    write_report(result, out.report, {})
     log.info("k-NN probe, test: acc %.4f  balanced acc %.4f  ROC-AUC %s", result["accuracy"]["value"],
              result["balanced_accuracy"]["value"], result.get("roc_auc", {}).get("value"))
     return {k: result[k]["value"] for k in ("accuracy", "balanced_accuracy", "roc_auc") if k in result}
