@@ -7,6 +7,7 @@ import time.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import cellcls
@@ -88,3 +89,11 @@ def test_the_layer_check_sees_an_upward_import(tmp_path: Path) -> None:
 def test_every_module_is_in_a_layer() -> None:
     for path in PACKAGE.rglob("*.py"):
         layer_of(module_name(path))
+
+
+def test_every_module_the_architecture_page_names_exists():
+    page = (PACKAGE.parents[1] / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`((?:\w+/)*\w+\.py)", page))
+    assert len(named) > 20
+    repo = PACKAGE.parents[1]
+    assert sorted(n for n in named if not (PACKAGE / n).is_file() and not (repo / n).is_file()) == []

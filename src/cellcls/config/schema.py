@@ -32,6 +32,7 @@ SPLIT_BY = ("image", "patient", "duplicates")
 LEAKAGE_CHECKS = ("auto", "duplicates", "off")
 CHANNELS = ("1", "3")
 CLASS_WEIGHTS = ("none", "balanced")
+POLICIES = ("none", "randaugment", "trivialaugment")
 
 
 @dataclass
@@ -163,7 +164,7 @@ class AugmentConfig:
     fill: Any = 0  # constant border fill (0-255), one value or one per channel; Keras' 'nearest' has no v2 equivalent
     # beyond Keras: none | randaugment | trivialaugment (torchvision v2's policies, after the affine and flips; image
     # by image on either pipeline), with randaugment's op count and magnitude (0-30)
-    policy: str = "none"
+    policy: str = choice("none", POLICIES)
     policy_ops: int = 2
     policy_magnitude: int = 9
     mixup: float = 0.0  # MixUp's Beta(alpha, alpha); 0: off. Whole batches, in the training step, on either pipeline

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cellcls.data.transforms import AugmentSettings, parse_augment
+from cellcls.data.transforms import Augment, parse_augment
 
 
 @dataclass
@@ -36,9 +36,9 @@ class AffineParams:
 class BatchAugment:
     """Random augmentation of float ``N x C x H x W`` batches with values in [0, 1]."""
 
-    def __init__(self, cfg: Mapping[str, Any] | AugmentSettings) -> None:
-        self.settings = cfg if isinstance(cfg, AugmentSettings) else parse_augment(cfg)
-        fill = self.settings.fill
+    def __init__(self, cfg: Mapping[str, Any] | Augment) -> None:
+        self.settings = cfg if isinstance(cfg, Augment) else parse_augment(cfg)
+        fill = self.settings.fill_values
         # the batch is float in [0, 1] here, so the 0-255 fill is scaled
         self.policy = self.settings.policy_transform([f / 255 for f in fill] if len(fill) > 1 else fill[0] / 255)
 
@@ -62,7 +62,7 @@ class BatchAugment:
             tx=tx,
             ty=ty,
             scale=uniform(1 - a.zoom, 1 + a.zoom) if a.zoom else ones,
-            shear=uniform(-a.shear, a.shear) if a.shear else zeros,
+            shear=uniform(-a.shear_degrees, a.shear_degrees) if a.shear else zeros,
             flip_x=flips(a.hflip),
             flip_y=flips(a.vflip),
         )
@@ -97,9 +97,9 @@ class BatchAugment:
         out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         mask = coverage(grid, h, w).unsqueeze(1)
         # torchvision's blend: mask * (img - fill) + fill, which is img * mask for a black fill
-        if not any(a.fill):
+        if not any(a.fill_values):
             return out.mul_(mask)
-        fill = torch.tensor(a.fill, dtype=images.dtype, device=images.device).div_(255.0)
+        fill = torch.tensor(a.fill_values, dtype=images.dtype, device=images.device).div_(255.0)
         fill = fill.view(1, -1, 1, 1) if fill.numel() > 1 else fill.view(1, 1, 1, 1)
         return out.sub_(fill).mul_(mask).add_(fill)
 

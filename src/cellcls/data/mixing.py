@@ -10,16 +10,16 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
-from cellcls.data.transforms import AugmentSettings, parse_augment
+from cellcls.data.transforms import Augment, parse_augment
 
 BatchMix = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def build_mix(augment: Mapping[str, Any] | AugmentSettings | None, num_classes: int) -> BatchMix | None:
+def build_mix(augment: Mapping[str, Any] | Augment | None, num_classes: int) -> BatchMix | None:
     """``(images, labels) -> (mixed images, N x C soft labels)``, or None when both are off."""
     if augment is None:
         return None
-    a = augment if isinstance(augment, AugmentSettings) else parse_augment(augment)
+    a = augment if isinstance(augment, Augment) else parse_augment(augment)
     mixes: list[v2.Transform] = []
     if a.mixup > 0:
         mixes.append(v2.MixUp(alpha=a.mixup, num_classes=num_classes))

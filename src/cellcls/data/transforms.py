@@ -15,29 +15,26 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
-from cellcls.config.schema import AugmentConfig
+from cellcls.config.schema import POLICIES, AugmentConfig
 from cellcls.data.preprocessing import Normalize, to_unit
 from cellcls.errors import ConfigError, nearest
 
-POLICIES = ("none", "randaugment", "trivialaugment")
 
 
-@dataclass(frozen=True)
-class AugmentSettings:
-    """An ``augment`` config, validated: the one reading shared by the per-image and the batched paths."""
+@dataclass
+class Augment(AugmentConfig):
+    """An ``augment`` config after :func:`parse_augment` has checked it: the schema's fields (held once, in
+    :class:`cellcls.config.schema.AugmentConfig`) and what the per-image and batched pipelines derive from them."""
 
-    rotation: float = 0.0  # degrees, uniform in [-rotation, rotation]
-    shift: float = 0.0  # fraction of width/height, uniform in [-shift, shift], rounded to whole pixels
-    shear: float = 0.0  # degrees (converted from Keras' radians), x-shear uniform in [-shear, shear]
-    zoom: float = 0.0  # scale uniform in [1 - zoom, 1 + zoom]
-    hflip: bool = False
-    vflip: bool = False
-    fill: tuple[float, ...] = (0.0,)  # border fill, 0-255, one value or one per channel
-    policy: str = "none"  # none | randaugment | trivialaugment
-    policy_ops: int = 2
-    policy_magnitude: int = 9
-    mixup: float = 0.0  # Beta alpha; 0 = off (batch-level: cellcls.data.mixing)
-    cutmix: float = 0.0
+    @property
+    def shear_degrees(self) -> float:
+        """Keras' ``shear_range`` is in radians; torchvision's affine takes degrees."""
+        return math.degrees(float(self.shear))
+
+    @property
+    def fill_values(self) -> tuple[float, ...]:
+        """The border fill, 0-255: one value, or one per channel."""
+        return (float(self.fill),) if isinstance(self.fill, (int, float)) else tuple(float(v) for v in self.fill)
 
     @property
     def affine(self) -> bool:
@@ -57,14 +54,14 @@ class AugmentSettings:
         return None
 
 
-def parse_augment(cfg: Mapping[str, Any]) -> AugmentSettings:
+def parse_augment(cfg: Mapping[str, Any]) -> Augment:
     """Validate an ``augment`` config: unknown keys and out-of-range values are errors naming the setting;
     missing keys take the schema's defaults (:class:`cellcls.config.schema.AugmentConfig`)."""
     known = [f.name for f in fields(AugmentConfig)]
     for key in cfg:
         if key not in known:
             raise ConfigError(f"augment: unknown setting {key!r}{nearest(key, known)} (allowed: {', '.join(known)})")
-    a = AugmentConfig(**cfg)
+    a = Augment(**cfg)
     limits = {"rotation": (a.rotation, 180.0), "shift": (a.shift, 1.0), "shear": (a.shear, math.pi / 2), "zoom": (a.zoom, 0.99)}
     for key, (value, hi) in limits.items():
         if not 0 <= float(value) <= hi:
@@ -77,10 +74,11 @@ def parse_augment(cfg: Mapping[str, Any]) -> AugmentSettings:
     for key in ("mixup", "cutmix"):
         if float(getattr(a, key)) < 0:
             raise ConfigError(f"augment.{key} is a Beta distribution's alpha (> 0 turns it on), got {getattr(a, key)}")
-    fill = (float(a.fill),) if isinstance(a.fill, (int, float)) else tuple(float(v) for v in a.fill)
-    return AugmentSettings(float(a.rotation), float(a.shift), math.degrees(float(a.shear)), float(a.zoom),
-                           bool(a.hflip), bool(a.vflip), fill, str(a.policy), int(a.policy_ops),
-                           int(a.policy_magnitude), float(a.mixup), float(a.cutmix))
+    try:
+        a.fill_values  # noqa: B018 - read once here, so a bad fill fails now and by name
+    except (TypeError, ValueError):
+        raise ConfigError(f"augment.fill must be a number 0-255 or one per channel, got {a.fill!r}") from None
+    return a
 
 
 def build_augment(cfg: Mapping[str, Any]) -> list[v2.Transform]:
@@ -93,16 +91,16 @@ def build_augment(cfg: Mapping[str, Any]) -> list[v2.Transform]:
                 degrees=a.rotation,
                 translate=(a.shift, a.shift) if a.shift else None,
                 scale=(1 - a.zoom, 1 + a.zoom) if a.zoom else None,
-                shear=a.shear if a.shear else None,
+                shear=a.shear_degrees if a.shear else None,
                 interpolation=v2.InterpolationMode.BILINEAR,
-                fill=a.fill[0] if len(a.fill) == 1 else list(a.fill),
+                fill=a.fill_values[0] if len(a.fill_values) == 1 else list(a.fill_values),
             )
         )
     if a.hflip:
         transforms.append(v2.RandomHorizontalFlip(0.5))
     if a.vflip:
         transforms.append(v2.RandomVerticalFlip(0.5))
-    policy = a.policy_transform(a.fill[0] if len(a.fill) == 1 else list(a.fill))
+    policy = a.policy_transform(a.fill_values[0] if len(a.fill_values) == 1 else list(a.fill_values))
     if policy is not None:
         transforms.append(policy)
     return transforms
