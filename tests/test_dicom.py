@@ -9,6 +9,7 @@ import pytest
 from conftest import compose_config, real_dataset, write_dicom
 from PIL import Image
 
+from cellcls.config.schema import DatasetConfig, typed
 from cellcls.data.decode import decode_image, image_header
 from cellcls.errors import DataError
 
@@ -158,7 +159,7 @@ def test_a_group_tag_that_is_no_dicom_keyword_is_refused_with_examples(tmp_path)
 
     cfg = compose_config("dataset=folder", "dataset.root=/x", "dataset.group_tag=PatientName2")
     with pytest.raises(ConfigError, match="dataset.group_tag='PatientName2' is not a DICOM keyword"):
-        attach_groups(Samples([write_dicom(tmp_path / "y.dcm", xray())], [0]), cfg.dataset)
+        attach_groups(Samples([write_dicom(tmp_path / "y.dcm", xray())], [0]), typed(cfg.dataset, DatasetConfig))
 
 
 def test_corrupt_compressed_pixel_data_is_one_clear_error_without_pydicoms_tracebacks(tmp_path, capfd, caplog):

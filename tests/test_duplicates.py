@@ -12,6 +12,7 @@ import pytest
 from conftest import SHARED_DATA, compose_config, copy_images, real_dataset, run_cli
 from PIL import Image, ImageOps
 
+from cellcls.config.schema import DatasetConfig, typed
 from cellcls.config.schema import DuplicatesConfig
 from cellcls.data.datamodule import make_splits, resolve_root
 from cellcls.data.layouts import scan
@@ -126,7 +127,7 @@ def blood_splits(cache_root):
         cfg = compose_config("dataset=blood_cells", f"dataset.root={root}")
         scanned = scan(cfg.dataset, resolve_root(cfg.dataset))
         splits, leaks = make_splits(cfg.dataset, scanned.splits, scanned.classes, int(cfg.seed), progress=False)
-        return splits, leaks, duplicate_clusters(splits, cfg.dataset, progress=False)
+        return splits, leaks, duplicate_clusters(splits, typed(cfg.dataset, DatasetConfig), progress=False)
 
 
 def test_the_clusters_recover_the_blood_cells_original_photos(blood_splits):
@@ -200,8 +201,9 @@ def test_split_leaks_count_images_and_groups():
     files = [__import__("pathlib").Path(f"C{k}_x.png") for k in (1, 1, 2, 3, 1, 3)]
     splits = {"train": Samples(files[:3], [0, 1, 0]), "val": Samples(files[3:], [0, 1, 1])}
     cfg = compose_config("dataset=folder", "dataset.root=/nowhere", "dataset.group_pattern='^(C\\d+)'")
-    splits = {name: attach_groups(samples, cfg.dataset) for name, samples in splits.items()}
-    [leak] = find_leaks(splits, cfg.dataset, None)
+    ds = typed(cfg.dataset, DatasetConfig)
+    splits = {name: attach_groups(samples, ds) for name, samples in splits.items()}
+    [leak] = find_leaks(splits, ds, None)
     assert (leak.images, leak.total, leak.groups) == (1, 3, 1)
 
 

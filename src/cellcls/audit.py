@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from cellcls.cli import command_args, fail, split_own
 from cellcls.training.validate import validate
 from cellcls.config.targets import check_targets
-from cellcls.config.schema import DuplicatesConfig
+from cellcls.config.schema import DatasetConfig, typed
 from cellcls.errors import ConfigError, DataError
 from cellcls.infra.run_folder import AuditFolder, RunFolder, write_json
 
@@ -49,8 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"run={own['run']}: no {run.config.name} there; expected a cellcls run folder")
             cfg = OmegaConf.load(run.config)
             check_targets(cfg, source=str(run.config))
-            root = resolve_root(cfg.dataset)
-            classes = list(cfg.dataset.classes or scan(cfg.dataset, root).classes)
+            ds = typed(cfg.dataset, DatasetConfig)
+            root = resolve_root(ds)
+            classes = list(ds.classes or scan(ds, root).classes)
             splits = read_split_lists(run, root, classes)
             folder = AuditFolder(Path(own["output"])) if "output" in own else run.audit
         else:
@@ -59,13 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_command_line(overrides)
             cfg = compose_config(overrides)
             validate(cfg)
-            root = resolve_root(cfg.dataset)
-            scanned = scan(cfg.dataset, root)
+            ds = typed(cfg.dataset, DatasetConfig)
+            root = resolve_root(ds)
+            scanned = scan(ds, root)
             classes = scanned.classes
-            splits = make_splits(cfg.dataset, scanned.splits, classes, int(cfg.seed))[0]
-            folder = AuditFolder(Path(own.get("output", f"audit/{cfg.dataset.name}")))
-        settings = DuplicatesConfig(**OmegaConf.to_container(cfg.dataset.duplicates, resolve=True))
-        audit = audit_splits(splits, classes, root, settings)
+            splits = make_splits(ds, scanned.splits, classes, int(cfg.seed))[0]
+            folder = AuditFolder(Path(own.get("output", f"audit/{ds.name}")))
+        audit = audit_splits(splits, classes, root, ds.duplicates)
         summary = write_audit(audit, folder, int(own.get("top", 8)))
         if "truth" in own:
             summary["recovery"] = recovery(audit, read_truth(Path(own["truth"])))

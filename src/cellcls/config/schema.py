@@ -9,10 +9,11 @@ knows, ``+``-added ones included, naming the nearest valid key. Groups whose key
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from cellcls.metric_names import EPOCH_METRICS, MODES
 
@@ -198,3 +199,20 @@ def register() -> None:
     cs.store(group="augment", name="base", node=AugmentConfig)
     # a plain mapping, not the dataclass: each optimiser's file adds its own arguments to it
     cs.store(group="optim", name="base", node=asdict(ParamGroupsConfig()))
+
+
+T = TypeVar("T")
+
+
+def typed(node: Any, schema: type[T]) -> T:
+    """A config section as its schema's dataclass, the form every function below the command takes: a composed
+    section (Hydra built it against the schema), a checkpoint's plain copy of one (merged onto the schema's defaults;
+    keys an older cellcls had and this one lacks are left out), or the dataclass itself."""
+    if isinstance(node, schema):
+        return node
+    if OmegaConf.is_config(node) and OmegaConf.get_type(node) is schema:
+        return OmegaConf.to_object(node)  # type: ignore[return-value]
+    plain = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    known = {f.name for f in fields(schema)}  # type: ignore[arg-type]
+    merged = OmegaConf.merge(OmegaConf.structured(schema), {k: v for k, v in plain.items() if k in known})
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]

@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cellcls.config.schema import PIPELINES
+from cellcls.config.schema import PIPELINES, DatasetConfig, typed
 from cellcls.data.batch_augment import BatchAugment
 from cellcls.data.cache import DecodedSplit, decode_split
 from cellcls.data.dataset import CachedImages, ImageFiles, skip_none_collate
@@ -39,7 +40,7 @@ from cellcls.data.reference import training_reference
 from cellcls.data.samples import Samples
 from cellcls.data.splits import cross_validation_fold, stratified_holdout
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
-from cellcls.data.transforms import build_transform
+from cellcls.data.transforms import build_transform, parse_augment
 from cellcls.errors import ConfigError, DataError
 from cellcls.paths import cache_dir
 
@@ -61,10 +62,11 @@ class DataBundle:
     train_sampler: DistributedSampler | None = None  # under torchrun: set its epoch before each epoch
 
 
-def resolve_root(ds: DictConfig) -> Path:
+def resolve_root(ds: DatasetConfig | Any) -> Path:
     """The data set's root folder; the synthetic set is rendered into the cache when no root is given."""
+    ds = typed(ds, DatasetConfig)
     if ds.render is not None and not ds.root:
-        return ensure_synthetic(SyntheticSpec(**OmegaConf.to_container(ds.render)))
+        return ensure_synthetic(SyntheticSpec(**asdict(ds.render)))
     if not ds.root:
         raise ConfigError(
             f"dataset.root is not set: give the folder you unzipped the {ds.name} download to, "
@@ -83,7 +85,7 @@ def fold_of(cfg: DictConfig) -> tuple[int, int] | None:
 
 
 def make_splits(
-    ds: DictConfig, scanned: dict[str, Samples], classes: list[str], seed: int, progress: bool = True,
+    ds: DatasetConfig | Any, scanned: dict[str, Samples], classes: list[str], seed: int, progress: bool = True,
     fold: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Samples], list[Leak]]:
     """Train/val/test samples from the ``scanned`` splits, and what the held-out splits share with training.
@@ -93,6 +95,7 @@ def make_splits(
     near-duplicate cluster (``split_by=duplicates``) on one side. With ``fold=(k, K)`` the test split is fold k of a
     K-fold split of the training (and validation) images instead; a download's own test split is left out.
     """
+    ds = typed(ds, DatasetConfig)
     scanned = dict(scanned)
     check = str(ds.leakage_check)
     clusters = None
@@ -147,8 +150,8 @@ def resolve_pipeline(setting: str, cached: bool) -> str:
 
 
 def build_data(
-    ds: DictConfig,
-    augment: DictConfig | None,
+    ds: DatasetConfig | Any,
+    augment: Any | None,
     seed: int,
     device: torch.device,
     pipeline: str = "auto",
@@ -166,6 +169,7 @@ def build_data(
     training split is drawn through a DistributedSampler: each process trains on its share of every epoch. With
     ``fold=(k, K)`` the splits are those of cross-validation fold k (see :func:`make_splits`).
     """
+    ds = typed(ds, DatasetConfig)  # a composed section is parsed once, here; a DatasetConfig is taken as it is
     root = resolve_root(ds)
     scanned = scan(ds, root)
     classes = scanned.classes
@@ -195,7 +199,7 @@ def build_data(
         log.info("input normalisation (training split statistics): %s", describe(prep.mean, prep.std))
     prep = prep.with_reference(training_reference(splits["train"], decoded.get("train"), prep))
     for name, samples in splits.items():
-        aug = OmegaConf.to_container(augment) if (name == "train" and augment is not None) else None
+        aug = parse_augment(augment) if (name == "train" and augment is not None) else None
         transform = build_transform(aug, prep.mean, prep.std)
         dataset: Dataset
         if use_cache:

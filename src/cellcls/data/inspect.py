@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from cellcls.training.validate import validate
+from cellcls.config.schema import DatasetConfig, typed
 from cellcls.data.datamodule import make_splits, resolve_root
 from cellcls.data.layouts import scan
 from cellcls.data.splits import group_source
@@ -22,7 +23,7 @@ from cellcls.paths import config_dir
 from cellcls.scoring.losses import balanced_class_weights
 
 
-def group_lines(ds: DictConfig, splits: dict) -> list[str]:
+def group_lines(ds: DatasetConfig, splits: dict) -> list[str]:
     """How many patients (groups) each split holds and how many it shares with train: what makes a split honest."""
     source = group_source(ds)
     if source is None or any(samples.groups is None for samples in splits.values()):
@@ -38,14 +39,14 @@ def group_lines(ds: DictConfig, splits: dict) -> list[str]:
 
 def describe(cfg: DictConfig) -> str:
     """The report ``inspect`` prints for a composed training config."""
-    ds = cfg.dataset
+    ds = typed(cfg.dataset, DatasetConfig)
     root = resolve_root(ds)
     scanned = scan(ds, root)
     classes, ignored = scanned.classes, scanned.ignored
     splits, leaks = make_splits(ds, scanned.splits, classes, int(cfg.seed))
     lines = [f"data set {ds.name} at {root}"]
     lines += [f"  {name:<5} folder: {path}" for name, path in scanned.folders.items()]
-    if ds.get("table") is not None:
+    if ds.table is not None:
         lines.append(f"  table: {ds.table.file} ({', '.join(f'{n} {len(s)}' for n, s in scanned.splits.items())} "
                      f"images by its split column)" if ds.table.split else f"  table: {ds.table.file}")
     if scanned.missing:

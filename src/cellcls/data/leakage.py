@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
 
-from cellcls.config.schema import DuplicatesConfig
+from cellcls.config.schema import DatasetConfig, typed
 from cellcls.data.duplicates import cached_duplicates
 from cellcls.data.samples import Samples
 from cellcls.errors import DataError
@@ -38,16 +38,15 @@ class Leak:
                 f"with the training split ({self.groups} shared); their scores are optimistic")
 
 
-def duplicate_clusters(splits: dict[str, Samples], ds: DictConfig, progress: bool = True) -> dict[Path, str]:
+def duplicate_clusters(splits: dict[str, Samples], ds: DatasetConfig, progress: bool = True) -> dict[Path, str]:
     """The near-duplicate cluster of every file of ``splits``, found over all of them together (cached)."""
     # sorted: the same files give the same cache entry, however they are split
     paths = sorted({p for samples in splits.values() for p in samples.paths})
-    settings = DuplicatesConfig(**OmegaConf.to_container(ds.duplicates, resolve=True))  # type: ignore[arg-type]
-    found = cached_duplicates(paths, settings, progress)
+    found = cached_duplicates(paths, ds.duplicates, progress)
     return {path: f"cluster:{int(c)}" for path, c in zip(paths, found.cluster, strict=True)}
 
 
-def group_labels(samples: Samples, ds: DictConfig, clusters: dict[Path, str] | None) -> list[str] | None:
+def group_labels(samples: Samples, ds: DatasetConfig, clusters: dict[Path, str] | None) -> list[str] | None:
     """The group of each sample that ``dataset.split_by`` keeps on one side of a split (None: by image)."""
     if ds.split_by == "patient":
         if samples.groups is None:
@@ -60,10 +59,11 @@ def group_labels(samples: Samples, ds: DictConfig, clusters: dict[Path, str] | N
     return None
 
 
-def interval_groups(ds: DictConfig, samples: Samples, splits: dict[str, Samples]) -> list[str] | None:
+def interval_groups(ds: DatasetConfig | Any, samples: Samples, splits: dict[str, Samples]) -> list[str] | None:
     """The groups a split's confidence intervals resample: patients (the samples' groups, or those of the same files
     in ``splits``), else near-duplicate clusters when the data set is split by them; None when images are independent
     as far as cellcls knows."""
+    ds = typed(ds, DatasetConfig)
     if samples.groups is not None:
         return samples.groups
     known = {p: g for s in splits.values() if s.groups is not None for p, g in zip(s.paths, s.groups, strict=True)}
@@ -75,7 +75,7 @@ def interval_groups(ds: DictConfig, samples: Samples, splits: dict[str, Samples]
     return None
 
 
-def find_leaks(splits: dict[str, Samples], ds: DictConfig, clusters: dict[Path, str] | None) -> list[Leak]:
+def find_leaks(splits: dict[str, Samples], ds: DatasetConfig, clusters: dict[Path, str] | None) -> list[Leak]:
     """Leaks of each non-training split into training, by patient (when the samples have groups) and by
     near-duplicate cluster (when ``clusters`` are known)."""
     kinds: dict[str, dict[str, list[str]]] = {}

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from cellcls.config.schema import DatasetConfig, typed
 from cellcls.data.normalization import is_auto, is_preset, preset
 
 
@@ -47,13 +48,14 @@ class Preprocessing:
         """The recipe of the ``dataset`` section ``ds``; ``mean``/``std`` are given when the section says ``auto``
         (measured on the training split by :func:`cellcls.data.datamodule.build_data`); a preset's name becomes
         its numbers."""
+        ds = typed(ds, DatasetConfig)
         channels = int(ds.channels)
         mean = ds.mean if mean is None and not is_auto(ds.mean) else mean
         std = ds.std if std is None and not is_auto(ds.std) else std
         if is_preset(mean):
             mean, std = preset(str(mean), channels)
         height, width = (int(s) for s in ds.image_size)
-        window = ds.get("dicom_window") if hasattr(ds, "get") else getattr(ds, "dicom_window", None)
+        window = ds.dicom_window
         return cls((height, width), channels, _numbers(mean), _numbers(std), _numbers(window))  # type: ignore[arg-type]
 
     @classmethod

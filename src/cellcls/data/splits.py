@@ -10,9 +10,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+from cellcls.config.schema import DatasetConfig
 from cellcls.data.dicom import header_values
 from cellcls.data.samples import Samples
 from cellcls.errors import ConfigError, DataError
@@ -45,17 +45,16 @@ def group_ids(samples: Samples, pattern: str) -> list[str]:
     return groups
 
 
-def group_source(ds: DictConfig) -> str | None:
+def group_source(ds: DatasetConfig) -> str | None:
     """The setting that says which patient (lesion, slide) each image belongs to, or None when none does."""
-    table = ds.get("table")
-    for name, value in (("dataset.group_pattern", ds.group_pattern), ("dataset.group_tag", ds.get("group_tag")),
-                        ("dataset.table.group", table.group if table is not None else None)):
+    for name, value in (("dataset.group_pattern", ds.group_pattern), ("dataset.group_tag", ds.group_tag),
+                        ("dataset.table.group", ds.table.group if ds.table is not None else None)):
         if value:
             return f"{name}={value}"
     return None
 
 
-def attach_groups(samples: Samples, ds: DictConfig) -> Samples:
+def attach_groups(samples: Samples, ds: DatasetConfig) -> Samples:
     """``samples`` with each file's group: the first group of ``dataset.group_pattern`` in its name, or the DICOM
     header keyword ``dataset.group_tag`` (PatientID); kept as they are when already known (a table's group column)
     or when neither is set."""
@@ -63,7 +62,7 @@ def attach_groups(samples: Samples, ds: DictConfig) -> Samples:
         return samples
     if ds.group_pattern:
         samples.groups = group_ids(samples, str(ds.group_pattern))
-    elif ds.get("group_tag"):
+    elif ds.group_tag:
         tag = str(ds.group_tag)
         values = header_values(samples.paths, tag)
         missing = sum(v is None for v in values)

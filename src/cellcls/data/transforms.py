@@ -54,9 +54,12 @@ class Augment(AugmentConfig):
         return None
 
 
-def parse_augment(cfg: Mapping[str, Any]) -> Augment:
+def parse_augment(cfg: Mapping[str, Any] | Augment) -> Augment:
     """Validate an ``augment`` config: unknown keys and out-of-range values are errors naming the setting;
-    missing keys take the schema's defaults (:class:`cellcls.config.schema.AugmentConfig`)."""
+    missing keys take the schema's defaults (:class:`cellcls.config.schema.AugmentConfig`). An ``Augment`` is
+    returned as it is."""
+    if isinstance(cfg, Augment):
+        return cfg
     known = [f.name for f in fields(AugmentConfig)]
     for key in cfg:
         if key not in known:
@@ -81,7 +84,7 @@ def parse_augment(cfg: Mapping[str, Any]) -> Augment:
     return a
 
 
-def build_augment(cfg: Mapping[str, Any]) -> list[v2.Transform]:
+def build_augment(cfg: Mapping[str, Any] | Augment) -> list[v2.Transform]:
     """The random transforms an ``augment`` config asks for, acting on uint8 image tensors."""
     a = parse_augment(cfg)
     transforms: list[v2.Transform] = []
@@ -107,7 +110,7 @@ def build_augment(cfg: Mapping[str, Any]) -> list[v2.Transform]:
 
 
 def build_transform(
-    augment: Mapping[str, Any] | None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+    augment: Mapping[str, Any] | Augment | None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 image -> float model input: optional augmentation, rescale to [0, 1], optional normalisation."""
     steps: list[Callable[[torch.Tensor], torch.Tensor]] = list(build_augment(augment)) if augment else []

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from cellcls.config.checks import apply_overrides
+from cellcls.config.schema import DatasetConfig, typed
 from cellcls.data.cache import decode_split
 from cellcls.data.datamodule import build_data, fold_of
 from cellcls.data.dataset import CachedImages, load_image
@@ -91,13 +91,14 @@ def load_data(loaded: LoadedModel, split: str, data: str | Path | None) -> Evalu
     """``split`` of the run's own data set (rebuilt as it trained), or every image of ``data`` (a class-folder
     directory or a table, labelled with the checkpoint's classes)."""
     cfg = loaded.config
-    batch = eval_batch_size(cfg.trainer.eval_batch_size, int(cfg.dataset.batch_size), loaded.device)
+    ds = typed(cfg.dataset, DatasetConfig)  # the checkpoint's data set section, parsed once
+    batch = eval_batch_size(cfg.trainer.eval_batch_size, int(ds.batch_size), loaded.device)
     prep = loaded.preprocessing
     if data is not None:
         source = Path(data).expanduser().resolve()
         if not source.exists():
             raise DataError(f"data={data}: no such folder or table")
-        found = scan_location(cfg.dataset, source, list(loaded.classes))
+        found = scan_location(ds, source, list(loaded.classes))
         samples = found.splits["data"]
         decoded = decode_split(samples, prep.channels, prep.image_size, cache_dir(), desc=f"decoding {source.name}",
                                window=prep.window)
@@ -107,13 +108,13 @@ def load_data(loaded: LoadedModel, split: str, data: str | Path | None) -> Evalu
         return EvaluationData(source.stem if source.is_file() else source.name, kept,
                               DataLoader(images, batch_size=batch), found.missing + decoded.skipped, found.root,
                               kept.groups)
-    bundle = build_data(cfg.dataset, None, int(cfg.seed), loaded.device, str(cfg.trainer.pipeline), batch,
+    bundle = build_data(ds, None, int(cfg.seed), loaded.device, str(cfg.trainer.pipeline), batch,
                         fold=fold_of(cfg))
     if split not in bundle.loaders:
         raise ConfigError(f"split={split!r} is not in this data set; available: {', '.join(bundle.loaders)}")
     samples = bundle.splits[split]
     return EvaluationData(split, samples, bundle.loaders[split], bundle.skipped, bundle.root,
-                          interval_groups(cfg.dataset, samples, bundle.splits))
+                          interval_groups(ds, samples, bundle.splits))
 
 
 def score(loaded: LoadedModel, data: EvaluationData, threshold: float | None, n_boot: int) -> Scored:
@@ -143,7 +144,7 @@ def write_scores(out: EvaluationFolder, loaded: LoadedModel, data: EvaluationDat
     ``patients.csv``."""
     if group_by is not None:
         scored.result["per_patient"] = per_patient(
-            scored.labels, scored.probs, data.samples, loaded.config.dataset, group_by, group_rule, loaded.classes,
+            scored.labels, scored.probs, data.samples, str(loaded.config.dataset.name), group_by, group_rule, loaded.classes,
             scored.threshold, n_boot, int(loaded.config.seed), out.patients)
     write_json(out.metrics, scored.result)
     write_predictions(out.predictions, data.samples, scored.probs, loaded.classes, data.root, scored.threshold)
@@ -217,14 +218,14 @@ def calibration_summary(y: np.ndarray, probs: np.ndarray, logits: torch.Tensor, 
     return out
 
 
-def per_patient(y: np.ndarray, probs: np.ndarray, samples: Samples, ds: DictConfig, group_by: str, rule: str,
+def per_patient(y: np.ndarray, probs: np.ndarray, samples: Samples, dataset: str, group_by: str, rule: str,
                 classes: list[str], threshold: float | None, n_boot: int, seed: int, out: Path) -> dict[str, Any]:
     """Metrics over patients (one aggregated prediction each), their rows written to ``out`` (patients.csv)."""
     if group_by != "patient":
         raise ConfigError(f"group_by={group_by!r} is not valid; allowed value: patient")
     if samples.groups is None:
         raise ConfigError("group_by=patient needs each image's patient: dataset.group_pattern (in the file name), "
-                          f"dataset.group_tag (DICOM) or dataset.table.group; the {ds.name} data set has none")
+                          f"dataset.group_tag (DICOM) or dataset.table.group; the {dataset} data set has none")
     if len(y) != len(samples):
         raise DataError("group_by=patient: some images could not be decoded; fix or remove them (see the warnings)")
     names, truth, scores, counts = aggregate(y, probs, samples.groups, rule)

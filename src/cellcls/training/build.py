@@ -15,9 +15,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from cellcls.config.schema import DatasetConfig, typed
 from cellcls.data.datamodule import DataBundle, build_data, fold_of
 from cellcls.data.mixing import BatchMix, build_mix
 from cellcls.data.normalization import describe, follow_weights
+from cellcls.data.transforms import parse_augment
 from cellcls.metric_names import metric_mode
 from cellcls.models import build_model, starting_statistics
 from cellcls.scoring.heads import num_outputs
@@ -109,7 +111,9 @@ def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True,
     if not runtime.is_main:
         distributed.barrier()
     shard = (runtime.dist.world_size, runtime.dist.rank) if runtime.dist.enabled else None
-    data = build_data(cfg.dataset, cfg.augment, int(cfg.seed), runtime.device, str(t.pipeline),
+    # the data layer takes its sections typed, parsed here once (after the starting weights set mean/std)
+    data = build_data(typed(cfg.dataset, DatasetConfig), parse_augment(cfg.augment), int(cfg.seed), runtime.device,
+                      str(t.pipeline),
                       eval_batch_size(t.eval_batch_size, int(cfg.dataset.batch_size), runtime.device), shard,
                       fold_of(cfg), check_stop)
     if runtime.is_main and runtime.dist.enabled:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from cellcls.config.schema import DatasetConfig, typed
 from cellcls.data.datamodule import resolve_root
 from cellcls.data.layouts import scan
 from cellcls.data.samples import Samples
@@ -65,7 +66,7 @@ def cross_validate(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], tra
     predictions = _pooled_predictions(run, folds)
     classes = list(per_fold[0].get("classes") or _classes(run.fold(0)))
     samples, y, probs = _as_arrays(predictions, classes, cfg)
-    groups = interval_groups(cfg.dataset, samples, _scanned(cfg))
+    groups = interval_groups(typed(cfg.dataset, DatasetConfig), samples, _scanned(cfg))
     pooled = evaluate_predictions(y, probs, classes, None, seed=int(cfg.seed), groups=groups)
     rows = [{"fold": k + 1, "images": m["num_images"], **{key: m.get(key) for key in TEST_METRICS}}
             for k, m in enumerate(per_fold)]
@@ -114,7 +115,8 @@ def _classes(folder: RunFolder) -> list[str]:
 
 
 def _scanned(cfg: DictConfig) -> dict[str, Samples]:
-    return scan(cfg.dataset, resolve_root(cfg.dataset)).splits
+    ds = typed(cfg.dataset, DatasetConfig)
+    return scan(ds, resolve_root(ds)).splits
 
 
 def _as_arrays(rows: list[dict[str, Any]], classes: list[str], cfg: DictConfig) -> tuple[Samples, np.ndarray, np.ndarray]:

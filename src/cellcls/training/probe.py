@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
+from cellcls.config.schema import DatasetConfig, typed
 from cellcls.metric_names import epoch_metrics
 from cellcls.infra.checkpoint import Checkpoint, save_checkpoint
 from cellcls.data.datamodule import DataBundle, build_data, fold_of
@@ -76,7 +77,8 @@ def probe(cfg: DictConfig, run_dir: Path, settings: ProbeSettings) -> dict[str, 
     seed_everything(int(cfg.seed))
     device = resolve_device(settings.device, setting="device")
     apply_weight_statistics(cfg)
-    data = build_data(cfg.dataset, None, int(cfg.seed), device, "loader", settings.batch_size, fold=fold_of(cfg))
+    ds = typed(cfg.dataset, DatasetConfig)
+    data = build_data(ds, None, int(cfg.seed), device, "loader", settings.batch_size, fold=fold_of(cfg))
     prep, classes = data.preprocessing, data.classes
     record_data_decisions(cfg, data)
     net = build_model(spec, prep.channels, len(classes), prep.image_size).to(device)
@@ -95,7 +97,7 @@ def probe(cfg: DictConfig, run_dir: Path, settings: ProbeSettings) -> dict[str, 
                 for name in data.splits}
     embed_s = time.perf_counter() - t0
     train = embedded["train"]
-    groups = interval_groups(cfg.dataset, data.splits["train"], data.splits)
+    groups = interval_groups(ds, data.splits["train"], data.splits)
     splits = _grouped_folds(train.labels, groups, settings.folds, int(cfg.seed))
     balanced = str(cfg.class_weights) == "balanced"
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cellcls.config.schema import DatasetConfig, typed
 from cellcls.data.layouts.base import Layout, Scanned
 from cellcls.data.layouts.folders import ClassFolders
 from cellcls.data.layouts.table import Table
@@ -28,8 +29,9 @@ def register_layout(layout: Layout) -> Layout:
     return layout
 
 
-def layout_of(ds: Any) -> Layout:
+def layout_of(ds: DatasetConfig | Any) -> Layout:
     """The layout the ``dataset`` section ``ds`` describes."""
+    ds = typed(ds, DatasetConfig)
     return next(layout for layout in LAYOUTS if layout.describes(ds))
 
 
@@ -42,11 +44,12 @@ def layout_at(location: Path) -> Layout:
                     f"({', '.join(layout.what for layout in LAYOUTS)})")
 
 
-def scan(ds: Any, root: Path) -> Scanned:
+def scan(ds: DatasetConfig | Any, root: Path) -> Scanned:
     """The images of each split the data set's own layout names, with their groups."""
+    ds = typed(ds, DatasetConfig)
     return layout_of(ds).scan(ds, root)
 
 
-def scan_location(ds: Any, location: Path, classes: list[str]) -> Scanned:
+def scan_location(ds: DatasetConfig | Any, location: Path, classes: list[str]) -> Scanned:
     """Every image at ``location`` as one split, ``data``, labelled with ``classes`` (a trained model's)."""
-    return layout_at(location).scan_location(ds, location, classes)
+    return layout_at(location).scan_location(typed(ds, DatasetConfig), location, classes)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from cellcls.config.schema import DatasetConfig
 from cellcls.data.samples import Samples
 
 
@@ -29,7 +29,7 @@ class Layout(ABC):
     what: str  # in words, for messages
 
     @abstractmethod
-    def describes(self, ds: Any) -> bool:
+    def describes(self, ds: DatasetConfig) -> bool:
         """Whether the ``dataset`` section ``ds`` is a data set of this layout."""
 
     @abstractmethod
@@ -37,10 +37,10 @@ class Layout(ABC):
         """Whether a folder or file given on its own is of this layout."""
 
     @abstractmethod
-    def scan(self, ds: Any, root: Path) -> Scanned:
+    def scan(self, ds: DatasetConfig, root: Path) -> Scanned:
         """The images of each split, their classes and groups, of the data set ``ds`` under ``root``."""
 
     @abstractmethod
-    def scan_location(self, ds: Any, location: Path, classes: list[str]) -> Scanned:
+    def scan_location(self, ds: DatasetConfig, location: Path, classes: list[str]) -> Scanned:
         """Every image at ``location`` as one split, ``data``, with ``classes`` (a trained model's) and the groups
         ``ds`` (its training config's data set) says how to find."""

@@ -8,10 +8,8 @@ import re
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-from omegaconf import OmegaConf
-
+from cellcls.config.schema import DatasetConfig
 from cellcls.data.layouts.base import Layout, Scanned
 from cellcls.data.samples import Samples
 from cellcls.data.splits import attach_groups
@@ -221,15 +219,15 @@ class ClassFolders(Layout):
 
     what = "a folder whose sub-folders are the classes"
 
-    def describes(self, ds: Any) -> bool:
-        return ds.get("table") is None
+    def describes(self, ds: DatasetConfig) -> bool:
+        return ds.table is None
 
     def holds(self, location: Path) -> bool:
         return location.is_dir()
 
-    def scan(self, ds: Any, root: Path) -> Scanned:
+    def scan(self, ds: DatasetConfig, root: Path) -> Scanned:
         classes, folders = self.locate(ds, root)
-        aliases = OmegaConf.to_container(ds.class_aliases)
+        aliases = ds.class_aliases
         for name, folder in folders.items():
             if extra := unmatched_folders(folder, classes, aliases):
                 what = (f"{folder}: folder(s) {[p.name for p in extra]} hold images of no class the model learns "
@@ -243,16 +241,16 @@ class ClassFolders(Layout):
         return Scanned(classes, splits, folders, [p for s in splits.values() for p in s.ignored],
                        [b for s in splits.values() for b in s.broken], root)
 
-    def scan_location(self, ds: Any, location: Path, classes: list[str]) -> Scanned:
-        samples = attach_groups(scan_split(location, classes, OmegaConf.to_container(ds.class_aliases)), ds)
+    def scan_location(self, ds: DatasetConfig, location: Path, classes: list[str]) -> Scanned:
+        samples = attach_groups(scan_split(location, classes, ds.class_aliases), ds)
         return Scanned(list(classes), {"data": samples}, {"data": location}, list(samples.ignored),
                        list(samples.broken), location)
 
     @staticmethod
-    def locate(ds: Any, root: Path) -> tuple[list[str], dict[str, Path]]:
+    def locate(ds: DatasetConfig, root: Path) -> tuple[list[str], dict[str, Path]]:
         """Class names and the folder of each split present in the download."""
-        names = split_names(OmegaConf.to_container(ds.splits, resolve=True))
-        aliases = OmegaConf.to_container(ds.class_aliases)
+        names = split_names(ds.splits)
+        aliases = ds.class_aliases
         classes = list(ds.classes) if ds.classes else None
         if classes is None:  # a user's own data set: the training folder's sub-folders are the classes
             train = next((root / n for n in names.get("train", []) if (root / n).is_dir()), root)

@@ -14,13 +14,11 @@ import logging
 import operator
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
-from cellcls.config.schema import TableConfig
+from cellcls.config.schema import DatasetConfig, TableConfig
 from cellcls.data.layouts.base import Layout, Scanned
 from cellcls.data.layouts.folders import class_names, split_names
 from cellcls.data.samples import Samples
@@ -125,10 +123,11 @@ def _template_columns(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-def load_table(ds: DictConfig, root: Path) -> TableData:
+def load_table(ds: DatasetConfig, root: Path) -> TableData:
     """The images a ``dataset.table`` lists under ``root``, by split (all in ``train`` without a split column)."""
     t = ds.table
-    if not t.get("file"):
+    assert t is not None, "a table data set has a dataset.table section"
+    if not t.file:
         raise ConfigError("dataset.table.file is not set: give the CSV or Parquet file listing the images")
     file = table_file(str(t.file), root)
     columns, rows = read_rows(file)
@@ -139,9 +138,8 @@ def load_table(ds: DictConfig, root: Path) -> TableData:
     else:
         wanted["path"] = str(t.path)
     _require_columns(file, columns, wanted)
-    label_map: dict[str, Any] = {str(k): v for k, v in (OmegaConf.to_container(t.label_map) if t.label_map else {}).items()}
-    split_of = {n.lower(): split for split, names in split_names(OmegaConf.to_container(ds.splits, resolve=True)).items()
-                for n in names}
+    label_map: dict[str, Any] = {str(k): v for k, v in (t.label_map or {}).items()}
+    split_of = {n.lower(): split for split, names in split_names(ds.splits).items() for n in names}
     base = Path(os.path.normpath(root))
 
     errors: list[str] = []
@@ -186,7 +184,7 @@ def load_table(ds: DictConfig, root: Path) -> TableData:
         classes = sorted({str(v) for v in label_map.values() if v is not None})
     else:
         classes = sorted({e[2] for e in entries})
-    aliases = OmegaConf.to_container(ds.class_aliases) or {}
+    aliases = ds.class_aliases or {}
     index = {name: i for i, c in enumerate(classes) for name in class_names(c, aliases)}  # case-insensitive
     for where, _, label, _, _ in entries:
         if label.lower() not in index:
@@ -225,23 +223,22 @@ class Table(Layout):
 
     what = f"a table ({', '.join(sorted(TABLE_SUFFIXES))})"
 
-    def describes(self, ds: Any) -> bool:
-        return ds.get("table") is not None
+    def describes(self, ds: DatasetConfig) -> bool:
+        return ds.table is not None
 
     def holds(self, location: Path) -> bool:
         return is_table(location)
 
-    def scan(self, ds: Any, root: Path) -> Scanned:
+    def scan(self, ds: DatasetConfig, root: Path) -> Scanned:
         table = load_table(ds, root)
         splits = {name: attach_groups(table.splits[name], ds) for name in ("train", "val", "test")
                   if name in table.splits}
         return Scanned(table.classes, splits, missing=table.missing, root=root)
 
-    def scan_location(self, ds: Any, location: Path, classes: list[str]) -> Scanned:
+    def scan_location(self, ds: DatasetConfig, location: Path, classes: list[str]) -> Scanned:
         """Every row whatever its split, with the training config's column settings (``dataset.table``) and paths
         relative to the table's folder."""
-        settings = OmegaConf.merge(OmegaConf.structured(TableConfig), ds.get("table") or {},
-                                   {"file": str(location), "split": None})
-        found = load_table(OmegaConf.merge(ds, {"table": settings, "classes": list(classes)}), location.parent)
+        settings = replace(ds.table or TableConfig(), file=str(location), split=None)
+        found = load_table(replace(ds, table=settings, classes=list(classes)), location.parent)
         samples = functools.reduce(operator.add, found.splits.values())
         return Scanned(found.classes, {"data": samples}, missing=found.missing, root=location.parent)
