@@ -40,7 +40,7 @@ from cellcls.data.reference import training_reference
 from cellcls.data.samples import Samples
 from cellcls.data.splits import cross_validation_fold, stratified_holdout
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
-from cellcls.data.transforms import build_transform, parse_augment
+from cellcls.data.transforms import Augment, build_transform, parse_augment
 from cellcls.errors import ConfigError, DataError
 from cellcls.paths import cache_dir
 
@@ -177,63 +177,79 @@ def build_data(
                                 fold=fold)
     warn_leaks(leaks)
     prep = Preprocessing.from_config(ds)
-    use_cache = bool(ds.cache)
-    mode = resolve_pipeline(str(pipeline), use_cache)
-    workers = int(ds.num_workers)
-    generator = torch.Generator().manual_seed(seed)
-    loaders: dict[str, DataLoader | DeviceBatches] = {}
-    skipped: list[tuple[str, str]] = list(scanned.missing)
-    train_sampler: DistributedSampler | None = None
-    decoded: dict[str, DecodedSplit] = {}
-    if use_cache:  # every split first: `auto` normalisation needs the training split's pixels
-        for name, samples in splits.items():
-            decoded[name] = decode_split(samples, prep.channels, prep.image_size, cache_dir(),
-                                         desc=f"decoding {name} (first use)", window=prep.window,
-                                         check_stop=check_stop)
-            if decoded[name].decoded:
-                log.info("decoded %d %s images into the cache %s", decoded[name].decoded, name, decoded[name].file.parent)
-            skipped += decoded[name].skipped
-            splits[name] = samples.subset(decoded[name].kept)
+    mode = resolve_pipeline(str(pipeline), bool(ds.cache))
+    decoded = _decode(splits, prep, check_stop) if ds.cache else {}
+    skipped = list(scanned.missing) + [s for d in decoded.values() for s in d.skipped]
+    splits = {name: samples.subset(decoded[name].kept) if name in decoded else samples
+              for name, samples in splits.items()}
     if is_auto(ds.mean):
         prep = prep.with_statistics(*_training_statistics(splits["train"], decoded.get("train"), prep))
         log.info("input normalisation (training split statistics): %s", describe(prep.mean, prep.std))
     prep = prep.with_reference(training_reference(splits["train"], decoded.get("train"), prep))
+    generator = torch.Generator().manual_seed(seed)
+    make = _Loaders(ds, prep, mode, device, generator, seed, shard, eval_batch_size,
+                    parse_augment(augment) if augment is not None else None)
+    loaders = {}
     for name, samples in splits.items():
-        aug = parse_augment(augment) if (name == "train" and augment is not None) else None
-        transform = build_transform(aug, prep.mean, prep.std)
-        dataset: Dataset
-        if use_cache:
-            dataset = CachedImages(decoded[name].file, decoded[name].kept, samples.labels, transform)
-        else:
-            dataset = ImageFiles(samples, prep.channels, prep.image_size, transform, prep.window)
         _require_every_class(samples, classes, name)
-        batch_size = int(ds.batch_size) if name == "train" or not eval_batch_size else int(eval_batch_size)
+        loaders[name] = make(name, samples, decoded.get(name))
+    return DataBundle(root, classes, splits, loaders, prep, generator, scanned.ignored, skipped, make.train_sampler)
+
+
+def _decode(splits: dict[str, Samples], prep: Preprocessing, check_stop: Callable[[], None] | None,
+            ) -> dict[str, DecodedSplit]:
+    """Every split into the decoded cache first: ``auto`` normalisation needs the training split's pixels."""
+    decoded = {}
+    for name, samples in splits.items():
+        decoded[name] = decode_split(samples, prep.channels, prep.image_size, cache_dir(),
+                                     desc=f"decoding {name} (first use)", window=prep.window, check_stop=check_stop)
+        if decoded[name].decoded:
+            log.info("decoded %d %s images into the cache %s", decoded[name].decoded, name, decoded[name].file.parent)
+    return decoded
+
+
+@dataclass
+class _Loaders:
+    """Makes each split's batches: device-side batches of the cache, or a DataLoader with per-image transforms; only
+    the training split is augmented, shuffled and (under torchrun) sharded."""
+
+    ds: DatasetConfig
+    prep: Preprocessing
+    mode: str
+    device: torch.device
+    generator: torch.Generator
+    seed: int
+    shard: tuple[int, int] | None
+    eval_batch_size: int | None
+    augment: Augment | None
+    train_sampler: DistributedSampler | None = None
+
+    def __call__(self, name: str, samples: Samples, decoded: DecodedSplit | None) -> DataLoader | DeviceBatches:
+        train = name == "train"
+        aug = self.augment if train else None
+        batch_size = int(self.ds.batch_size) if train or not self.eval_batch_size else int(self.eval_batch_size)
         sampler = None
-        if name == "train" and shard is not None:
-            sampler = train_sampler = DistributedSampler(range(len(samples)), num_replicas=shard[0], rank=shard[1],
-                                                         shuffle=bool(ds.shuffle), seed=seed)
+        if train and self.shard is not None:
+            sampler = self.train_sampler = DistributedSampler(
+                range(len(samples)), num_replicas=self.shard[0], rank=self.shard[1], shuffle=bool(self.ds.shuffle),
+                seed=self.seed)
         # BatchNorm cannot train on a batch of one image (one value per channel once pooled to 1x1): such a last
         # batch is dropped; with shuffling a different image sits it out each epoch
         count = len(sampler) if sampler is not None else len(samples)  # this rank's share under torchrun
-        drop_last = name == "train" and count > batch_size and count % batch_size == 1
-        if mode == "device":
-            loaders[name] = DeviceBatches(
-                decoded[name].file, decoded[name].kept, samples.labels, batch_size, device,
-                augment=BatchAugment(aug) if aug else None, mean=prep.mean, std=prep.std,
-                shuffle=name == "train" and bool(ds.shuffle),
-                generator=generator if name == "train" else None, sampler=sampler, drop_last=drop_last,
-            )
-            continue
-        loaders[name] = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=name == "train" and bool(ds.shuffle) and sampler is None,
-            generator=generator if name == "train" and sampler is None else None,
-            sampler=sampler,
-            drop_last=drop_last,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0,
-            collate_fn=None if use_cache else skip_none_collate,
-        )
-    return DataBundle(root, classes, splits, loaders, prep, generator, scanned.ignored, skipped, train_sampler)
+        drop_last = train and count > batch_size and count % batch_size == 1
+        shuffle = train and bool(self.ds.shuffle)
+        if self.mode == "device":
+            assert decoded is not None, "device batches read the decoded cache"
+            return DeviceBatches(decoded.file, decoded.kept, samples.labels, batch_size, self.device,
+                                 augment=BatchAugment(aug) if aug else None, mean=self.prep.mean, std=self.prep.std,
+                                 shuffle=shuffle, generator=self.generator if train else None, sampler=sampler,
+                                 drop_last=drop_last)
+        transform = build_transform(aug, self.prep.mean, self.prep.std)
+        dataset: Dataset = (CachedImages(decoded.file, decoded.kept, samples.labels, transform) if decoded is not None
+                            else ImageFiles(samples, self.prep.channels, self.prep.image_size, transform,
+                                            self.prep.window))
+        workers = int(self.ds.num_workers)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                          generator=self.generator if train and sampler is None else None, sampler=sampler,
+                          drop_last=drop_last, num_workers=workers, pin_memory=self.device.type == "cuda",
+                          persistent_workers=workers > 0, collate_fn=None if decoded is not None else skip_none_collate)
