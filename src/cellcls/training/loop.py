@@ -4,7 +4,7 @@ torchvision's classification reference), so scripts and benchmarks call exactly 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +46,15 @@ class EpochProgress:
         return self.correct / self.seen if self.seen else math.nan
 
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's ``training.position`` (beside the epoch it belongs to)."""
         return {"step": self.step, "loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
                 "skipped": self.skipped, "rng": self.rng}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> EpochProgress:
+        """An interrupted epoch's progress read back from :meth:`state_dict`'s form."""
+        return cls(int(state["step"]), float(state["loss_sum"]), int(state["correct"]), int(state["seen"]),
+                   int(state.get("skipped", 0)), False, dict(state["rng"]))
 
 
 @dataclass(frozen=True)

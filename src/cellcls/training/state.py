@@ -54,8 +54,16 @@ class Monitor:
         return value < than if self.mode == "min" else value > than
 
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's ``monitor`` section."""
         return {"metric": self.metric, "mode": self.mode, "best": self.best, "best_epoch": self.best_epoch,
                 "chance": self.chance, "beat_chance": self.beat_chance}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint's ``monitor`` section (the metric and its chance level are this run's)."""
+        self.best = float(state.get("best", math.nan))
+        self.best_epoch = int(state.get("best_epoch", 0))
+        # checkpoints from before the chance rule: their patience already counted from the first epoch
+        self.beat_chance = bool(state.get("beat_chance", True))
 
 
 class Stateful(Protocol):
@@ -140,15 +148,11 @@ def restore(state: FitState, ckpt: Checkpoint) -> int:
         job.scaler.load_state_dict(ckpt.training["scaler"])
     for name, cb in state.callbacks.items():
         cb.load_state_dict(ckpt.training.get("callbacks", {}).get(name, {}))
-    state.monitor.best = float(ckpt.monitor.get("best", math.nan))
-    state.monitor.best_epoch = int(ckpt.monitor.get("best_epoch", 0))
-    # checkpoints from before the chance rule: their patience already counted from the first epoch
-    state.monitor.beat_chance = bool(ckpt.monitor.get("beat_chance", True))
+    state.monitor.load_state_dict(ckpt.monitor)
     state.history = list(ckpt.history)
     pos = ckpt.training.get("position")
     if pos:
-        state.position = EpochProgress(pos["step"], pos["loss_sum"], pos["correct"], pos["seen"], pos["skipped"],
-                                       False, pos["rng"])
+        state.position = EpochProgress.from_state(pos)
         log.info("resuming epoch %d at step %d", pos["epoch"], pos["step"])
     src_best = ckpt.run.best_checkpoint
     if state.is_main and src_best.is_file() and src_best.resolve() != job.run.best_checkpoint.resolve():

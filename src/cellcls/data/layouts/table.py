@@ -123,6 +123,9 @@ def _template_columns(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
+Entry = tuple[str, Path, str, "str | None", str]  # where (line), path, label, group, split
+
+
 def load_table(ds: DatasetConfig, root: Path) -> TableData:
     """The images a ``dataset.table`` lists under ``root``, by split (all in ``train`` without a split column)."""
     t = ds.table
@@ -140,10 +143,38 @@ def load_table(ds: DatasetConfig, root: Path) -> TableData:
     _require_columns(file, columns, wanted)
     label_map: dict[str, Any] = {str(k): v for k, v in (t.label_map or {}).items()}
     split_of = {n.lower(): split for split, names in split_names(ds.splits).items() for n in names}
-    base = Path(os.path.normpath(root))
-
     errors: list[str] = []
-    entries: list[tuple[str, Path, str, str | None, str]] = []  # where, path, label, group, split
+    entries, dropped = _entries(rows, t, template, label_map, split_of, root, errors)
+    if ds.classes:
+        classes = [str(c) for c in ds.classes]
+    elif label_map:  # the map names the classes; a raw label outside it must be one of them
+        classes = sorted({str(v) for v in label_map.values() if v is not None})
+    else:
+        classes = sorted({e[2] for e in entries})
+    index = {name: i for i, c in enumerate(classes) for name in class_names(c, ds.class_aliases or {})}
+    for where, _, label, _, _ in entries:  # labels are matched case-insensitively, aliases included
+        if label.lower() not in index:
+            errors.append(f"{where}: label {label!r} is not a class ({', '.join(classes)}); map it with "
+                          "dataset.table.label_map (a label mapped to null drops its rows)")
+    if errors:
+        more = f"\n  ... and {len(errors) - SHOWN} more" if len(errors) > SHOWN else ""
+        raise DataError(f"{file}: {len(errors)} row(s) cannot be used:\n  " + "\n  ".join(errors[:SHOWN]) + more)
+    if len(classes) < 2:
+        raise DataError(f"{file}: the labels name {len(classes)} class(es) {classes}; a classifier needs at least 2")
+    splits, missing = _by_split(entries, index, bool(t.group), file, root)
+    if "train" not in splits:
+        raise DataError(f"{file}: no training images (rows whose file exists, with split "
+                        f"{', '.join(n for n, s in split_of.items() if s == 'train')})" if t.split else
+                        f"{file}: none of its {len(entries)} image file(s) exist under dataset.root={root}")
+    return TableData(classes, splits, missing, dropped)
+
+
+def _entries(rows: Iterator[tuple[str, dict[str, str]]], t: TableConfig, template: str | None,
+             label_map: dict[str, Any], split_of: dict[str, str], root: Path, errors: list[str]) -> tuple[list[Entry], int]:
+    """Each usable row as an entry, and how many rows ``label_map`` dropped; what is wrong with the others is added
+    to ``errors`` (all are reported at once)."""
+    base = Path(os.path.normpath(root))
+    entries: list[Entry] = []
     seen: dict[Path, str] = {}
     dropped = 0
     for where, row in rows:
@@ -177,32 +208,19 @@ def load_table(ds: DatasetConfig, root: Path) -> TableData:
                 continue
         group = row[str(t.group)] if t.group else None
         entries.append((where, path, str(label), (group or f"row:{where}") if t.group else None, split))
+    return entries, dropped
 
-    if ds.classes:
-        classes = [str(c) for c in ds.classes]
-    elif label_map:  # the map names the classes; a raw label outside it must be one of them
-        classes = sorted({str(v) for v in label_map.values() if v is not None})
-    else:
-        classes = sorted({e[2] for e in entries})
-    aliases = ds.class_aliases or {}
-    index = {name: i for i, c in enumerate(classes) for name in class_names(c, aliases)}  # case-insensitive
-    for where, _, label, _, _ in entries:
-        if label.lower() not in index:
-            errors.append(f"{where}: label {label!r} is not a class ({', '.join(classes)}); map it with "
-                          "dataset.table.label_map (a label mapped to null drops its rows)")
-    if errors:
-        more = f"\n  ... and {len(errors) - SHOWN} more" if len(errors) > SHOWN else ""
-        raise DataError(f"{file}: {len(errors)} row(s) cannot be used:\n  " + "\n  ".join(errors[:SHOWN]) + more)
-    if len(classes) < 2:
-        raise DataError(f"{file}: the labels name {len(classes)} class(es) {classes}; a classifier needs at least 2")
 
+def _by_split(entries: list[Entry], index: dict[str, int], grouped: bool, file: Path, root: Path,
+              ) -> tuple[dict[str, Samples], list[tuple[str, str]]]:
+    """The entries whose file exists as ``Samples`` per split, and the rows skipped for a missing file."""
     splits: dict[str, Samples] = {}
     missing: list[tuple[str, str]] = []
     for where, path, label, group, split in entries:
         if not path.is_file():
             missing.append((str(path), f"{file.name} {where}: no such file"))
             continue
-        samples = splits.setdefault(split, Samples(groups=[] if t.group else None))
+        samples = splits.setdefault(split, Samples(groups=[] if grouped else None))
         samples.paths.append(path)
         samples.labels.append(index[label.lower()])
         if samples.groups is not None:
@@ -210,11 +228,7 @@ def load_table(ds: DatasetConfig, root: Path) -> TableData:
     if missing:
         log.warning("%d of %d row(s) of %s name a file that does not exist under %s; skipped, e.g. %s", len(missing),
                     len(entries), file.name, root, missing[0][1])
-    if "train" not in splits:
-        raise DataError(f"{file}: no training images (rows whose file exists, with split "
-                        f"{', '.join(n for n, s in split_of.items() if s == 'train')})" if t.split else
-                        f"{file}: none of its {len(entries)} image file(s) exist under dataset.root={root}")
-    return TableData(classes, splits, missing, dropped)
+    return splits, missing
 
 
 class Table(Layout):
