@@ -13,6 +13,7 @@ import torch
 from conftest import malaria_images, run_cli
 from omegaconf import OmegaConf
 
+from cellcls.data.preprocessing import Preprocessing
 from cellcls.data.dataset import load_image
 from cellcls.deploy.export import export_model
 from cellcls.deploy.predictor import load_predictor
@@ -76,7 +77,7 @@ def test_every_seed_architecture_exports_to_onnx_with_the_same_outputs(tmp_path,
     spec = {"name": name, "single_logit": single_logit}
     torch.manual_seed(0)
     model = build_model(spec, channels, 2, [size, size]).eval()
-    prep = {"channels": channels, "image_size": [size, size], "mean": [0.4] * channels, "std": [0.2] * channels}
+    prep = Preprocessing((size, size), channels, (0.4,) * channels, (0.2,) * channels)
     loaded = LoadedModel(model, ["a", "b"], prep, OmegaConf.create({"model": spec}), tmp_path / "best.pt", 1,
                          torch.device("cpu"))
     exported = load_exported(export_model(loaded, "onnx", tmp_path / "m.onnx"))

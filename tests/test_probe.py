@@ -88,11 +88,12 @@ def test_the_knn_is_scored_with_intervals_like_an_evaluation(malaria_probe):
 
 
 def test_embeddings_are_computed_once_and_a_changed_file_gets_new_ones(tmp_path):
+    from cellcls.data.preprocessing import Preprocessing
     from cellcls.models.embeddings import cache_key, cached_embeddings
 
     image = tmp_path / "a.png"
     image.write_bytes(b"one")
-    prep = {"image_size": [64, 64], "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3}
+    prep = Preprocessing((64, 64), 3, (0.5,) * 3, (0.5,) * 3)
     key = cache_key("sha", "arch", prep, "none", [image])
     calls = []
     first, hit = cached_embeddings(tmp_path / "cache", key, lambda: calls.append(1) or np.ones((1, 4)))
