@@ -139,7 +139,7 @@ def instantiate(node: Any, section: str, **kwargs: Any) -> Any:
     from hydra.utils import instantiate as hydra_instantiate
 
     check_targets(_nest(section, node))
-    target = node.get("_target_") if isinstance(node, Mapping) or hasattr(node, "get") else None
+    target = node.get("_target_") if hasattr(node, "get") else None
     if target in MOVED:
         from omegaconf import OmegaConf
 

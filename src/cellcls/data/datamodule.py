@@ -21,7 +21,6 @@ from cellcls.data.dataset import CachedImages, ImageFiles, skip_none_collate
 from cellcls.data.decode import decode_image
 from cellcls.data.device_loader import DeviceBatches
 from cellcls.data.layouts import scan
-from cellcls.data.layouts.folders import SPLITS
 from cellcls.data.leakage import (
     Leak,
     duplicate_clusters,
@@ -37,7 +36,7 @@ from cellcls.data.normalization import (
 )
 from cellcls.data.preprocessing import Preprocessing
 from cellcls.data.reference import training_reference
-from cellcls.data.samples import Samples
+from cellcls.data.samples import SPLITS, Samples
 from cellcls.data.splits import cross_validation_fold, stratified_holdout
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
 from cellcls.data.transforms import Augment, build_transform, parse_augment

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+SPLITS = ("train", "val", "test")  # the splits a data set is divided into, in this order
+
+
 @dataclass
 class Samples:
     """Image files and their class indices, plus what was passed over while scanning.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cellcls.config.schema import DatasetConfig
 from cellcls.data.layouts.base import Layout, Scanned
-from cellcls.data.samples import Samples
+from cellcls.data.samples import SPLITS, Samples
 from cellcls.data.splits import attach_groups
 from cellcls.errors import DataError
 
@@ -208,9 +208,6 @@ def locate_splits(
         + (f"  (optional beside it: {', '.join(others)})" if others else "")
         + f"\nfound:\n{_tree(root)}"
     )
-
-
-SPLITS = ("train", "val", "test")
 
 
 class ClassFolders(Layout):

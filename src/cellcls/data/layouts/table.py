@@ -21,7 +21,7 @@ from typing import Any
 from cellcls.config.schema import DatasetConfig, TableConfig
 from cellcls.data.layouts.base import Layout, Scanned
 from cellcls.data.layouts.folders import class_names, split_names
-from cellcls.data.samples import Samples
+from cellcls.data.samples import SPLITS, Samples
 from cellcls.data.splits import attach_groups
 from cellcls.errors import ConfigError, DataError, nearest
 
@@ -245,7 +245,7 @@ class Table(Layout):
 
     def scan(self, ds: DatasetConfig, root: Path) -> Scanned:
         table = load_table(ds, root)
-        splits = {name: attach_groups(table.splits[name], ds) for name in ("train", "val", "test")
+        splits = {name: attach_groups(table.splits[name], ds) for name in SPLITS
                   if name in table.splits}
         return Scanned(table.classes, splits, missing=table.missing, root=root)
 
