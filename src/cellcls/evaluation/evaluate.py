@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cellcls.config.checks import apply_overrides
-from cellcls.config.schema import DatasetConfig, typed
+from cellcls.config.schema import DatasetConfig, TrainerConfig, typed
 from cellcls.data.cache import decode_split
 from cellcls.data.datamodule import build_data, fold_of
 from cellcls.data.dataset import CachedImages, load_image
@@ -91,8 +91,9 @@ def load_data(loaded: LoadedModel, split: str, data: str | Path | None) -> Evalu
     """``split`` of the run's own data set (rebuilt as it trained), or every image of ``data`` (a class-folder
     directory or a table, labelled with the checkpoint's classes)."""
     cfg = loaded.config
-    ds = typed(cfg.dataset, DatasetConfig)  # the checkpoint's data set section, parsed once
-    batch = eval_batch_size(cfg.trainer.eval_batch_size, int(ds.batch_size), loaded.device)
+    # the checkpoint's data set and trainer sections, parsed once
+    ds, trainer = typed(cfg.dataset, DatasetConfig), typed(cfg.trainer, TrainerConfig)
+    batch = eval_batch_size(trainer.eval_batch_size, ds.batch_size, loaded.device)
     prep = loaded.preprocessing
     if data is not None:
         source = Path(data).expanduser().resolve()
@@ -108,7 +109,7 @@ def load_data(loaded: LoadedModel, split: str, data: str | Path | None) -> Evalu
         return EvaluationData(source.stem if source.is_file() else source.name, kept,
                               DataLoader(images, batch_size=batch), found.missing + decoded.skipped, found.root,
                               kept.groups)
-    bundle = build_data(ds, None, int(cfg.seed), loaded.device, str(cfg.trainer.pipeline), batch,
+    bundle = build_data(ds, None, int(cfg.seed), loaded.device, trainer.pipeline, batch,
                         fold=fold_of(cfg))
     if split not in bundle.loaders:
         raise ConfigError(f"split={split!r} is not in this data set; available: {', '.join(bundle.loaders)}")

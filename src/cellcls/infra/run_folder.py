@@ -163,6 +163,13 @@ class RunFolder:
     def split_list(self, split: str) -> Path:
         return self.root / "splits" / f"{split}.csv"
 
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files of atomic writes a killed process never finished; returns them."""
+        stale = [tmp for folder in (self.root, self.checkpoints) for tmp in folder.glob(".*.tmp")]
+        for tmp in stale:
+            tmp.unlink(missing_ok=True)
+        return stale
+
     # evaluation and export
     def evaluation(self, name: str) -> EvaluationFolder:
         """``eval/<split or folder name>/``: metrics.json, report.md, predictions.csv, figures."""

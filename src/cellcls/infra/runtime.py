@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
+from cellcls.config.schema import TrainerConfig
 from cellcls.errors import ConfigError
 from cellcls.infra import distributed
 
@@ -144,7 +144,7 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
-def setup_runtime(t: DictConfig) -> Runtime:
+def setup_runtime(t: TrainerConfig) -> Runtime:
     """Device, DDP process group, CPU threads, precision and determinism from the ``trainer`` config."""
     device = resolve_device(str(t.device))
     dist_env = distributed.setup(str(t.strategy), device)

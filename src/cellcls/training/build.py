@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cellcls.config.schema import DatasetConfig, typed
+from cellcls.config.schema import DatasetConfig, TrainerConfig, typed
 from cellcls.data.datamodule import DataBundle, build_data, fold_of
 from cellcls.data.mixing import BatchMix, build_mix
 from cellcls.data.normalization import describe, follow_weights
@@ -43,9 +43,11 @@ log = logging.getLogger(__name__)
 class Job:
     """One training job's parts. ``net`` is the plain network; ``model`` what the training step calls (``net``, or
     its DDP / ``torch.compile`` wrapper); ``ema`` the weights' moving average when ``trainer.ema_decay`` is set;
-    ``mix`` MixUp/CutMix of whole training batches."""
+    ``mix`` MixUp/CutMix of whole training batches. ``trainer`` is the config's trainer section, parsed once here;
+    the fit loop reads it, never ``cfg.trainer``."""
 
     cfg: DictConfig
+    trainer: TrainerConfig
     run: RunFolder
     runtime: Runtime
     data: DataBundle
@@ -60,9 +62,9 @@ class Job:
 
     def train_step(self) -> TrainStep:
         """The optimisation step ``train_one_epoch`` runs, with the trainer's clipping and accumulation."""
-        t = self.cfg.trainer
+        t = self.trainer
         return TrainStep(self.model, self.net, self.loss_fn, self.optimizer, self.scaler, self.runtime,
-                         t.gradient_clip, int(t.accumulate_grad_batches), self.mix, self.ema)
+                         t.gradient_clip, t.accumulate_grad_batches, self.mix, self.ema)
 
     @property
     def model_spec(self) -> dict[str, Any]:
@@ -103,7 +105,7 @@ def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True,
     ``starting_weights=False`` (a resumed run) skips ``model.weights``/``model.pretrained``: the checkpoint's follow.
     ``check_stop`` is called while the cache is decoded (it raises to stop there: a signal)."""
     seed_everything(int(cfg.seed))
-    t = cfg.trainer
+    t = typed(cfg.trainer, TrainerConfig)
     if starting_weights:
         apply_weight_statistics(cfg)
     runtime = setup_runtime(t)
@@ -113,7 +115,7 @@ def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True,
     shard = (runtime.dist.world_size, runtime.dist.rank) if runtime.dist.enabled else None
     # the data layer takes its sections typed, parsed here once (after the starting weights set mean/std)
     data = build_data(typed(cfg.dataset, DatasetConfig), parse_augment(cfg.augment), int(cfg.seed), runtime.device,
-                      str(t.pipeline),
+                      t.pipeline,
                       eval_batch_size(t.eval_batch_size, int(cfg.dataset.batch_size), runtime.device), shard,
                       fold_of(cfg), check_stop)
     if runtime.is_main and runtime.dist.enabled:
@@ -144,10 +146,10 @@ def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True,
     loss_fn = ClassificationLoss(num_outputs(len(classes), bool(spec.get("single_logit"))), weights,
                                  float(cfg.get("label_smoothing") or 0.0)).to(runtime.device)
     optimizer = build_optimizer(net, OmegaConf.to_container(cfg.optim, resolve=True))
-    mode = metric_mode(str(t.monitor), str(t.monitor_mode))
-    scheduler = build_scheduler(optimizer, OmegaConf.to_container(cfg.scheduler, resolve=True), int(t.max_epochs), mode)
+    mode = metric_mode(t.monitor, t.monitor_mode)
+    scheduler = build_scheduler(optimizer, OmegaConf.to_container(cfg.scheduler, resolve=True), t.max_epochs, mode)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype is torch.float16)
-    ema = EMA(net, float(t.ema_decay)) if t.get("ema_decay") else None
+    ema = EMA(net, t.ema_decay) if t.ema_decay else None
     mix = build_mix(OmegaConf.to_container(cfg.augment, resolve=True) if cfg.get("augment") else None, len(classes))
-    return Job(cfg, RunFolder(run_dir), runtime, data, net, model, loss_fn, optimizer, scheduler, scaler, ema,
+    return Job(cfg, t, RunFolder(run_dir), runtime, data, net, model, loss_fn, optimizer, scheduler, scaler, ema,
                mix)

@@ -21,9 +21,9 @@ from cellcls.metric_names import epoch_metrics, metric_mode
 from cellcls.scoring.metrics import beyond_chance, chance_level
 from cellcls.models import count_parameters, model_label
 from cellcls.models.summary import summary_table
-from cellcls.infra.run_folder import RunFolder, atomic_write
+from cellcls.infra.run_folder import atomic_write
 from cellcls.infra import distributed
-from cellcls.training.build import build_job
+from cellcls.training.build import Job, build_job
 from cellcls.training.callbacks import Callback, create_callbacks
 from cellcls.training.final import calibrate_and_test
 from cellcls.infra.loggers import Loggers, create_loggers
@@ -58,33 +58,16 @@ def fit(
 
 def _fit(cfg: DictConfig, run_dir: Path, resume: Checkpoint | None, overrides: Sequence[str] | None,
          callbacks: Sequence[Callback], request: StopRequest) -> dict[str, Any]:
-    job = build_job(cfg, run_dir, starting_weights=resume is None, check_stop=request.check)
-    request.check()
-    t = cfg.trainer
-    monitor = Monitor(str(t.monitor), metric_mode(str(t.monitor), str(t.monitor_mode)),
-                      chance=beyond_chance(str(t.monitor), chance_level(
-                          str(t.monitor), job.data.splits["val"].labels, job.data.splits["train"].labels,
-                          len(job.data.classes))))
-    loggers = create_loggers(cfg.logger, job.run) if job.runtime.is_main else Loggers(job.run)
-    state = FitState(job, monitor, loggers, list(overrides or []), create_callbacks(cfg.callbacks, callbacks))
-    if job.runtime.is_main:
-        remove_stale_temporaries(job.run)
-    start = restore(state, resume) if resume is not None else 0
-    loggers.start(state.history)
-    describe(state, first=resume is None)
-    for cb in state.callbacks.values():
-        cb.on_fit_start(state)
-    request.check_every = 10 if job.runtime.dist.enabled else 1
-    request.check()
+    state, start = start_fit(cfg, run_dir, resume, overrides, callbacks, request)
     request.phase = None  # from here a signal stops after the current step, with a resumable last.pt
     state.stop_request = request
     try:
-        for epoch in range(start + 1, int(t.max_epochs) + 1):
+        for epoch in range(start + 1, state.trainer.max_epochs + 1):
             run_epoch(state, epoch)
             if state.should_stop:
                 break
     except (TrainingDiverged, TrainingInterrupted):
-        loggers.close()
+        state.loggers.close()
         raise
     request.defer = True  # the test of best.pt is the last step: it finishes, so the run is complete
     summary = finish(state)
@@ -94,17 +77,70 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Checkpoint | None, overrides: S
     return summary
 
 
-def remove_stale_temporaries(run: RunFolder) -> None:
-    """Temporary files a killed process left behind (an atomic write never finished)."""
-    for folder in (run.root, run.checkpoints):
-        for tmp in folder.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+def start_fit(cfg: DictConfig, run_dir: Path, resume: Checkpoint | None, overrides: Sequence[str] | None,
+              callbacks: Sequence[Callback], request: StopRequest) -> tuple[FitState, int]:
+    """Build the job, its monitor, loggers and callbacks, restore ``resume`` into them and write the run's
+    description; returns the state and the last complete epoch."""
+    job = build_job(cfg, run_dir, starting_weights=resume is None, check_stop=request.check)
+    request.check()
+    loggers = create_loggers(cfg.logger, job.run) if job.runtime.is_main else Loggers(job.run)
+    state = FitState(job, create_monitor(job), loggers, list(overrides or []),
+                     create_callbacks(cfg.callbacks, callbacks))
+    if job.runtime.is_main:
+        for tmp in job.run.remove_stale_temporaries():
             log.info("removed %s, left by an interrupted write", tmp)
+    start = restore(state, resume) if resume is not None else 0
+    loggers.start(state.history)
+    describe(state, first=resume is None)
+    for cb in state.callbacks.values():
+        cb.on_fit_start(state)
+    request.check_every = 10 if job.runtime.dist.enabled else 1
+    request.check()
+    return state, start
+
+
+def create_monitor(job: Job) -> Monitor:
+    """``trainer.monitor`` with its direction and the value that counts as clearly better than chance on this
+    job's validation split."""
+    metric, splits = job.trainer.monitor, job.data.splits
+    chance = chance_level(metric, splits["val"].labels, splits["train"].labels, len(job.data.classes))
+    return Monitor(metric, metric_mode(metric, job.trainer.monitor_mode), chance=beyond_chance(metric, chance))
 
 
 def run_epoch(state: FitState, epoch: int) -> None:
-    job, t = state.job, state.cfg.trainer
+    """One epoch: train, validate, update the monitor, step the scheduler, checkpoint (callbacks) and log."""
+    job, t = state.job, state.trainer
     started = time.perf_counter()
+    done = train_epoch(state, epoch)
+    val = evaluate(job.validated, job.data.loaders["val"], job.runtime)
+    if not math.isfinite(val.loss):
+        raise diverged(state, epoch, f"the validation loss is {val.loss:g} after the epoch")
+    metrics = {**epoch_metrics("train", loss=done.loss, accuracy=done.accuracy),
+               **epoch_metrics("val", loss=val.loss, accuracy=val.accuracy, balanced_accuracy=val.balanced_accuracy),
+               "lr": job.optimizer.param_groups[0]["lr"]}
+    if done.skipped:
+        metrics["skipped_batches"] = done.skipped
+    monitored = metrics[state.monitor.metric]
+    update_monitor(state, epoch, monitored)
+    for cb in state.callbacks.values():
+        cb.on_validation_end(state, metrics)
+    state.should_stop = distributed.broadcast_flag(state.should_stop)
+    # the plateau scheduler's patience, like early stopping's, counts from the first epoch better than chance
+    step_scheduler(job.scheduler, monitored, patience=state.monitor.beat_chance)
+    metrics["epoch_time_s"] = time.perf_counter() - started
+    state.history.append({"epoch": epoch, **metrics})
+    # checkpoints first: metrics.csv never lists an epoch that last.pt does not hold
+    for cb in state.callbacks.values():
+        cb.on_epoch_end(state, metrics)
+    state.loggers.log_epoch(epoch, metrics)
+    log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  lr %.2g%s  (%.1fs)",
+             epoch, t.max_epochs, done.loss, done.accuracy, val.loss, val.accuracy, metrics["lr"],
+             "  *" if state.improved else "", metrics["epoch_time_s"])
+
+
+def train_epoch(state: FitState, epoch: int) -> EpochProgress:
+    """The epoch's training pass, seeded by the epoch (an interrupted epoch resumes where it stopped)."""
+    job, t = state.job, state.trainer
     state.epoch = epoch
     seed = epoch_seed(int(state.cfg.seed), epoch)
     torch.manual_seed(seed + job.runtime.dist.rank)  # each process augments its share differently
@@ -123,45 +159,26 @@ def run_epoch(state: FitState, epoch: int) -> None:
     try:
         done = train_one_epoch(job.train_step(), job.data.loaders["train"], on_batch,
                                f"epoch {epoch}/{t.max_epochs}" if show else None,
-                               NonFinite(str(t.on_nonfinite), int(t.max_skipped_batches)), resume, state.stop_request)
+                               NonFinite(t.on_nonfinite, t.max_skipped_batches), resume, state.stop_request)
     except TrainingDiverged as exc:
         raise diverged(state, epoch, str(exc)) from None
     if not done.complete:
         interrupt(state, epoch, done)
-    val = evaluate(job.validated, job.data.loaders["val"], job.runtime)
-    if not math.isfinite(val.loss):
-        raise diverged(state, epoch, f"the validation loss is {val.loss:g} after the epoch")
-    metrics = {**epoch_metrics("train", loss=done.loss, accuracy=done.accuracy),
-               **epoch_metrics("val", loss=val.loss, accuracy=val.accuracy, balanced_accuracy=val.balanced_accuracy),
-               "lr": job.optimizer.param_groups[0]["lr"]}
-    if done.skipped:
-        metrics["skipped_batches"] = done.skipped
-    monitored = metrics[state.monitor.metric]
+    return done
+
+
+def update_monitor(state: FitState, epoch: int, value: float) -> None:
+    """Record the epoch's monitored value (``state.improved``: a new best), saying when it first beats chance."""
     had_beaten = state.monitor.beat_chance
-    state.improved = state.monitor.update(monitored, epoch)
+    state.improved = state.monitor.update(value, epoch)
     if state.monitor.beat_chance and not had_beaten and epoch > 1:
         log.info("epoch %d: %s %.4f is clearly better than chance (%.4f) for the first time; patience counts from "
-                 "here", epoch,
-                 state.monitor.metric, monitored, state.monitor.chance)
-    for cb in state.callbacks.values():
-        cb.on_validation_end(state, metrics)
-    state.should_stop = distributed.broadcast_flag(state.should_stop)
-    # the plateau scheduler's patience, like early stopping's, counts from the first epoch better than chance
-    step_scheduler(job.scheduler, monitored, patience=state.monitor.beat_chance)
-    metrics["epoch_time_s"] = time.perf_counter() - started
-    state.history.append({"epoch": epoch, **metrics})
-    # checkpoints first: metrics.csv never lists an epoch that last.pt does not hold
-    for cb in state.callbacks.values():
-        cb.on_epoch_end(state, metrics)
-    state.loggers.log_epoch(epoch, metrics)
-    log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  lr %.2g%s  (%.1fs)",
-             epoch, t.max_epochs, done.loss, done.accuracy, val.loss, val.accuracy, metrics["lr"],
-             "  *" if state.improved else "", metrics["epoch_time_s"])
+                 "here", epoch, state.monitor.metric, value, state.monitor.chance)
 
 
 def diverged(state: FitState, epoch: int, what: str) -> TrainingDiverged:
     """The one message of a diverged run: where, what was kept, what to try."""
-    t, lr = state.cfg.trainer, state.job.optimizer.param_groups[0]["lr"]
+    t, lr = state.trainer, state.job.optimizer.param_groups[0]["lr"]
     kept = (f"checkpoints/last.pt holds epoch {epoch - 1}, best.pt epoch {state.monitor.best_epoch}"
             if epoch > 1 else "no checkpoint was written")
     tips = [f"a lower optim.lr (now {lr:g})"]
@@ -231,11 +248,11 @@ def finish(state: FitState) -> dict[str, Any]:
     hparams = {"model": model_label(cfg.model), "dataset": str(cfg.dataset.name),
                "image_size": "x".join(str(v) for v in (*prep.image_size, prep.channels)),
                "parameters": count_parameters(job.net), "epochs": len(state.history),
-               "max_epochs": int(cfg.trainer.max_epochs), "optim": str(cfg.optim.name), "lr": float(cfg.optim.lr),
+               "max_epochs": state.trainer.max_epochs, "optim": str(cfg.optim.name), "lr": float(cfg.optim.lr),
                "weight_decay": float(cfg.optim.get("weight_decay") or 0.0), "batch_size": int(cfg.dataset.batch_size),
                "augment": str(cfg.augment.name), "class_weights": str(cfg.class_weights),
                "label_smoothing": float(cfg.get("label_smoothing") or 0.0),
-               "ema_decay": float(cfg.trainer.get("ema_decay") or 0.0), "seed": int(cfg.seed),
+               "ema_decay": state.trainer.ema_decay or 0.0, "seed": int(cfg.seed),
                "starting_weights": str((cfg.model.get("starting_weights") or {}).get("name") or "random")}
     final = {f"hparam/best_{state.monitor.metric}": float(state.monitor.best)}
     if "test" in summary:

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
+from cellcls.config.schema import TrainerConfig
 from cellcls.infra.checkpoint import Checkpoint
 from cellcls.data.preprocessing import Normalize
 from cellcls.infra.run_folder import RunFolder
@@ -94,6 +95,10 @@ class FitState:
     @property
     def cfg(self) -> DictConfig:
         return self.job.cfg
+
+    @property
+    def trainer(self) -> TrainerConfig:
+        return self.job.trainer
 
     @property
     def run(self) -> RunFolder:
