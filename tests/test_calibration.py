@@ -106,7 +106,7 @@ def calibrated_run(tmp_path_factory, cache_root):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CELLCLS_CACHE", str(cache_root))
         train_in_process(run, "trainer.max_epochs=2", "logger=csv", "calibrate=true",
-                         "operating_point=sensitivity:0.95", *TINY)
+                         "operating_point=sensitivity:0.95", "conformal=0.9", *TINY)
     return run
 
 
@@ -115,6 +115,20 @@ def test_training_with_calibrate_stores_the_fitted_rule_in_best_pt(calibrated_ru
     assert stored["temperature"] > 0 and stored["temperature"] != 1.0
     assert 0 < stored["threshold"] < 1 and stored["operating_point"] == "sensitivity:0.95"
     assert re.fullmatch(r"val \(\d+ images\)", stored["fitted_on"])
+
+
+def test_training_with_conformal_stores_the_set_rule_and_reports_the_test_sets(calibrated_run):
+    stored = load_checkpoint(calibrated_run, "best.pt").calibration
+    assert stored["set_level"] == 0.9 and stored["set_method"] == "lac" and stored["set_threshold"] is not None
+    sets = json.loads((calibrated_run / "test_metrics.json").read_text())["prediction_sets"]
+    assert sets["level"] == 0.9 and 0 <= sets["coverage"] <= 1 and 1 <= sets["mean_size"] <= 2
+
+
+def test_a_conformal_level_the_validation_split_cannot_reach_is_refused_before_the_first_epoch(tmp_path):
+    with pytest.raises(ConfigError, match=r"conformal=0.99 needs at least 99 calibration images; the validation "
+                                          r"split has \d+"):
+        train_in_process(tmp_path / "run", "trainer.max_epochs=1", "logger=csv", "conformal=0.99", *TINY)
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
 def test_the_operating_point_is_reported_on_test(calibrated_run):

@@ -93,6 +93,16 @@ class Model:
         """The predicted class name of each image."""
         return [self.classes[i] for i in labels_of(self.predict_proba(images), self.predictor.threshold)]
 
+    def predict_set(self, images: Sequence[ImageInput] | np.ndarray | torch.Tensor) -> list[list[str]]:
+        """Each image's conformal prediction set: the classes it may be, holding the true one with the coverage
+        the model was fitted for (``conformal=`` in training; every class: cannot tell). A model trained without
+        ``conformal`` has no set rule: ValueError."""
+        members = self.predictor.decision.sets(self.predict_proba(images))
+        if members is None:
+            raise ValueError(f"{self.predictor.path} has no prediction-set rule; train it with conformal=0.95 (or "
+                             "another coverage level) to have one")
+        return [[c for c, m in zip(self.classes, row) if m] for row in members]
+
 
 def load(location: str | Path, device: str = "auto") -> Model:
     """A run folder (its ``checkpoints/best.pt``), a checkpoint file, or an exported ONNX/TorchScript model."""

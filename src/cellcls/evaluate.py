@@ -54,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'loss':<18} {result['loss']:.4f}")
     cal = result["calibration"]
     print(f"{'ECE':<18} {cal['ece']:.4f}  (Brier {cal['brier']:.4f}, temperature {cal['temperature']:.3f})")
+    sets = result.get("prediction_sets")
+    if sets:
+        lo, hi = sets["coverage"]["ci95"]
+        print(f"{'set coverage':<18} {sets['coverage']['value']:.4f}  (95% CI {lo:.4f} - {hi:.4f}; aiming at "
+              f"{sets['level']:g}), mean set size {sets['mean_size']:.3f}, single-class sets "
+              f"{100 * sets['singletons']:.1f}%")
     if "per_patient" in result:
         patients = result["per_patient"]
         print(f"per patient ({patients['num_images']} patients, rule {patients['rule']}):")

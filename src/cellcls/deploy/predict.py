@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from cellcls.deploy.predictor import Predictor
 from cellcls.errors import DataError, printable
 from cellcls.infra import plots
 from cellcls.evaluation.figures import cam_maps
-from cellcls.scoring.heads import labels_of
+from cellcls.scoring.heads import Decision
 from cellcls.models.trained import LoadedModel
 
 
@@ -27,15 +27,29 @@ from cellcls.models.trained import LoadedModel
 class Prediction:
     file: Path
     probabilities: np.ndarray
-
-    threshold: float | None = None  # the model's operating point (two classes)
+    decision: Decision = field(default_factory=Decision)  # the model's threshold and prediction-set rule
 
     def label(self, classes: Sequence[str]) -> str:
-        return classes[int(labels_of(self.probabilities[None], self.threshold)[0])]
+        return classes[int(self.decision.labels(self.probabilities[None])[0])]
+
+    def prediction_set(self, classes: Sequence[str]) -> list[str] | None:
+        """The classes this image may be (conformal prediction set), or None when the model has no set rule."""
+        members = self.decision.sets(self.probabilities[None])
+        return None if members is None else [c for c, m in zip(classes, members[0]) if m]
 
     def line(self, classes: Sequence[str]) -> str:
         label = self.label(classes)
-        return f"{printable(self.file)}: {label} ({100 * self.probabilities[list(classes).index(label)]:.2f}%)"
+        text = f"{printable(self.file)}: {label} ({100 * self.probabilities[list(classes).index(label)]:.2f}%)"
+        return text + describe_set(self.prediction_set(classes), len(classes), self.decision.set_level)
+
+
+def describe_set(members: Sequence[str] | None, num_classes: int, level: float | None) -> str:
+    """How a printed prediction shows its set: ``  set {Parasitized} at 95%``, or ``cannot tell`` when every class
+    is in it."""
+    if members is None:
+        return ""
+    verdict = "; cannot tell" if len(members) == num_classes else ""
+    return f"  set {{{', '.join(members)}}} at {100 * (level or 0):g}%{verdict}"
 
 
 def list_inputs(location: Path, column: str = "path", template: str | None = None) -> list[Path]:
@@ -69,7 +83,7 @@ def predict_files(
             continue
         batch = torch.stack(images)
         probs = loaded.predict(batch)
-        results += [Prediction(p, pr, loaded.threshold) for p, pr in zip(chunk, probs)]
+        results += [Prediction(p, pr, loaded.decision) for p, pr in zip(chunk, probs)]
         if cam_dir is not None:
             cam_dir.mkdir(parents=True, exist_ok=True)
             assert isinstance(loaded, LoadedModel), "Grad-CAM needs a PyTorch checkpoint"
@@ -83,6 +97,9 @@ def write_csv(path: Path, predictions: Sequence[Prediction], classes: Sequence[s
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:  # any file name
         writer = csv.writer(fh)
-        writer.writerow(["file", "predicted", *[f"p_{c}" for c in classes]])
+        sets = bool(predictions) and predictions[0].decision.has_sets
+        writer.writerow(["file", "predicted", *[f"p_{c}" for c in classes], *(["set"] if sets else [])])
         for pred in predictions:
-            writer.writerow([str(pred.file), pred.label(classes), *[f"{v:.6f}" for v in pred.probabilities]])
+            members = pred.prediction_set(classes) if sets else None
+            writer.writerow([str(pred.file), pred.label(classes), *[f"{v:.6f}" for v in pred.probabilities],
+                             *(["|".join(members)] if members is not None else [])])

@@ -12,6 +12,7 @@ from cellcls.data.preprocessing import Preprocessing
 from cellcls.deploy.runtimes import is_exported, load_exported
 from cellcls.errors import ConfigError
 from cellcls.models.trained import load_model
+from cellcls.scoring.heads import Decision
 from cellcls.models.tta import check_tta
 
 
@@ -23,6 +24,7 @@ class Predictor(Protocol):
     path: Path
     supports_cam: bool
     threshold: float | None  # two classes: class 1 when its probability reaches it; None: the arg-max
+    decision: Decision  # the whole rule fitted on validation: temperature, threshold, prediction sets
 
     @property
     def card(self) -> dict[str, Any]: ...

@@ -23,6 +23,7 @@ import torch
 
 from cellcls.config.targets import check_targets
 from cellcls.data.preprocessing import Preprocessing, to_unit
+from cellcls.scoring.heads import Decision
 
 CARD_KEY = "cellcls"
 TS_EXTRA = "cellcls.json"
@@ -56,9 +57,14 @@ class ExportedModel:
         return list(self.card["classes"])
 
     @property
+    def decision(self) -> Decision:
+        """The decision rule fitted on validation, from the card (the temperature is inside the graph already)."""
+        return Decision.of(self.card.get("decision"))
+
+    @property
     def threshold(self) -> float | None:
         """Two classes: class 1 when its probability reaches this (the operating point fitted on validation)."""
-        return (self.card.get("decision") or {}).get("threshold")
+        return self.decision.threshold
 
     @property
     def preprocessing(self) -> Preprocessing:

@@ -111,6 +111,11 @@ class Classifier:
         result.update(ok=True, label=classes[best], confidence=float(probs[best]),
                       probabilities={c: float(p) for c, p in zip(classes, probs)},
                       uncertain=bool(float(probs[best]) - runner_up < self.limits.uncertain_margin))
+        members = self.predictor.decision.sets(probs[None])
+        if members is not None:  # the conformal prediction set: every class in it means "cannot tell"
+            result["prediction_set"] = {"classes": [c for c, m in zip(classes, members[0]) if m],
+                                        "level": self.predictor.decision.set_level}
+            result["uncertain"] = result["uncertain"] or bool(members[0].sum() > 1)
         return result
 
     def unusual(self, data: bytes, image: torch.Tensor) -> list[str]:

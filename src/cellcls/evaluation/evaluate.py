@@ -39,7 +39,7 @@ from cellcls.evaluation.figures import (
 )
 from cellcls.scoring.inference import mean_loss, run_inference
 from cellcls.metric_names import HEADLINE
-from cellcls.scoring.metrics import evaluate_predictions
+from cellcls.scoring.metrics import evaluate_predictions, prediction_set_metrics
 from cellcls.evaluation.patients import aggregate, write_patients
 from cellcls.evaluation.report import write_predictions, write_report
 from cellcls.scoring.heads import Decision, labels_of, probabilities
@@ -134,6 +134,10 @@ def score(loaded: LoadedModel, data: EvaluationData, threshold: float | None, n_
     result = {"checkpoint": str(loaded.path), "epoch": loaded.epoch, "split": data.name, "tta": loaded.tta,
               "loss": mean_loss(loaded.model, logits, targets), **result,
               "calibration": calibration_summary(y, probs, logits, loaded.decision)}
+    members = loaded.decision.sets(probs)
+    if members is not None:
+        result["prediction_sets"] = prediction_set_metrics(y, members, loaded.classes, float(loaded.decision.set_level),
+                                                           n_boot, int(loaded.config.seed), groups)
     if data.skipped:
         result["skipped_files"] = [p for p, _ in data.skipped]
     return Scored(result, probs, y, threshold, folder)

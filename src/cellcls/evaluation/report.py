@@ -45,6 +45,15 @@ def write_report(result: dict[str, Any], path: Path, figures: dict[str, Path]) -
         lines += ["", f"Calibration: ECE {cal['ece']:.4f}, Brier score {cal['brier']:.4f}"
                   + (f" with temperature {cal['temperature']:.3f} (uncalibrated: ECE {before['ece']:.4f}, "
                      f"Brier {before['brier']:.4f})" if before else " (no temperature scaling)") + "."]
+    sets = result.get("prediction_sets")
+    if sets:
+        lo, hi = sets["coverage"]["ci95"]
+        lines += ["", f"## Prediction sets (conformal, aiming at coverage {sets['level']:g})", "",
+                  f"Coverage {sets['coverage']['value']:.4f} (95% CI {lo:.4f} - {hi:.4f}), mean set size "
+                  f"{sets['mean_size']:.3f}, single-class sets {100 * sets['singletons']:.1f}%.", "",
+                  "| true class | images | coverage | mean set size | single-class sets |", "|---|---|---|---|---|"]
+        lines += [f"| {c} | {r['images']} | {r['coverage']:.4f} | {r['mean_size']:.3f} | {100 * r['singletons']:.1f}% |"
+                  for c, r in sets["per_class"].items()]
     patients = result.get("per_patient")
     if patients:
         lines += ["", f"## Per patient ({patients['num_images']} patients, rule: {patients['rule']})", "",

@@ -4,15 +4,19 @@ Measures: the expected calibration error (ECE: the gap between confidence and ac
 bins) and the Brier score. Fixes, both fitted on the validation split and stored in the checkpoint
 (:class:`cellcls.scoring.heads.Decision`): temperature scaling (Guo et al. 2017: logits / T, one number that
 minimises the validation negative log-likelihood; accuracy is unchanged) and, for two classes, an operating point:
-the threshold on the positive class's probability that reaches a target sensitivity or specificity on validation.
+the threshold on the positive class's probability that reaches a target sensitivity or specificity on validation;
+and conformal prediction sets (:mod:`cellcls.scoring.conformal`), fitted on the calibrated probabilities.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from cellcls.errors import ConfigError, DataError
+from cellcls.scoring.conformal import fit_conformal
 from cellcls.scoring.heads import Decision, probabilities
 
 BINS = 15
@@ -93,9 +97,11 @@ def choose_threshold(y_true: np.ndarray, p_positive: np.ndarray, kind: str, leve
 
 
 def fit_decision(
-    logits: torch.Tensor, targets: torch.Tensor, calibrate: bool, operating_point: str | None, split: str = "val"
+    logits: torch.Tensor, targets: torch.Tensor, calibrate: bool, operating_point: str | None, split: str = "val",
+    conformal: float | None = None,
 ) -> Decision:
-    """Fit the temperature (``calibrate``) and the threshold (``operating_point``) on one split's logits."""
+    """Fit the temperature (``calibrate``), the threshold (``operating_point``) and the prediction sets' threshold
+    (``conformal``, a coverage level; on the calibrated probabilities) on one split's logits."""
     temperature = fit_temperature(logits, targets) if calibrate else 1.0
     threshold = None
     if operating_point:
@@ -104,4 +110,8 @@ def fit_decision(
             raise ConfigError(f"operating_point={operating_point} needs two classes; this model has {probs.shape[1]}")
         kind, level = parse_operating_point(operating_point)
         threshold = choose_threshold(targets.numpy(), probs[:, 1], kind, level)
-    return Decision(temperature, threshold, operating_point or None, f"{split} ({len(targets)} images)")
+    decision = Decision(temperature, threshold, operating_point or None, f"{split} ({len(targets)} images)")
+    if conformal is None:
+        return decision
+    fitted = fit_conformal(decision.probabilities(logits).numpy(), targets.numpy(), conformal)
+    return replace(decision, set_level=float(conformal), set_method=fitted.method, set_threshold=fitted.threshold)

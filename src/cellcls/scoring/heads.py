@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cellcls.scoring.conformal import prediction_sets
+
 
 def num_outputs(num_classes: int, single_logit: bool) -> int:
     """Logits the model emits: one for a binary task with a sigmoid head, else one per class."""
@@ -53,6 +55,10 @@ class Decision:
     threshold: float | None = None
     operating_point: str | None = None  # e.g. "sensitivity:0.95", what the threshold was chosen for
     fitted_on: str | None = None  # the split both were fitted on, with its size
+    # conformal prediction sets (cellcls.scoring.conformal): the coverage aimed for, the score and its threshold
+    set_level: float | None = None
+    set_method: str | None = None
+    set_threshold: float | None = None
 
     @classmethod
     def of(cls, stored: dict[str, Any] | None) -> Decision:
@@ -68,3 +74,14 @@ class Decision:
     def labels(self, probs: np.ndarray) -> np.ndarray:
         """Labels of class probabilities under this rule (the threshold for two classes)."""
         return labels_of(probs, self.threshold)
+
+    @property
+    def has_sets(self) -> bool:
+        return self.set_threshold is not None and self.set_method is not None
+
+    def sets(self, probs: np.ndarray) -> np.ndarray | None:
+        """Boolean ``N x C`` prediction-set membership of class probabilities, or None without a fitted rule."""
+        if not self.has_sets:
+            return None
+        assert self.set_threshold is not None and self.set_method is not None
+        return prediction_sets(probs, self.set_threshold, self.set_method, self.labels(probs))

@@ -17,6 +17,7 @@ from sklearn.metrics import (
 )
 
 from cellcls.metric_names import HEADLINE, split_metric
+from cellcls.scoring.conformal import set_summary
 from cellcls.scoring.heads import labels_of
 
 Metric = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
@@ -190,3 +191,29 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     lo, hi = max(0.0, centre - half), min(1.0, centre + half)
     # at 0 or n successes one bound is exactly 0 or 1 (float rounding would leave 0.9999999999999999)
     return (0.0 if successes == 0 else lo), (1.0 if successes == n else hi)
+
+
+def prediction_set_metrics(
+    y_true: Sequence[int], members: np.ndarray, classes: Sequence[str], level: float, n_boot: int = 1000, seed: int = 0,
+    groups: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """How conformal prediction sets did: coverage (the true class in the set) with the same interval rule as
+    accuracy's (over groups where known), mean set size, share of single-class sets, and each per true class."""
+    y_true = np.asarray(y_true, dtype=int)
+    covered = members[np.arange(len(y_true)), y_true].astype(int)
+    value = float(covered.mean())
+    ones = np.ones_like(covered)
+    if value in (0.0, 1.0):
+        n = _units(np.ones(len(covered), bool), groups)
+        ci = list(wilson_interval(round(value * n), n))
+    else:
+        ci = list(bootstrap_ci(covered, ones, members, lambda y, _p, _q: float(np.mean(y)), n_boot=n_boot, seed=seed,
+                               groups=groups))
+    out: dict[str, Any] = {"level": level, "coverage": {"value": value, "ci95": ci},
+                           **{k: v for k, v in set_summary(members, y_true).items() if k != "coverage"},
+                           "per_class": {}}
+    for c, name in enumerate(classes):
+        rows = y_true == c
+        if rows.any():
+            out["per_class"][name] = {"images": int(rows.sum()), **set_summary(members[rows], y_true[rows])}
+    return out

@@ -15,6 +15,7 @@ from cellcls.scoring.calibration import (
     expected_calibration_error,
     fit_decision,
 )
+from cellcls.scoring.conformal import set_summary
 from cellcls.scoring.inference import run_inference, score
 from cellcls.scoring.metrics import sensitivity, specificity
 from cellcls.evaluation.report import write_predictions
@@ -30,8 +31,10 @@ def _logits(job: Job, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return run_inference(job.net, job.data.loaders[split], rt.device, rt.amp_dtype, rt.memory_format)
 
 
-def calibrate_and_test(job: Job, calibrate: bool, operating_point: str | None) -> dict[str, Any] | None:
-    """Load best.pt into the job; fit and store its decision rule when asked; score it on the test split."""
+def calibrate_and_test(job: Job, calibrate: bool, operating_point: str | None,
+                       conformal: float | None = None) -> dict[str, Any] | None:
+    """Load best.pt into the job; fit and store its decision rule (temperature, threshold, prediction sets) when
+    asked; score it on the test split."""
     if not job.run.best_checkpoint.is_file():
         return None
     best = load_checkpoint(job.run.best_checkpoint, BEST)
@@ -40,12 +43,14 @@ def calibrate_and_test(job: Job, calibrate: bool, operating_point: str | None) -
     job.net.to(memory_format=torch.contiguous_format)
     job.runtime.memory_format = torch.contiguous_format
     decision = Decision()
-    if calibrate or operating_point:
-        decision = fit_decision(*_logits(job, "val"), calibrate, operating_point)
+    if calibrate or operating_point or conformal is not None:
+        decision = fit_decision(*_logits(job, "val"), calibrate, operating_point, conformal=conformal)
         best.calibration = decision.to_dict()
         save_checkpoint(best, job.run.best_checkpoint)
-        log.info("decision rule fitted on %s: temperature %.3f%s", decision.fitted_on, decision.temperature,
-                 f", threshold {decision.threshold:.4f} for {operating_point}" if decision.threshold is not None else "")
+        log.info("decision rule fitted on %s: temperature %.3f%s%s", decision.fitted_on, decision.temperature,
+                 f", threshold {decision.threshold:.4f} for {operating_point}" if decision.threshold is not None else "",
+                 f", {decision.set_method} prediction sets for coverage {conformal:g} (score threshold "
+                 f"{decision.set_threshold:.4f})" if decision.has_sets else "")
     if "test" not in job.data.loaders:
         return None
     logits, targets = _logits(job, "test")
@@ -66,6 +71,9 @@ def calibrate_and_test(job: Job, calibrate: bool, operating_point: str | None) -
             result["operating_point"] = {"threshold": decision.threshold, "sensitivity": sensitivity(y, predicted),
                                          "specificity": specificity(y, predicted),
                                          "accuracy": float((predicted == y).mean())}
+        members = decision.sets(probs)
+        if members is not None:
+            result["prediction_sets"] = {"level": decision.set_level, **set_summary(members, y)}
     write_json(job.run.test_metrics, result)
     samples = job.data.splits["test"]
     if len(samples) == len(targets):  # uncached files that failed to decode mid-pass leave no row to name

@@ -18,6 +18,7 @@ from cellcls.data.splits import write_split_lists
 from cellcls.data.summary import count_table
 from cellcls.errors import TrainingDiverged, TrainingInterrupted
 from cellcls.metric_names import epoch_metrics, metric_mode
+from cellcls.scoring.conformal import check_calibration_size, check_level
 from cellcls.scoring.metrics import beyond_chance, chance_level
 from cellcls.models import count_parameters, model_label
 from cellcls.models.summary import summary_table
@@ -94,9 +95,18 @@ def start_fit(cfg: DictConfig, run_dir: Path, resume: Checkpoint | None, overrid
     describe(state, first=resume is None)
     for cb in state.callbacks.values():
         cb.on_fit_start(state)
+    level = conformal_level(cfg)
+    if level is not None:  # refused now, not after the last epoch
+        check_calibration_size(level, len(job.data.splits["val"]))
     request.check_every = 10 if job.runtime.dist.enabled else 1
     request.check()
     return state, start
+
+
+def conformal_level(cfg: DictConfig) -> float | None:
+    """The ``conformal`` setting: the coverage the prediction sets aim for, or None."""
+    value = cfg.get("conformal")
+    return None if value is None else check_level(value)
 
 
 def create_monitor(job: Job) -> Monitor:
@@ -240,7 +250,7 @@ def finish(state: FitState) -> dict[str, Any]:
                                "stopped_early": state.should_stop}
     if not job.runtime.is_main:
         return summary
-    test = calibrate_and_test(job, bool(cfg.calibrate), cfg.operating_point)
+    test = calibrate_and_test(job, bool(cfg.calibrate), cfg.operating_point, conformal_level(cfg))
     if test is not None:
         summary["test"] = test
     prep = job.data.preprocessing

@@ -111,8 +111,9 @@ def probe(cfg: DictConfig, run_dir: Path, settings: ProbeSettings) -> dict[str, 
         val_logits, val_targets = _logits(net, embedded["val"], device)
         val = score(net, val_logits, val_targets)
         history.update(epoch_metrics("val", loss=val.loss, accuracy=val.accuracy, balanced_accuracy=val.balanced_accuracy))
-        if cfg.calibrate or cfg.operating_point:
-            decision = fit_decision(val_logits, val_targets, bool(cfg.calibrate), cfg.operating_point)
+        if cfg.calibrate or cfg.operating_point or cfg.get("conformal") is not None:
+            decision = fit_decision(val_logits, val_targets, bool(cfg.calibrate), cfg.operating_point,
+                                    conformal=cfg.get("conformal"))
     ckpt = Checkpoint(epoch=1, model={k: v.cpu() for k, v in net.state_dict().items()},
                       model_spec=OmegaConf.to_container(cfg.model, resolve=True), classes=classes, preprocessing=prep.to_dict(),
                       config=OmegaConf.to_container(cfg, resolve=True), history=[history],

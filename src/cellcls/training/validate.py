@@ -11,6 +11,7 @@ from cellcls.config.checks import check_choices, check_keys, check_values
 from cellcls.data.normalization import check_normalization
 from cellcls.models import check_model_config
 from cellcls.scoring.calibration import parse_operating_point
+from cellcls.scoring.conformal import check_level
 from cellcls.training.crossval import check_cv
 from cellcls.training.optim import check_optim_config, check_scheduler_config
 
@@ -28,3 +29,5 @@ def validate(cfg: DictConfig) -> None:
         check_cv(cfg)
     if cfg.get("operating_point"):
         parse_operating_point(str(cfg.operating_point))
+    if cfg.get("conformal") is not None:
+        check_level(cfg.conformal)

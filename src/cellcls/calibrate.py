@@ -1,0 +1,47 @@
+"""``python -m cellcls.calibrate checkpoint=<checkpoint or run folder> [calibrate=true] [operating_point=<kind>:<level>] [conformal=<level>]``
+
+Fits a trained model's decision rule on its own validation split (rebuilt from the checkpoint alone) and stores it in
+the checkpoint, as training with the same settings does: temperature scaling (calibrate=true), a two-class decision
+threshold (operating_point=sensitivity:0.95 or specificity:<level>) and conformal prediction sets (conformal=0.95:
+each image gets the set of classes that holds its true class 95% of the time; every class in it means "cannot
+tell"). evaluate, predict, serve, exports and the Python API use the stored rule. A rule stored earlier is replaced.
+Other settings: device=auto|cpu|cuda.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from cellcls.cli import as_bool, command_args, fail, own_settings
+from cellcls.errors import ConfigError, DataError
+from cellcls.evaluation.recalibrate import recalibrate
+from cellcls.scoring.calibration import parse_operating_point
+from cellcls.scoring.conformal import check_level
+
+SETTINGS = ("checkpoint", "calibrate", "operating_point", "conformal", "device")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, done = command_args(argv, __doc__)
+    if done is not None:
+        return done
+    try:
+        own = own_settings(args, SETTINGS, "calibrate", required=("checkpoint",))
+        point = own.get("operating_point")
+        if point:
+            parse_operating_point(point)
+        level = check_level(own["conformal"]) if "conformal" in own else None
+        decision = recalibrate(own["checkpoint"], as_bool("calibrate", own.get("calibrate", "false")), point or None,
+                               level, own.get("device", "auto"))
+    except (ConfigError, DataError, FileNotFoundError, ValueError, OSError) as exc:
+        return fail(exc)
+    print(f"fitted on {decision.fitted_on}: temperature {decision.temperature:.4f}"
+          + (f", threshold {decision.threshold:.4f} ({decision.operating_point})" if decision.threshold is not None else "")
+          + (f", {decision.set_method} prediction sets for coverage {decision.set_level:g} (score threshold "
+             f"{decision.set_threshold:.4f})" if decision.has_sets else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
