@@ -46,7 +46,7 @@ def row(folder: Path, level: str, device: str) -> str:
     ckpt_rule = result["prediction_sets"]
     fitted_on = json.loads(subprocess.run(
         [sys.executable, "-c", "import json, sys; from cellcls.infra.checkpoint import load_checkpoint; "
-         f"print(json.dumps(load_checkpoint(sys.argv[1], 'best.pt').calibration))", str(folder)],
+         "print(json.dumps(load_checkpoint(sys.argv[1], 'best.pt').calibration))", str(folder)],
         capture_output=True, text=True, check=True).stdout)["fitted_on"]
     lo, hi = ckpt_rule["coverage"]["ci95"]
     worst = min(r["coverage"] for r in ckpt_rule["per_class"].values())

@@ -295,6 +295,15 @@ class _Fixed:
 
         return np.tile(np.asarray(self.probs, dtype=np.float32), (len(images), 1))
 
+    def assess(self, images):
+        return self.predict(images), None
+
+    @property
+    def decision(self):
+        from cellcls.scoring.heads import Decision
+
+        return Decision(threshold=self.threshold)
+
 
 def png(size: tuple[int, int], mode: str, value: int) -> bytes:
     buf = io.BytesIO()

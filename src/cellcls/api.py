@@ -103,6 +103,17 @@ class Model:
                              "another coverage level) to have one")
         return [[c for c, m in zip(self.classes, row) if m] for row in members]
 
+    def outside(self, images: Sequence[ImageInput] | np.ndarray | torch.Tensor) -> list[bool]:
+        """For each image, whether it lies outside what the model was trained on (its features far from every
+        training image's; fitted with ``ood=`` in training). A model without that rule: ValueError."""
+        if not isinstance(images, (str, Path, np.ndarray, torch.Tensor)) and len(images) == 0:
+            return []
+        _, flags = self.predictor.assess(self._batch(images))
+        if flags is None:
+            raise ValueError(f"{self.predictor.path} has no out-of-distribution rule; train it with ood=0.95, or run "
+                             "python -m cellcls.calibrate checkpoint=<run> ood=0.95 (exported models carry none)")
+        return [bool(f) for f in flags]
+
 
 def load(location: str | Path, device: str = "auto") -> Model:
     """A run folder (its ``checkpoints/best.pt``), a checkpoint file, or an exported ONNX/TorchScript model."""

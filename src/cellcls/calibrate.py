@@ -1,11 +1,13 @@
-"""``python -m cellcls.calibrate checkpoint=<checkpoint or run folder> [calibrate=true] [operating_point=<kind>:<level>] [conformal=<level>]``
+"""``python -m cellcls.calibrate checkpoint=<checkpoint or run folder> [calibrate=true] [operating_point=<kind>:<level>] [conformal=<level>] [ood=<level>]``
 
-Fits a trained model's decision rule on its own validation split (rebuilt from the checkpoint alone) and stores it in
-the checkpoint, as training with the same settings does: temperature scaling (calibrate=true), a two-class decision
-threshold (operating_point=sensitivity:0.95 or specificity:<level>) and conformal prediction sets (conformal=0.95:
-each image gets the set of classes that holds its true class 95% of the time; every class in it means "cannot
-tell"). evaluate, predict, serve, exports and the Python API use the stored rule. A rule stored earlier is replaced.
-Other settings: device=auto|cpu|cuda.
+Fits a trained model's trust rules on its own splits (rebuilt from the checkpoint alone) and stores them in the
+checkpoint, as training with the same settings does. On the validation split: temperature scaling (calibrate=true), a
+two-class decision threshold (operating_point=sensitivity:0.95 or specificity:<level>) and conformal prediction sets
+(conformal=0.95: each image gets the set of classes that holds its true class 95% of the time; every class in it
+means "cannot tell"). On the training split, thresholded on validation: the out-of-distribution rule (ood=0.95: an
+image further from every training class than 95% of the validation images is flagged "outside what this model was
+trained on"). evaluate, predict, serve and the Python API use the stored rules (exports carry the decision rule, not
+the out-of-distribution one). A rule stored earlier is replaced. Other settings: device=auto|cpu|cuda.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from cellcls.errors import ConfigError, DataError
 from cellcls.evaluation.recalibrate import recalibrate
 from cellcls.scoring.calibration import parse_operating_point
 from cellcls.scoring.conformal import check_level
+from cellcls.scoring.ood import check_ood_level
 
-SETTINGS = ("checkpoint", "calibrate", "operating_point", "conformal", "device")
+SETTINGS = ("checkpoint", "calibrate", "operating_point", "conformal", "ood", "device")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,14 +35,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if point:
             parse_operating_point(point)
         level = check_level(own["conformal"]) if "conformal" in own else None
-        decision = recalibrate(own["checkpoint"], as_bool("calibrate", own.get("calibrate", "false")), point or None,
-                               level, own.get("device", "auto"))
+        ood = check_ood_level(own["ood"]) if "ood" in own else None
+        decision, rule = recalibrate(own["checkpoint"], as_bool("calibrate", own.get("calibrate", "false")),
+                                     point or None, level, own.get("device", "auto"), ood)
     except (ConfigError, DataError, FileNotFoundError, ValueError, OSError) as exc:
         return fail(exc)
-    print(f"fitted on {decision.fitted_on}: temperature {decision.temperature:.4f}"
-          + (f", threshold {decision.threshold:.4f} ({decision.operating_point})" if decision.threshold is not None else "")
-          + (f", {decision.set_method} prediction sets for coverage {decision.set_level:g} (score threshold "
-             f"{decision.set_threshold:.4f})" if decision.has_sets else ""))
+    if decision is not None:
+        print(f"fitted on {decision.fitted_on}: temperature {decision.temperature:.4f}"
+              + (f", threshold {decision.threshold:.4f} ({decision.operating_point})"
+                 if decision.threshold is not None else "")
+              + (f", {decision.set_method} prediction sets for coverage {decision.set_level:g} (score threshold "
+                 f"{decision.set_threshold:.4f})" if decision.has_sets else ""))
+    if rule is not None:
+        print(f"out-of-distribution rule fitted on {rule.fitted_on}: a cosine distance to the nearest training "
+              f"image above {rule.threshold:.4f} (the validation {rule.level:g} quantile) is flagged")
     return 0
 
 

@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{'set coverage':<18} {sets['coverage']['value']:.4f}  (95% CI {lo:.4f} - {hi:.4f}; aiming at "
               f"{sets['level']:g}), mean set size {sets['mean_size']:.3f}, single-class sets "
               f"{100 * sets['singletons']:.1f}%")
+    if "ood" in result:
+        print(f"{'outside':<18} {100 * result['ood']['flagged']:.1f}% of {result['ood']['images']} images flagged "
+              f"outside what the model was trained on (validation {result['ood']['level']:g} quantile)")
     if "per_patient" in result:
         patients = result["per_patient"]
         print(f"per patient ({patients['num_images']} patients, rule {patients['rule']}):")

@@ -182,7 +182,7 @@ class ParamGroupsConfig:
 
 
 # the top level of the training config, besides the groups, and those of its settings with a closed set of values
-TOP_LEVEL = ("seed", "class_weights", "label_smoothing", "calibrate", "operating_point", "conformal")
+TOP_LEVEL = ("seed", "class_weights", "label_smoothing", "calibrate", "operating_point", "conformal", "ood")
 TOP_LEVEL_CHOICES = {"class_weights": CLASS_WEIGHTS}
 GROUPS = ("dataset", "model", "optim", "scheduler", "augment", "trainer", "logger", "callbacks", "cv")
 SCHEMAS: dict[str, type] = {"trainer": TrainerConfig, "cv": CVConfig, "dataset": DatasetConfig, "augment": AugmentConfig,

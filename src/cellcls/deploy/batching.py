@@ -26,7 +26,7 @@ class _Job:
 
 
 class MicroBatcher:
-    """``submit(image, cam)`` returns a future of ``(probabilities, cam map or None)``."""
+    """``submit(image, cam)`` returns a future of ``(probabilities, cam map or None, outside or None)``."""
 
     def __init__(self, predictor: Predictor, max_batch: int = 32, cam_layer: str | None = None) -> None:
         self.predictor = predictor
@@ -55,7 +55,7 @@ class MicroBatcher:
             jobs = self._take()
             try:
                 images = torch.stack([j.image for j in jobs])
-                probs = self.predictor.predict(images)
+                probs, outside = self.predictor.assess(images)
                 maps: dict[int, np.ndarray] = {}
                 wanted = [i for i, j in enumerate(jobs) if j.cam]
                 if wanted:
@@ -64,7 +64,7 @@ class MicroBatcher:
                     computed = cam_maps(self.predictor, images[wanted].numpy(), self.cam_layer)  # type: ignore[arg-type]
                     maps = dict(zip(wanted, computed))
                 for i, job in enumerate(jobs):
-                    job.future.set_result((probs[i], maps.get(i)))
+                    job.future.set_result((probs[i], maps.get(i), None if outside is None else bool(outside[i])))
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 for job in jobs:
                     if not job.future.done():

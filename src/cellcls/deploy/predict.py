@@ -28,6 +28,7 @@ class Prediction:
     file: Path
     probabilities: np.ndarray
     decision: Decision = field(default_factory=Decision)  # the model's threshold and prediction-set rule
+    outside: bool | None = None  # outside what the model was trained on (None: the model has no such rule)
 
     def label(self, classes: Sequence[str]) -> str:
         return classes[int(self.decision.labels(self.probabilities[None])[0])]
@@ -40,7 +41,11 @@ class Prediction:
     def line(self, classes: Sequence[str]) -> str:
         label = self.label(classes)
         text = f"{printable(self.file)}: {label} ({100 * self.probabilities[list(classes).index(label)]:.2f}%)"
-        return text + describe_set(self.prediction_set(classes), len(classes), self.decision.set_level)
+        text += describe_set(self.prediction_set(classes), len(classes), self.decision.set_level)
+        return text + (f"  [{OUTSIDE}]" if self.outside else "")
+
+
+OUTSIDE = "outside what this model was trained on"
 
 
 def describe_set(members: Sequence[str] | None, num_classes: int, level: float | None) -> str:
@@ -82,8 +87,9 @@ def predict_files(
         if not images:
             continue
         batch = torch.stack(images)
-        probs = loaded.predict(batch)
-        results += [Prediction(p, pr, loaded.decision) for p, pr in zip(chunk, probs)]
+        probs, outside = loaded.assess(batch)
+        results += [Prediction(p, pr, loaded.decision, None if outside is None else bool(out))
+                    for p, pr, out in zip(chunk, probs, outside if outside is not None else [None] * len(chunk))]
         if cam_dir is not None:
             cam_dir.mkdir(parents=True, exist_ok=True)
             assert isinstance(loaded, LoadedModel), "Grad-CAM needs a PyTorch checkpoint"
@@ -98,8 +104,11 @@ def write_csv(path: Path, predictions: Sequence[Prediction], classes: Sequence[s
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:  # any file name
         writer = csv.writer(fh)
         sets = bool(predictions) and predictions[0].decision.has_sets
-        writer.writerow(["file", "predicted", *[f"p_{c}" for c in classes], *(["set"] if sets else [])])
+        flagged = bool(predictions) and predictions[0].outside is not None
+        writer.writerow(["file", "predicted", *[f"p_{c}" for c in classes], *(["set"] if sets else []),
+                         *(["outside"] if flagged else [])])
         for pred in predictions:
             members = pred.prediction_set(classes) if sets else None
             writer.writerow([str(pred.file), pred.label(classes), *[f"{v:.6f}" for v in pred.probabilities],
-                             *(["|".join(members)] if members is not None else [])])
+                             *(["|".join(members)] if members is not None else []),
+                             *([str(pred.outside).lower()] if flagged else [])])

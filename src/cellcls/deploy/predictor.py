@@ -31,6 +31,10 @@ class Predictor(Protocol):
 
     def predict(self, images: torch.Tensor) -> np.ndarray: ...
 
+    def assess(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities, and which images are outside what the model was trained on (None: no rule)."""
+        ...
+
 
 def load_predictor(location: str | Path, device: str = "auto", tta: str | None = None) -> Predictor:
     """A checkpoint, a run folder (its best.pt) or an exported ONNX/TorchScript file, ready to predict; ``tta``

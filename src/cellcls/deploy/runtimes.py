@@ -74,6 +74,10 @@ class ExportedModel:
         """Class probabilities ``N x num_classes`` for uint8 images (``N x C x H x W``)."""
         return np.asarray(self.run(to_unit(images).contiguous()), dtype=np.float32)
 
+    def assess(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class probabilities; an exported model carries no out-of-distribution rule (None)."""
+        return self.predict(images), None
+
 
 def load_exported(path: Path, device: str = "auto") -> ExportedModel:
     """An exported model file; the card comes from inside it (or ``<file>.json`` beside it)."""

@@ -17,6 +17,7 @@ from PIL import Image
 from cellcls.data.dataset import load_image
 from cellcls.data.decode import image_header, max_pixels
 from cellcls.data.reference import unusual
+from cellcls.deploy.predict import OUTSIDE
 from cellcls.deploy.batching import MicroBatcher
 from cellcls.deploy.predictor import Predictor
 from cellcls.errors import DataError
@@ -100,7 +101,7 @@ class Classifier:
             return result
         future = self.batcher.submit(image, cam)
         result["warnings"] = self.unusual(data, image)  # while the model runs
-        probs, cam_map = future.result(timeout=self.limits.model_timeout_s)
+        probs, cam_map, outside = future.result(timeout=self.limits.model_timeout_s)
         if cam_map is not None:
             buf = io.BytesIO()
             Image.fromarray(plots.cam_overlay(image.numpy(), cam_map)).save(buf, format="PNG")
@@ -116,6 +117,10 @@ class Classifier:
             result["prediction_set"] = {"classes": [c for c, m in zip(classes, members[0]) if m],
                                         "level": self.predictor.decision.set_level}
             result["uncertain"] = result["uncertain"] or bool(members[0].sum() > 1)
+        if outside is not None:  # the out-of-distribution flag: the image is unlike every training image
+            result["outside"] = outside
+            if outside:
+                result["warnings"] = [*result["warnings"], f"{OUTSIDE} (its features are far from every training class)"]
         return result
 
     def unusual(self, data: bytes, image: torch.Tensor) -> list[str]:

@@ -38,6 +38,7 @@ from cellcls.evaluation.figures import (
     prediction_grid,
 )
 from cellcls.scoring.inference import mean_loss, run_inference
+from cellcls.scoring.ood import collect_features
 from cellcls.metric_names import HEADLINE
 from cellcls.scoring.metrics import evaluate_predictions, prediction_set_metrics
 from cellcls.evaluation.patients import aggregate, write_patients
@@ -122,6 +123,12 @@ def score(loaded: LoadedModel, data: EvaluationData, threshold: float | None, n_
     """The metrics with bootstrap intervals (over patients or clusters where known), the loss and calibration."""
     # the same pass the training run's validation and test used, so the numbers match exactly
     logits, targets = run_inference(loaded.scorer, data.loader, loaded.device)
+    outside = None
+    if loaded.ood is not None:
+        features, _ = collect_features(loaded.model, data.loader, loaded.device)
+        outside = {"level": loaded.ood.level, "fitted_on": loaded.ood.fitted_on,
+                   "flagged": float(loaded.ood.flags(features).mean()), "images": len(features),
+                   "score_median": float(np.median(loaded.ood.score(features))), "threshold": loaded.ood.threshold}
     probs = loaded.decision.probabilities(logits).numpy()
     groups = data.groups if data.groups is None or len(data.groups) == len(targets) else None  # failed decodes
     threshold = loaded.threshold if threshold is None else threshold
@@ -134,6 +141,8 @@ def score(loaded: LoadedModel, data: EvaluationData, threshold: float | None, n_
     result = {"checkpoint": str(loaded.path), "epoch": loaded.epoch, "split": data.name, "tta": loaded.tta,
               "loss": mean_loss(loaded.model, logits, targets), **result,
               "calibration": calibration_summary(y, probs, logits, loaded.decision)}
+    if outside is not None:
+        result["ood"] = outside
     members = loaded.decision.sets(probs)
     if members is not None:
         result["prediction_sets"] = prediction_set_metrics(y, members, loaded.classes, float(loaded.decision.set_level),

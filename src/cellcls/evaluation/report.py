@@ -54,6 +54,11 @@ def write_report(result: dict[str, Any], path: Path, figures: dict[str, Path]) -
                   "| true class | images | coverage | mean set size | single-class sets |", "|---|---|---|---|---|"]
         lines += [f"| {c} | {r['images']} | {r['coverage']:.4f} | {r['mean_size']:.3f} | {100 * r['singletons']:.1f}% |"
                   for c, r in sets["per_class"].items()]
+    ood = result.get("ood")
+    if ood:
+        lines += ["", f"Out-of-distribution flags: {100 * ood['flagged']:.1f}% of these {ood['images']} images are "
+                      f"outside what the model was trained on (threshold: the validation {ood['level']:g} quantile "
+                      f"of the distance to the nearest training image; fitted on {ood['fitted_on']})."]
     patients = result.get("per_patient")
     if patients:
         lines += ["", f"## Per patient ({patients['num_images']} patients, rule: {patients['rule']})", "",

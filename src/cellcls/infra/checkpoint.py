@@ -41,6 +41,9 @@ class Checkpoint:
     training: dict[str, Any] = field(default_factory=dict)
     # the decision rule fitted on validation (cellcls.scoring.heads.Decision): temperature, threshold; {} = none
     calibration: dict[str, Any] = field(default_factory=dict)
+    # the out-of-distribution rule (cellcls.scoring.ood.OODRule): training features' class means and precision, the
+    # validation threshold; {} = none
+    ood: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
     path: Path | None = None  # where it was read from
 

@@ -18,6 +18,7 @@ from cellcls.metric_names import EPOCH_METRICS, TEST_METRICS, split_metric
 from cellcls.scoring.metrics import wilson_interval
 from cellcls.models import build_model, model_label
 from cellcls.scoring.heads import Decision
+from cellcls.scoring.ood import OODRule, head_features
 from cellcls.models.tta import check_tta, with_tta
 from cellcls.infra.run_folder import BEST, RunFolder
 from cellcls.infra.runtime import resolve_device
@@ -37,6 +38,7 @@ class LoadedModel:
     metrics: dict[str, Any] = field(default_factory=dict)
     decision: Decision = field(default_factory=Decision)  # temperature and threshold fitted on validation
     tta: str = "none"  # test-time flips averaged by `predict` and `scorer` (cellcls.models.tta)
+    ood: OODRule | None = None  # flags images unlike the training split's (cellcls.scoring.ood)
     supports_cam = True
 
     @property
@@ -65,6 +67,16 @@ class LoadedModel:
         """Class probabilities ``N x num_classes`` for uint8 images (``N x C x H x W`` at the model's size)."""
         return self.decision.probabilities(self.scorer(self.prepare(images))).cpu().numpy()
 
+    @torch.inference_mode()
+    def assess(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class probabilities and, with an out-of-distribution rule, which images lie outside what the model was
+        trained on (None without one); one forward pass unless flips are averaged."""
+        if self.ood is None:
+            return self.predict(images), None
+        features, logits = head_features(self.model, self.prepare(images))
+        probs = self.predict(images) if self.tta != "none" else self.decision.probabilities(logits).numpy()
+        return probs, self.ood.flags(features)
+
     @property
     def card(self) -> dict[str, Any]:
         """What a person or a client needs to know of the model: name, classes, input, metrics (JSON-ready)."""
@@ -79,6 +91,7 @@ class LoadedModel:
             "metrics": self.metrics,
             "decision": self.decision.to_dict(),
             "tta": self.tta,
+            "ood": {"level": self.ood.level, "fitted_on": self.ood.fitted_on} if self.ood is not None else None,
             # what training started from (None: random initialisation); see cellcls.models.pretrained
             "starting_weights": {k: self.config.model.starting_weights.get(k) for k in ("source", "name", "sha256")}
             if self.config.model.get("starting_weights") else None,
@@ -97,7 +110,8 @@ def load_model(location: str | Path, device: str = "auto", tta: str | None = Non
     assert ckpt.path is not None
     return LoadedModel(model, list(ckpt.classes), prep, OmegaConf.create(ckpt.config), ckpt.path, ckpt.epoch, dev,
                        checkpoint_metrics(ckpt), Decision.of(ckpt.calibration),
-                       check_tta(tta if tta is not None else str(ckpt.model_spec.get("tta") or "none")))
+                       check_tta(tta if tta is not None else str(ckpt.model_spec.get("tta") or "none")),
+                       OODRule.of(ckpt.ood))
 
 
 def model_of(ckpt: Checkpoint) -> nn.Module:

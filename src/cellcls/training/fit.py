@@ -26,6 +26,7 @@ from cellcls.infra.run_folder import atomic_write
 from cellcls.infra import distributed
 from cellcls.training.build import Job, build_job
 from cellcls.training.callbacks import Callback, create_callbacks
+from cellcls.evaluation.recalibrate import recalibrate
 from cellcls.training.final import calibrate_and_test
 from cellcls.infra.loggers import Loggers, create_loggers
 from cellcls.training.loop import EpochProgress, NonFinite, evaluate, train_one_epoch
@@ -253,6 +254,11 @@ def finish(state: FitState) -> dict[str, Any]:
     test = calibrate_and_test(job, bool(cfg.calibrate), cfg.operating_point, conformal_level(cfg))
     if test is not None:
         summary["test"] = test
+    if cfg.get("ood") is not None and job.run.best_checkpoint.is_file():
+        # from best.pt as evaluate loads it: training features without augmentation; this process holds the lock
+        _, rule = recalibrate(job.run.best_checkpoint, device=str(job.runtime.device), ood=float(cfg.ood), lock=False)
+        assert rule is not None
+        log.info("out-of-distribution rule fitted on %s", rule.fitted_on)
     prep = job.data.preprocessing
     # the model and data first: TensorBoard's HParams table shows its first columns by default
     hparams = {"model": model_label(cfg.model), "dataset": str(cfg.dataset.name),

@@ -12,6 +12,7 @@ from cellcls.data.normalization import check_normalization
 from cellcls.models import check_model_config
 from cellcls.scoring.calibration import parse_operating_point
 from cellcls.scoring.conformal import check_level
+from cellcls.scoring.ood import check_ood_level
 from cellcls.training.crossval import check_cv
 from cellcls.training.optim import check_optim_config, check_scheduler_config
 
@@ -31,3 +32,5 @@ def validate(cfg: DictConfig) -> None:
         parse_operating_point(str(cfg.operating_point))
     if cfg.get("conformal") is not None:
         check_level(cfg.conformal)
+    if cfg.get("ood") is not None:
+        check_ood_level(cfg.ood)

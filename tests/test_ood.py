@@ -1,0 +1,137 @@
+"""Out-of-distribution flags: the Mahalanobis rule, its threshold, and a malaria model shown chest X-rays and skin
+lesions through calibrate, evaluate, predict, the Python API and serve."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cellcls.errors import ConfigError
+from cellcls.scoring.ood import check_ood_level, fit_ood, head, head_features
+
+
+def test_the_threshold_keeps_the_level_of_validation_inside_and_flags_far_points():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(2, 16)) * 3
+    train = centres[rng.integers(0, 2, 600)] + rng.normal(size=(600, 16))
+    val = centres[rng.integers(0, 2, 400)] + rng.normal(size=(400, 16))
+    rule = fit_ood(train, val, 0.95, "test")
+    assert rule.flags(val).mean() == pytest.approx(0.05, abs=0.01)
+    new = centres[rng.integers(0, 2, 2000)] + rng.normal(size=(2000, 16))
+    assert rule.flags(new).mean() == pytest.approx(0.05, abs=0.02)  # new images of the same kind
+    assert rule.flags(rng.normal(size=(200, 16)) * 3).mean() > 0.95  # pointing elsewhere
+
+
+def test_the_score_is_the_cosine_distance_to_the_nearest_training_image():
+    rule = fit_ood(np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([[1.0, 1.0]]), 0.5, "test")
+    np.testing.assert_allclose(rule.score(np.array([[3.0, 0.0], [1.0, 1.0], [-1.0, 0.0]])),
+                               [0.0, 1 - 2 ** -0.5, 1.0], atol=1e-3)
+
+
+def test_a_large_training_split_keeps_a_seeded_sample_of_its_features():
+    from cellcls.scoring.ood import MAX_STORED
+
+    train = np.random.default_rng(2).normal(size=(MAX_STORED + 500, 4))
+    first, again = fit_ood(train, train[:50], 0.9, "t", seed=3), fit_ood(train, train[:50], 0.9, "t", seed=3)
+    assert len(first.bank) == MAX_STORED and torch.equal(first.bank, again.bank)
+
+
+def test_features_are_what_the_classifier_head_receives():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2))
+    x = torch.randn(3, 3, 2, 2)
+    features, logits = head_features(net, x)
+    assert head(net) is net[3] and features.shape == (3, 5)
+    torch.testing.assert_close(logits, net(x))
+    from cellcls.models import build_model
+
+    lenet = build_model({"name": "lenet"}, 3, 2, (64, 64))
+    assert head(lenet) is lenet.classifier and head_features(lenet, torch.randn(2, 3, 64, 64))[0].shape == (2, 1568)
+
+
+def test_a_level_outside_zero_and_one_names_the_setting():
+    with pytest.raises(ConfigError, match=r"ood='2' is not valid; expected the share of validation images"):
+        check_ood_level("2")
+
+
+@pytest.fixture(scope="module")
+def ood_run(malaria_run, tmp_path_factory):
+    """A copy of the real malaria run with the out-of-distribution rule fitted by the calibrate command."""
+    from cellcls.calibrate import main
+
+    run = tmp_path_factory.mktemp("ood") / "run"
+    shutil.copytree(malaria_run, run)
+    assert main([f"checkpoint={run}", "ood=0.95", "device=cpu"]) == 0
+    return run
+
+
+def xrays_and_lesions(n: int) -> list:
+    from conftest import real_dataset
+
+    xrays = sorted(real_dataset("pneumonia").rglob("*.jpeg"))[:n]
+    lesions = sorted(real_dataset("skin_cancer").rglob("*.jpg"))[:n]
+    return xrays + lesions
+
+
+def test_calibrate_stores_the_rule_and_evaluate_reports_the_flagged_share_of_the_test_cells(ood_run, tmp_path):
+    from cellcls.evaluation.evaluate import evaluate
+    from cellcls.infra.checkpoint import load_checkpoint
+
+    stored = load_checkpoint(ood_run, "best.pt").ood
+    assert stored["level"] == 0.95 and stored["k"] == 1 and stored["bank"].shape[1] == 1568 and stored["threshold"] > 0
+    result, out = evaluate(ood_run, n_boot=50, make_plots=False, output=tmp_path / "eval")
+    assert result["ood"]["images"] == result["num_images"] and result["ood"]["flagged"] <= 0.15
+    assert "Out-of-distribution flags:" in (out / "report.md").read_text()
+
+
+def test_a_malaria_model_flags_chest_xrays_and_skin_lesions_but_few_cells(ood_run):
+    import cellcls
+    from conftest import real_dataset
+
+    model = cellcls.load(ood_run, "cpu")
+    foreign = model.outside(xrays_and_lesions(20))
+    cells = model.outside(sorted((real_dataset("malaria") / "cell_images").rglob("*.png"))[:200])
+    assert np.mean(foreign) >= 0.9, np.mean(foreign)
+    assert np.mean(cells) <= 0.1, np.mean(cells)  # training cells among them: well inside
+
+
+def test_predict_marks_foreign_images_and_writes_the_outside_column(ood_run, tmp_path, capsys):
+    from cellcls.predict import main
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in xrays_and_lesions(3):
+        shutil.copy(path, folder / path.name)
+    out = tmp_path / "p.csv"
+    assert main([f"checkpoint={ood_run}", f"input={folder}", f"output={out}", "device=cpu"]) == 0
+    printed = capsys.readouterr().out
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and sum(r["outside"] == "true" for r in rows) >= 5
+    assert printed.count("[outside what this model was trained on]") == sum(r["outside"] == "true" for r in rows)
+
+
+def test_the_server_returns_the_flag_and_warns(ood_run, tmp_path):
+    from conftest import Server
+    from test_serve import call, upload
+
+    xray = xrays_and_lesions(1)[0]
+    srv = Server(f"checkpoint={ood_run}", cwd=tmp_path)
+    try:
+        status, out = call(srv.url + "api/predict", {"images": [upload(xray.name, xray.read_bytes())]})
+    finally:
+        srv.stop()
+    result = out["results"][0]
+    assert status == 200 and result["ok"] and result["outside"] is True
+    assert any("outside what this model was trained on" in w for w in result["warnings"])
+
+
+def test_the_api_says_how_to_get_flags_from_a_model_without_the_rule(malaria_run):
+    import cellcls
+
+    with pytest.raises(ValueError, match="has no out-of-distribution rule; train it with ood=0.95"):
+        cellcls.load(malaria_run, "cpu").outside(np.zeros((1, 3, 64, 64), np.uint8))
