@@ -190,3 +190,20 @@ def test_intervals_on_malaria_resample_the_test_patients_and_say_so(malaria_run,
     assert result["interval"]["groups"] == len(patients) and result["interval"]["images"] == len(listed)
     assert result["interval"]["method"] == f"percentile bootstrap over {len(patients)} groups"
     assert f"bootstrap over {len(patients)} groups" in (out / "report.md").read_text()
+
+
+def test_the_report_lists_the_top_losses_and_the_most_confused_pairs(malaria_run, tmp_path):
+    from cellcls.evaluation.evaluate import evaluate
+
+    result, out = evaluate(malaria_run, n_boot=20, make_plots=False, output=tmp_path / "eval")
+    worst = result["top_losses"]
+    assert len(worst) == 9 and [w["loss"] for w in worst] == sorted((w["loss"] for w in worst), reverse=True)
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = {r["file"]: r for r in csv.DictReader(fh)}
+    first = rows[worst[0]["file"]]  # the same image, and no other has a lower probability for its true class
+    assert float(first[f"p_{first['true']}"]) == pytest.approx(worst[0]["p_true"], abs=1e-6)
+    assert worst[0]["p_true"] == pytest.approx(min(float(r[f"p_{r['true']}"]) for r in rows.values()), abs=1e-6)
+    matrix = np.array(result["confusion_matrix"])
+    assert sum(p["count"] for p in result["most_confused"]) == matrix.sum() - np.trace(matrix)
+    text = (out / "report.md").read_text()
+    assert "## Top losses" in text and worst[0]["file"] in text

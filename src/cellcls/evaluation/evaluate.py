@@ -21,6 +21,7 @@ from cellcls.data.datamodule import build_data, fold_of
 from cellcls.data.dataset import CachedImages, load_image
 from cellcls.data.preprocessing import Preprocessing
 from cellcls.data.samples import Samples
+from cellcls.data.splits import relative_path
 from cellcls.data.leakage import interval_groups
 from cellcls.data.layouts import scan_location
 from cellcls.data.transforms import build_transform
@@ -40,7 +41,7 @@ from cellcls.evaluation.figures import (
 from cellcls.scoring.inference import mean_loss, run_inference
 from cellcls.scoring.ood import collect_features
 from cellcls.metric_names import HEADLINE
-from cellcls.scoring.metrics import evaluate_predictions, prediction_set_metrics
+from cellcls.scoring.metrics import evaluate_predictions, most_confused, prediction_set_metrics, top_losses
 from cellcls.evaluation.patients import aggregate, write_patients
 from cellcls.evaluation.report import write_predictions, write_report
 from cellcls.scoring.heads import Decision, labels_of, probabilities
@@ -141,6 +142,13 @@ def score(loaded: LoadedModel, data: EvaluationData, threshold: float | None, n_
     result = {"checkpoint": str(loaded.path), "epoch": loaded.epoch, "split": data.name, "tta": loaded.tta,
               "loss": mean_loss(loaded.model, logits, targets), **result,
               "calibration": calibration_summary(y, probs, logits, loaded.decision)}
+    result["most_confused"] = most_confused(result["confusion_matrix"], loaded.classes)
+    if len(data.samples) == len(y):  # the files of the images with the largest loss, for a person to look at
+        result["top_losses"] = [
+            {"file": relative_path(data.samples.paths[i], data.root) if data.root else str(data.samples.paths[i]),
+             "true": loaded.classes[int(y[i])],
+             "predicted": loaded.classes[int(labels_of(probs[i:i + 1], threshold)[0])],
+             "p_true": float(probs[i, y[i]]), "loss": loss} for i, loss in top_losses(y, probs)]
     if outside is not None:
         result["ood"] = outside
     members = loaded.decision.sets(probs)

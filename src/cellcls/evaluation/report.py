@@ -73,6 +73,15 @@ def write_report(result: dict[str, Any], path: Path, figures: dict[str, Path]) -
               "| | " + " | ".join(result["classes"]) + " |", "|---" * (len(result["classes"]) + 1) + "|"]
     for cls, row in zip(result["classes"], result["confusion_matrix"]):
         lines.append(f"| {cls} | " + " | ".join(str(v) for v in row) + " |")
+    confused = result.get("most_confused") or []
+    if confused:
+        lines += ["", "Most confused (true -> predicted: images): "
+                  + ", ".join(f"{p['true']} -> {p['predicted']}: {p['count']}" for p in confused[:6]) + "."]
+    worst = result.get("top_losses") or []
+    if worst:
+        lines += ["", "## Top losses (the most confidently wrong images first; grid: confident_mistakes.png)", "",
+                  "| file | true | predicted | p(true) | loss |", "|---|---|---|---|---|"]
+        lines += [f"| {w['file']} | {w['true']} | {w['predicted']} | {w['p_true']:.4f} | {w['loss']:.3f} |" for w in worst]
     if figures:
         lines += ["", "Figures: " + ", ".join(f"[{k}]({p.name})" for k, p in figures.items())]
     atomic_write(path, "\n".join(lines) + "\n")

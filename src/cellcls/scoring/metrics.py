@@ -217,3 +217,18 @@ def prediction_set_metrics(
         if rows.any():
             out["per_class"][name] = {"images": int(rows.sum()), **set_summary(members[rows], y_true[rows])}
     return out
+
+
+def most_confused(confusion: Sequence[Sequence[int]], classes: Sequence[str]) -> list[dict[str, Any]]:
+    """Off-diagonal cells of a confusion matrix (rows true, columns predicted), largest count first."""
+    pairs = [{"true": classes[i], "predicted": classes[j], "count": int(n)}
+             for i, row in enumerate(confusion) for j, n in enumerate(row) if i != j and n > 0]
+    return sorted(pairs, key=lambda p: -p["count"])
+
+
+def top_losses(y_true: Sequence[int], probs: np.ndarray, k: int = 9) -> list[tuple[int, float]]:
+    """The ``k`` images with the largest cross-entropy loss (index, loss): the most confidently wrong first."""
+    y_true = np.asarray(y_true, dtype=int)
+    losses = -np.log(np.clip(np.asarray(probs)[np.arange(len(y_true)), y_true], 1e-12, 1.0))
+    order = np.argsort(-losses, kind="stable")[:k]
+    return [(int(i), float(losses[i])) for i in order]
