@@ -27,7 +27,7 @@ from cellcls.data.layouts.folders import IMAGE_EXTENSIONS
 from cellcls.evaluation.evaluate import evaluate, load_data
 from cellcls.evaluation.recalibrate import recalibrate
 from cellcls.models.trained import LoadedModel, load_model
-from cellcls.scoring.ood import collect_features, head_features
+from cellcls.scoring.ood import activation_statistics, collect_statistics
 
 DATASETS = ("malaria", "pneumonia", "skin_cancer", "blood_cells")
 
@@ -67,7 +67,7 @@ def file_scores(loaded: LoadedModel, files: list[Path]) -> np.ndarray:
     for start in range(0, len(files), 64):
         batch = torch.stack([load_image(f, prep.channels, prep.image_size, window=prep.window)
                              for f in files[start:start + 64]])
-        features, _ = head_features(loaded.model, loaded.prepare(batch))
+        features, _ = activation_statistics(loaded.model, loaded.prepare(batch))
         out.append(loaded.ood.score(features))
     return np.concatenate(out)
 
@@ -76,7 +76,7 @@ def ood_rows(run: Path, level: float, data: Path, device: str, foreign: int) -> 
     recalibrate(run, ood=level, device=device)
     loaded = load_model(run, device)
     assert loaded.ood is not None
-    own_features, _ = collect_features(loaded.model, load_data(loaded, "test", None).loader, loaded.device)
+    own_features = collect_statistics(loaded.model, load_data(loaded, "test", None).loader, loaded.device)
     own = loaded.ood.score(own_features)
     rows = []
     name = str(loaded.config.dataset.name)

@@ -12,45 +12,42 @@ import torch
 from torch import nn
 
 from cellcls.errors import ConfigError
-from cellcls.scoring.ood import check_ood_level, fit_ood, head, head_features
+from cellcls.scoring.ood import check_ood_level, fit_ood
 
 
 def test_the_threshold_keeps_the_level_of_validation_inside_and_flags_far_points():
     rng = np.random.default_rng(0)
-    centres = rng.normal(size=(2, 16)) * 3
-    train = centres[rng.integers(0, 2, 600)] + rng.normal(size=(600, 16))
-    val = centres[rng.integers(0, 2, 400)] + rng.normal(size=(400, 16))
+    mix = rng.normal(size=(16, 16))
+    train, val, new = (rng.normal(size=(n, 16)) @ mix for n in (600, 400, 2000))
     rule = fit_ood(train, val, 0.95, "test")
     assert rule.flags(val).mean() == pytest.approx(0.05, abs=0.01)
-    new = centres[rng.integers(0, 2, 2000)] + rng.normal(size=(2000, 16))
     assert rule.flags(new).mean() == pytest.approx(0.05, abs=0.02)  # new images of the same kind
-    assert rule.flags(rng.normal(size=(200, 16)) * 3).mean() > 0.95  # pointing elsewhere
+    assert rule.flags(rng.normal(size=(200, 16)) @ mix + 8 * mix[0]).mean() > 0.95  # shifted by 8 of its spreads
 
 
-def test_the_score_is_the_cosine_distance_to_the_nearest_training_image():
-    rule = fit_ood(np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([[1.0, 1.0]]), 0.5, "test")
-    np.testing.assert_allclose(rule.score(np.array([[3.0, 0.0], [1.0, 1.0], [-1.0, 0.0]])),
-                               [0.0, 1 - 2 ** -0.5, 1.0], atol=1e-3)
+def test_the_distance_is_measured_in_each_statistics_own_spread_and_correlation():
+    rng = np.random.default_rng(1)
+    wide, narrow = rng.normal(size=2000) * 10, rng.normal(size=2000)
+    rule = fit_ood(np.c_[wide, narrow, wide + narrow], np.c_[wide, narrow, wide + narrow][:100], 0.9, "test")
+    # 10 units along the wide axis is as unusual as 1 along the narrow one; breaking the correlation is unusual
+    ten_wide, one_narrow = rule.score(np.array([[10.0, 0.0, 10.0], [0.0, 1.0, 1.0]]))
+    assert ten_wide == pytest.approx(one_narrow, rel=0.15)
+    assert rule.score(np.array([[10.0, 0.0, -10.0]]))[0] > 20 * ten_wide
 
 
-def test_a_large_training_split_keeps_a_seeded_sample_of_its_features():
-    from cellcls.scoring.ood import MAX_STORED
-
-    train = np.random.default_rng(2).normal(size=(MAX_STORED + 500, 4))
-    first, again = fit_ood(train, train[:50], 0.9, "t", seed=3), fit_ood(train, train[:50], 0.9, "t", seed=3)
-    assert len(first.bank) == MAX_STORED and torch.equal(first.bank, again.bank)
-
-
-def test_features_are_what_the_classifier_head_receives():
-    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2))
-    x = torch.randn(3, 3, 2, 2)
-    features, logits = head_features(net, x)
-    assert head(net) is net[3] and features.shape == (3, 5)
-    torch.testing.assert_close(logits, net(x))
+def test_statistics_come_from_the_input_and_up_to_eight_convolutions_spread_over_the_depth():
     from cellcls.models import build_model
+    from cellcls.scoring.ood import MAX_GROUPS, MAX_LAYERS, activation_statistics, statistic_layers
 
-    lenet = build_model({"name": "lenet"}, 3, 2, (64, 64))
-    assert head(lenet) is lenet.classifier and head_features(lenet, torch.randn(2, 3, 64, 64))[0].shape == (2, 1568)
+    lenet = build_model({"name": "lenet"}, 3, 2, (64, 64)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    stats, logits = activation_statistics(lenet, x)
+    assert stats.shape == (2, 2 * (3 + 8 + 16 + 32)) and torch.allclose(logits, lenet(x))
+    torch.testing.assert_close(stats[:, :3], x.mean(dim=(2, 3)))  # the input's channel means come first
+    deep = nn.Sequential(*[nn.Conv2d(3 if i == 0 else 100, 100, 1) for i in range(20)])
+    layers = statistic_layers(deep)
+    assert len(layers) == MAX_LAYERS and layers[0] == "0" and layers[-1] == "19"
+    assert activation_statistics(deep, torch.randn(1, 3, 4, 4))[0].shape[1] == 2 * (3 + MAX_LAYERS * MAX_GROUPS)
 
 
 def test_a_level_outside_zero_and_one_names_the_setting():
@@ -82,7 +79,7 @@ def test_calibrate_stores_the_rule_and_evaluate_reports_the_flagged_share_of_the
     from cellcls.infra.checkpoint import load_checkpoint
 
     stored = load_checkpoint(ood_run, "best.pt").ood
-    assert stored["level"] == 0.95 and stored["k"] == 1 and stored["bank"].shape[1] == 1568 and stored["threshold"] > 0
+    assert stored["level"] == 0.95 and stored["precision"].shape == (118, 118) and stored["threshold"] > 0
     result, out = evaluate(ood_run, n_boot=50, make_plots=False, output=tmp_path / "eval")
     assert result["ood"]["images"] == result["num_images"] and result["ood"]["flagged"] <= 0.15
     assert "Out-of-distribution flags:" in (out / "report.md").read_text()

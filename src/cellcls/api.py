@@ -104,8 +104,8 @@ class Model:
         return [[c for c, m in zip(self.classes, row) if m] for row in members]
 
     def outside(self, images: Sequence[ImageInput] | np.ndarray | torch.Tensor) -> list[bool]:
-        """For each image, whether it lies outside what the model was trained on (its features far from every
-        training image's; fitted with ``ood=`` in training). A model without that rule: ValueError."""
+        """For each image, whether it lies outside what the model was trained on (its activation statistics far
+        from the training images'; fitted with ``ood=`` in training). A model without that rule: ValueError."""
         if not isinstance(images, (str, Path, np.ndarray, torch.Tensor)) and len(images) == 0:
             return []
         _, flags = self.predictor.assess(self._batch(images))

@@ -47,8 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (f", {decision.set_method} prediction sets for coverage {decision.set_level:g} (score threshold "
                  f"{decision.set_threshold:.4f})" if decision.has_sets else ""))
     if rule is not None:
-        print(f"out-of-distribution rule fitted on {rule.fitted_on}: a cosine distance to the nearest training "
-              f"image above {rule.threshold:.4f} (the validation {rule.level:g} quantile) is flagged")
+        print(f"out-of-distribution rule fitted on {rule.fitted_on}: a squared Mahalanobis distance of the "
+              f"activation statistics above {rule.threshold:.1f} (the validation {rule.level:g} quantile) is flagged")
     return 0
 
 

@@ -39,7 +39,7 @@ from cellcls.evaluation.figures import (
     prediction_grid,
 )
 from cellcls.scoring.inference import mean_loss, run_inference
-from cellcls.scoring.ood import collect_features
+from cellcls.scoring.ood import collect_statistics
 from cellcls.metric_names import HEADLINE
 from cellcls.scoring.metrics import evaluate_predictions, most_confused, prediction_set_metrics, top_losses
 from cellcls.evaluation.patients import aggregate, write_patients
@@ -126,7 +126,7 @@ def score(loaded: LoadedModel, data: EvaluationData, threshold: float | None, n_
     logits, targets = run_inference(loaded.scorer, data.loader, loaded.device)
     outside = None
     if loaded.ood is not None:
-        features, _ = collect_features(loaded.model, data.loader, loaded.device)
+        features = collect_statistics(loaded.model, data.loader, loaded.device)
         outside = {"level": loaded.ood.level, "fitted_on": loaded.ood.fitted_on,
                    "flagged": float(loaded.ood.flags(features).mean()), "images": len(features),
                    "score_median": float(np.median(loaded.ood.score(features))), "threshold": loaded.ood.threshold}

@@ -18,7 +18,7 @@ from cellcls.models.trained import LoadedModel, load_model
 from cellcls.scoring.calibration import fit_decision
 from cellcls.scoring.heads import Decision
 from cellcls.scoring.inference import run_inference
-from cellcls.scoring.ood import OODRule, collect_features, fit_ood
+from cellcls.scoring.ood import OODRule, collect_statistics, fit_ood
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,6 @@ def fit_ood_rule(loaded: LoadedModel, level: float) -> OODRule:
     threshold on its validation split."""
     train = load_data(loaded, "train", None)
     val = load_data(loaded, "val", None)
-    train_f, _ = collect_features(loaded.model, train.loader, loaded.device)
-    val_f, _ = collect_features(loaded.model, val.loader, loaded.device)
-    return fit_ood(train_f, val_f, level, f"train ({len(train_f)} images), threshold on val ({len(val_f)})",
-                   seed=int(loaded.config.seed))
+    train_s = collect_statistics(loaded.model, train.loader, loaded.device)
+    val_s = collect_statistics(loaded.model, val.loader, loaded.device)
+    return fit_ood(train_s, val_s, level, f"train ({len(train_s)} images), threshold on val ({len(val_s)})")

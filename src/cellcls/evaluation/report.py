@@ -58,7 +58,7 @@ def write_report(result: dict[str, Any], path: Path, figures: dict[str, Path]) -
     if ood:
         lines += ["", f"Out-of-distribution flags: {100 * ood['flagged']:.1f}% of these {ood['images']} images are "
                       f"outside what the model was trained on (threshold: the validation {ood['level']:g} quantile "
-                      f"of the distance to the nearest training image; fitted on {ood['fitted_on']})."]
+                      f"of the distance from the training images' activation statistics; fitted on {ood['fitted_on']})."]
     patients = result.get("per_patient")
     if patients:
         lines += ["", f"## Per patient ({patients['num_images']} patients, rule: {patients['rule']})", "",

@@ -18,7 +18,7 @@ from cellcls.metric_names import EPOCH_METRICS, TEST_METRICS, split_metric
 from cellcls.scoring.metrics import wilson_interval
 from cellcls.models import build_model, model_label
 from cellcls.scoring.heads import Decision
-from cellcls.scoring.ood import OODRule, head_features
+from cellcls.scoring.ood import OODRule, activation_statistics
 from cellcls.models.tta import check_tta, with_tta
 from cellcls.infra.run_folder import BEST, RunFolder
 from cellcls.infra.runtime import resolve_device
@@ -73,7 +73,7 @@ class LoadedModel:
         trained on (None without one); one forward pass unless flips are averaged."""
         if self.ood is None:
             return self.predict(images), None
-        features, logits = head_features(self.model, self.prepare(images))
+        features, logits = activation_statistics(self.model, self.prepare(images))
         probs = self.predict(images) if self.tta != "none" else self.decision.probabilities(logits).numpy()
         return probs, self.ood.flags(features)
 
