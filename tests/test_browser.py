@@ -106,3 +106,27 @@ def test_a_bad_upload_shows_its_error_and_the_server_keeps_answering(server, bro
     with urllib.request.urlopen(server.url + "health", timeout=10) as resp:
         assert json.load(resp) == {"status": "ok"}
     assert upload_and_wait(browser, malaria_images(2)[1]).get_attribute("data-status") == "ok"
+
+
+def test_the_page_shows_the_prediction_set_and_flags_an_xray_shown_to_a_malaria_model(malaria_run, browser, tmp_path):
+    from conftest import real_dataset
+    from selenium.webdriver.common.by import By
+
+    from cellcls.calibrate import main
+
+    run = tmp_path / "run"
+    shutil.copytree(malaria_run, run)
+    assert main([f"checkpoint={run}", "conformal=0.9", "ood=0.95", "device=cpu"]) == 0
+    srv = Server(f"checkpoint={run}", cwd=tmp_path)
+    try:
+        open_page(browser, srv.url)
+        cell = upload_and_wait(browser, malaria_images(2)[0])
+        note = cell.find_element(By.CLASS_NAME, "prediction-set")
+        assert note.text.startswith("At 90.00% confidence: {") or note.text.startswith("Cannot tell")
+        assert not [w for w in cell.find_elements(By.CLASS_NAME, "warning") if "outside" in w.text]
+        xray = next(iter(sorted(real_dataset("pneumonia").rglob("*.jpeg"))))
+        card = upload_and_wait(browser, xray)
+        warnings = " ".join(w.text for w in card.find_elements(By.CLASS_NAME, "warning"))
+        assert "outside what this model was trained on" in warnings
+    finally:
+        srv.stop()

@@ -120,7 +120,7 @@ class Classifier:
         if outside is not None:  # the out-of-distribution flag: the image is unlike every training image
             result["outside"] = outside
             if outside:
-                result["warnings"] = [*result["warnings"], f"{OUTSIDE} (its features are far from every training class)"]
+                result["warnings"] = [*result["warnings"], f"{OUTSIDE} (its activation statistics are far from the training images')"]
         return result
 
     def unusual(self, data: bytes, image: torch.Tensor) -> list[str]:
