@@ -132,3 +132,12 @@ def test_the_api_says_how_to_get_flags_from_a_model_without_the_rule(malaria_run
 
     with pytest.raises(ValueError, match="has no out-of-distribution rule; train it with ood=0.95"):
         cellcls.load(malaria_run, "cpu").outside(np.zeros((1, 3, 64, 64), np.uint8))
+
+
+def test_a_rule_of_another_method_is_ignored_with_a_warning_naming_the_fix(caplog):
+    from cellcls.scoring.ood import OODRule
+
+    with caplog.at_level("WARNING"):
+        assert OODRule.of({"method": "knn", "bank": [], "level": 0.9}, "best.pt") is None
+    assert "best.pt holds an out-of-distribution rule of another method (knn)" in caplog.text
+    assert "python -m cellcls.calibrate checkpoint=<run> ood=0.9" in caplog.text

@@ -111,7 +111,7 @@ def load_model(location: str | Path, device: str = "auto", tta: str | None = Non
     return LoadedModel(model, list(ckpt.classes), prep, OmegaConf.create(ckpt.config), ckpt.path, ckpt.epoch, dev,
                        checkpoint_metrics(ckpt), Decision.of(ckpt.calibration),
                        check_tta(tta if tta is not None else str(ckpt.model_spec.get("tta") or "none")),
-                       OODRule.of(ckpt.ood))
+                       OODRule.of(ckpt.ood, str(ckpt.path)))
 
 
 def model_of(ckpt: Checkpoint) -> nn.Module:

@@ -17,6 +17,7 @@ it has to travel inside a checkpoint.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,9 @@ from torch import nn
 
 from cellcls.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
+METHOD = "activation-statistics mahalanobis"
 MAX_LAYERS = 8  # convolution layers whose statistics are used, evenly spread over the network's depth
 MAX_GROUPS = 64  # a wider layer's channels are averaged in this many groups (bounds the covariance's size)
 
@@ -111,13 +115,19 @@ class OODRule:
         return self.score(statistics) > self.threshold
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": "activation-statistics mahalanobis", "mean": self.mean.float(), "scale": self.scale.float(),
+        return {"method": METHOD, "mean": self.mean.float(), "scale": self.scale.float(),
                 "precision": self.precision.float(), "threshold": self.threshold, "level": self.level,
                 "fitted_on": self.fitted_on}
 
     @classmethod
-    def of(cls, stored: dict[str, Any] | None) -> OODRule | None:
+    def of(cls, stored: dict[str, Any] | None, source: str = "the checkpoint") -> OODRule | None:
+        """The stored rule; None (with a warning) for a rule of another method, which this cellcls cannot score."""
         if not stored:
+            return None
+        if stored.get("method") != METHOD:
+            log.warning("%s holds an out-of-distribution rule of another method (%s); it is not used: refit it with "
+                        "python -m cellcls.calibrate checkpoint=<run> ood=%s", source, stored.get("method"),
+                        stored.get("level", 0.95))
             return None
         return cls(torch.as_tensor(stored["mean"]), torch.as_tensor(stored["scale"]),
                    torch.as_tensor(stored["precision"]), float(stored["threshold"]), float(stored["level"]),
