@@ -3,7 +3,7 @@ labels. One rule for the training loop, evaluation, export and serving."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -62,7 +62,9 @@ class Decision:
 
     @classmethod
     def of(cls, stored: dict[str, Any] | None) -> Decision:
-        return cls(**(stored or {}))
+        """The rule a checkpoint or a model card stored (keys a later cellcls may add are left out)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (stored or {}).items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
