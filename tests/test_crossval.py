@@ -6,6 +6,7 @@ import csv
 import json
 import re
 
+import numpy as np
 import pytest
 from conftest import TINY, compose_config, real_dataset, run_cli
 
@@ -140,3 +141,60 @@ def test_evaluate_rebuilds_a_folds_own_test_split(cv_run):
     expected = json.loads((cv_run / "fold_2" / "test_metrics.json").read_text())
     assert result["num_images"] == expected["num_images"]
     assert result["accuracy"]["value"] == pytest.approx(expected["accuracy"])
+
+
+def test_confident_learning_flags_an_image_whose_models_are_sure_of_another_class():
+    from cellcls.scoring.label_errors import review_labels
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.05, 0.95], [0.2, 0.8], [0.1, 0.9], [0.6, 0.4]])
+    review = review_labels(labels, probs)
+    # thresholds: class 0 mean(0.9, 0.8, 0.05) = 0.583, class 1 mean(0.8, 0.9, 0.4) = 0.7
+    np.testing.assert_allclose(review.thresholds, [0.5833, 0.7], atol=1e-4)
+    assert review.issue.tolist() == [False, False, True, False, False, True]
+    assert review.order[:2].tolist() == [2, 5] and review.suggested[[2, 5]].tolist() == [1, 0]
+
+
+def test_the_label_review_flags_flipped_labels_the_models_were_sure_of(cv_run, tmp_path):
+    """Five percent of a real cross-validated run's out-of-fold rows get the other label (seeded). Every flipped image
+    whose models were confident of its original label (at or above that class's threshold) must be flagged and
+    ranked above every image that is not. (How many of all flipped labels land near the top depends on how good
+    the models are: docs/QUALITY.md measures it on a full cross-validation; this run trains one epoch.)"""
+    import shutil
+
+    from cellcls.label_errors import main
+
+    run = tmp_path / "run"
+    shutil.copytree(cv_run, run)
+    rows = read(run / "cv_predictions.csv")
+    rng = np.random.default_rng(0)
+    flipped = set(rng.choice(len(rows), len(rows) // 20, replace=False).tolist())
+    for i in flipped:
+        rows[i]["true"] = "Parasitized" if rows[i]["true"] == "Uninfected" else "Uninfected"
+    with open(run / "cv_predictions.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main([f"run={run}"]) == 0
+    ranked = read(run / "label_errors" / "label_errors.csv")
+    assert [int(r["rank"]) for r in ranked] == list(range(1, len(rows) + 1))
+    original = read(cv_run / "cv_predictions.csv")
+    classes = ["Uninfected", "Parasitized"]
+    truth = np.array([classes.index(r["true"]) for r in original])
+    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in original])
+    given = truth.copy()
+    given[list(flipped)] = 1 - given[list(flipped)]
+    thresholds = [probs[given == c, c].mean() for c in (0, 1)]
+    sure = {original[i]["file"] for i in flipped if probs[i, truth[i]] >= thresholds[truth[i]]}
+    assert len(sure) >= 5
+    by_file = {r["file"]: r for r in ranked}
+    assert all(by_file[f]["likely_error"] == "true" for f in sure)
+    last_sure = max(int(by_file[f]["rank"]) for f in sure)
+    assert all(r["likely_error"] == "true" for r in ranked[:last_sure])
+    assert (run / "label_errors" / "label_errors.png").stat().st_size > 10_000
+
+
+def test_the_label_review_needs_a_cross_validated_run(tmp_path):
+    from cellcls.label_errors import main
+
+    assert main([f"run={tmp_path}"]) == 2

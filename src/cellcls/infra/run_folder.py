@@ -183,6 +183,11 @@ class RunFolder:
         return self.root / "export" / f"model{suffix}"
 
     @property
+    def label_errors(self) -> Path:
+        """``label_errors/``: the training images whose given label the out-of-fold models doubt, ranked."""
+        return self.root / "label_errors"
+
+    @property
     def audit(self) -> AuditFolder:
         """``audit/``: the duplicate audit of this run's splits (``python -m cellcls.audit run=<run>``)."""
         return AuditFolder(self.root / "audit")
