@@ -10,6 +10,7 @@ module imports nothing of cellcls above the schema.
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import fields
@@ -71,6 +72,18 @@ def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
 def check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_fraction(name: str, value: Any, expected: str) -> float:
+    """A number strictly between 0 and 1, or ConfigError naming ``name`` and what it means (``expected``)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0.0 < number < 1.0:
+        raise ConfigError(f"{name}={value!r} is not valid; expected {expected}, a number between 0 and 1 (e.g. "
+                          "0.95), or null")
+    return number
 
 
 def check_choices(cfg: DictConfig) -> None:

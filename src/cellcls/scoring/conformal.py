@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cellcls.config.checks import check_fraction
 from cellcls.errors import ConfigError
 
 METHODS = ("lac", "aps")
@@ -50,14 +51,7 @@ def scores(probs: np.ndarray, method: str) -> np.ndarray:
 
 def check_level(level: object, setting: str = "conformal") -> float:
     """A coverage level strictly between 0 and 1."""
-    try:
-        value = float(level)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        value = math.nan
-    if not 0.0 < value < 1.0:
-        raise ConfigError(f"{setting}={level!r} is not valid; expected the coverage the prediction sets aim for, "
-                          "a number between 0 and 1 (e.g. 0.95), or null")
-    return value
+    return check_fraction(setting, level, "the coverage the prediction sets aim for")
 
 
 def check_calibration_size(level: float, n: int, split: str = "the validation split") -> None:

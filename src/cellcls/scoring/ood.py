@@ -27,7 +27,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 from torch import nn
 
-from cellcls.errors import ConfigError
+from cellcls.config.checks import check_fraction
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,7 @@ def collect_statistics(net: nn.Module, loader: Any, device: torch.device) -> np.
 
 def check_ood_level(level: object, setting: str = "ood") -> float:
     """The share of validation images the threshold keeps inside, strictly between 0 and 1."""
-    try:
-        value = float(level)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        value = math.nan
-    if not 0.0 < value < 1.0:
-        raise ConfigError(f"{setting}={level!r} is not valid; expected the share of validation images to count as "
-                          "in-distribution, a number between 0 and 1 (e.g. 0.95), or null")
-    return value
+    return check_fraction(setting, level, "the share of validation images to count as in-distribution")
 
 
 @dataclass
