@@ -141,3 +141,19 @@ def test_a_rule_of_another_method_is_ignored_with_a_warning_naming_the_fix(caplo
         assert OODRule.of({"method": "knn", "bank": [], "level": 0.9}, "best.pt") is None
     assert "best.pt holds an out-of-distribution rule of another method (knn)" in caplog.text
     assert "python -m cellcls.calibrate checkpoint=<run> ood=0.9" in caplog.text
+
+
+def test_an_export_says_it_carries_no_flags_and_calibrate_refuses_it(ood_run, tmp_path, capsys):
+    from cellcls.calibrate import main as calibrate
+    from cellcls.deploy.export import export_model
+    from cellcls.models.trained import load_model
+    from cellcls.predict import main as predict
+
+    exported = export_model(load_model(ood_run, "cpu"), "onnx", tmp_path / "model.onnx")
+    xray = xrays_and_lesions(1)[0]
+    assert predict([f"checkpoint={exported}", f"input={xray}"]) == 0
+    captured = capsys.readouterr()
+    assert "trained with an out-of-distribution rule that exported models do not carry" in captured.err
+    assert "[outside" not in captured.out
+    assert calibrate([f"checkpoint={exported}", "ood=0.95"]) == 2
+    assert "is an exported model; calibrate refits a PyTorch checkpoint" in capsys.readouterr().err

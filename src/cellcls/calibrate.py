@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from cellcls.cli import as_bool, command_args, fail, own_settings
+from cellcls.deploy.runtimes import is_exported
 from cellcls.errors import ConfigError, DataError
 from cellcls.evaluation.recalibrate import recalibrate
 from cellcls.scoring.calibration import parse_operating_point
@@ -31,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return done
     try:
         own = own_settings(args, SETTINGS, "calibrate", required=("checkpoint",))
+        if is_exported(Path(own["checkpoint"]).expanduser()):
+            raise ConfigError(f"checkpoint={own['checkpoint']} is an exported model; calibrate refits a PyTorch "
+                              "checkpoint: give the run folder it was exported from, then export it again")
         point = own.get("operating_point")
         if point:
             parse_operating_point(point)
