@@ -121,15 +121,10 @@ def load_data(loaded: LoadedModel, split: str, data: str | Path | None) -> Evalu
 
 
 def score(loaded: LoadedModel, data: EvaluationData, threshold: float | None, n_boot: int) -> Scored:
-    """The metrics with bootstrap intervals (over patients or clusters where known), the loss and calibration."""
+    """The metrics with bootstrap intervals (over patients or clusters where known), the loss and calibration, what
+    a person should look at first, and the model's per-image trust rules where it has them."""
     # the same pass the training run's validation and test used, so the numbers match exactly
     logits, targets = run_inference(loaded.scorer, data.loader, loaded.device)
-    outside = None
-    if loaded.ood is not None:
-        features = collect_statistics(loaded.model, data.loader, loaded.device)
-        outside = {"level": loaded.ood.level, "fitted_on": loaded.ood.fitted_on,
-                   "flagged": float(loaded.ood.flags(features).mean()), "images": len(features),
-                   "score_median": float(np.median(loaded.ood.score(features))), "threshold": loaded.ood.threshold}
     probs = loaded.decision.probabilities(logits).numpy()
     groups = data.groups if data.groups is None or len(data.groups) == len(targets) else None  # failed decodes
     threshold = loaded.threshold if threshold is None else threshold
@@ -141,23 +136,42 @@ def score(loaded: LoadedModel, data: EvaluationData, threshold: float | None, n_
     folder = data.name if loaded.tta in ("none", fitted) else f"{data.name}_tta-{loaded.tta}"
     result = {"checkpoint": str(loaded.path), "epoch": loaded.epoch, "split": data.name, "tta": loaded.tta,
               "loss": mean_loss(loaded.model, logits, targets), **result,
-              "calibration": calibration_summary(y, probs, logits, loaded.decision)}
-    result["most_confused"] = most_confused(result["confusion_matrix"], loaded.classes)
-    if len(data.samples) == len(y):  # the files of the images with the largest loss, for a person to look at
-        result["top_losses"] = [
+              "calibration": calibration_summary(y, probs, logits, loaded.decision),
+              **interpretation(loaded, data, y, probs, threshold, result["confusion_matrix"]),
+              **trust(loaded, data, y, probs, groups, n_boot)}
+    if data.skipped:
+        result["skipped_files"] = [p for p, _ in data.skipped]
+    return Scored(result, probs, y, threshold, folder)
+
+
+def interpretation(loaded: LoadedModel, data: EvaluationData, y: np.ndarray, probs: np.ndarray,
+                   threshold: float | None, confusion: list[list[int]]) -> dict[str, Any]:
+    """The most confused class pairs and the images with the largest loss (their files, for a person to look at)."""
+    out: dict[str, Any] = {"most_confused": most_confused(confusion, loaded.classes)}
+    if len(data.samples) == len(y):  # uncached files that failed to decode mid-pass leave no row to name
+        out["top_losses"] = [
             {"file": relative_path(data.samples.paths[i], data.root) if data.root else str(data.samples.paths[i]),
              "true": loaded.classes[int(y[i])],
              "predicted": loaded.classes[int(labels_of(probs[i:i + 1], threshold)[0])],
              "p_true": float(probs[i, y[i]]), "loss": loss} for i, loss in top_losses(y, probs)]
-    if outside is not None:
-        result["ood"] = outside
+    return out
+
+
+def trust(loaded: LoadedModel, data: EvaluationData, y: np.ndarray, probs: np.ndarray,
+          groups: Sequence[str] | None, n_boot: int) -> dict[str, Any]:
+    """How the model's prediction sets covered (``prediction_sets``) and how many images its out-of-distribution rule
+    flagged (``ood``), for the rules it has."""
+    out: dict[str, Any] = {}
+    if loaded.ood is not None:
+        stats = collect_statistics(loaded.model, data.loader, loaded.device)
+        out["ood"] = {"level": loaded.ood.level, "fitted_on": loaded.ood.fitted_on,
+                      "flagged": float(loaded.ood.flags(stats).mean()), "images": len(stats),
+                      "score_median": float(np.median(loaded.ood.score(stats))), "threshold": loaded.ood.threshold}
     members = loaded.decision.sets(probs)
     if members is not None:
-        result["prediction_sets"] = prediction_set_metrics(y, members, loaded.classes, float(loaded.decision.set_level),
-                                                           n_boot, int(loaded.config.seed), groups)
-    if data.skipped:
-        result["skipped_files"] = [p for p, _ in data.skipped]
-    return Scored(result, probs, y, threshold, folder)
+        out["prediction_sets"] = prediction_set_metrics(y, members, loaded.classes, float(loaded.decision.set_level),
+                                                        n_boot, int(loaded.config.seed), groups)
+    return out
 
 
 def write_scores(out: EvaluationFolder, loaded: LoadedModel, data: EvaluationData, scored: Scored,
