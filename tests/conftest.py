@@ -109,6 +109,15 @@ def malaria_run(tmp_path_factory, cache_root) -> Path:
     return run_dir
 
 
+def calibrated_copy(run: Path, folder: Path, *settings: str) -> Path:
+    """A copy of ``run`` in ``folder/run`` with ``python -m cellcls.calibrate <settings>`` applied to it."""
+    from cellcls.calibrate import main
+
+    shutil.copytree(run, folder / "run")
+    assert main([f"checkpoint={folder / 'run'}", *settings, "device=cpu"]) == 0
+    return folder / "run"
+
+
 def write_dicom(path: Path, pixels, photometric: str = "MONOCHROME2", bits_stored: int = 8, **elements) -> Path:
     """A DICOM Part 10 file of ``pixels`` made with pydicom (patient ID PRIVATE-123 unless given)."""
     from pydicom.dataset import Dataset, FileMetaDataset

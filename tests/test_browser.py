@@ -112,11 +112,9 @@ def test_the_page_shows_the_prediction_set_and_flags_an_xray_shown_to_a_malaria_
     from conftest import real_dataset
     from selenium.webdriver.common.by import By
 
-    from cellcls.calibrate import main
+    from conftest import calibrated_copy
 
-    run = tmp_path / "run"
-    shutil.copytree(malaria_run, run)
-    assert main([f"checkpoint={run}", "conformal=0.9", "ood=0.95", "device=cpu"]) == 0
+    run = calibrated_copy(malaria_run, tmp_path, "conformal=0.9", "ood=0.95")
     srv = Server(f"checkpoint={run}", cwd=tmp_path)
     try:
         open_page(browser, srv.url)

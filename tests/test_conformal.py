@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -84,12 +83,9 @@ def test_a_level_outside_zero_and_one_names_the_setting(tmp_path):
 @pytest.fixture(scope="module")
 def conformal_run(malaria_run, tmp_path_factory):
     """A copy of the real malaria run with prediction sets fitted on its validation cells by the calibrate command."""
-    from cellcls.calibrate import main
+    from conftest import calibrated_copy
 
-    run = tmp_path_factory.mktemp("conformal") / "run"
-    shutil.copytree(malaria_run, run)
-    assert main([f"checkpoint={run}", "conformal=0.9", "device=cpu"]) == 0
-    return run
+    return calibrated_copy(malaria_run, tmp_path_factory.mktemp("conformal"), "conformal=0.9")
 
 
 def test_calibrate_stores_the_set_rule_in_best_pt_and_keeps_the_weights(conformal_run, malaria_run):

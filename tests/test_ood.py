@@ -58,12 +58,9 @@ def test_a_level_outside_zero_and_one_names_the_setting():
 @pytest.fixture(scope="module")
 def ood_run(malaria_run, tmp_path_factory):
     """A copy of the real malaria run with the out-of-distribution rule fitted by the calibrate command."""
-    from cellcls.calibrate import main
+    from conftest import calibrated_copy
 
-    run = tmp_path_factory.mktemp("ood") / "run"
-    shutil.copytree(malaria_run, run)
-    assert main([f"checkpoint={run}", "ood=0.95", "device=cpu"]) == 0
-    return run
+    return calibrated_copy(malaria_run, tmp_path_factory.mktemp("ood"), "ood=0.95")
 
 
 def xrays_and_lesions(n: int) -> list:
