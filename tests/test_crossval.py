@@ -198,3 +198,26 @@ def test_the_label_review_needs_a_cross_validated_run(tmp_path):
     from cellcls.label_errors import main
 
     assert main([f"run={tmp_path}"]) == 2
+
+
+def test_the_label_review_opens_no_file_outside_the_data_root(cv_run, tmp_path, monkeypatch):
+    import shutil
+
+    import cellcls.evaluation.label_review as review
+    from cellcls.label_errors import main
+
+    run = tmp_path / "run"
+    shutil.copytree(cv_run, run)
+    rows = read(run / "cv_predictions.csv")
+    rows[0]["file"], rows[0]["true"] = "../../outside.png", "Parasitized"
+    rows[0]["p_Uninfected"], rows[0]["p_Parasitized"] = "1.0", "0.0"  # ranked first
+    with open(run / "cv_predictions.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    opened = []
+    real = review.load_image
+    monkeypatch.setattr(review, "load_image", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
+    assert main([f"run={run}"]) == 0
+    assert opened and not any("outside.png" in str(p) for p in opened)
+    assert read(run / "label_errors" / "label_errors.csv")[0]["file"] == "../../outside.png"  # listed, not opened

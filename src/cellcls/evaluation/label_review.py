@@ -54,11 +54,14 @@ def draw_grid(run: RunFolder, ranked: list[dict[str, Any]], path: Path) -> None:
     # a cross-validated run's folds hold the resolved config (the data root)
     found = next((f for f in (run.config, run.fold(1).config) if f.is_file()), None)
     config = yaml.safe_load(found.read_text()) if found is not None else {}
-    root = Path(str((config.get("dataset") or {}).get("root") or run.root))
+    root = Path(str((config.get("dataset") or {}).get("root") or run.root)).resolve()
     images, titles = [], []
     for row in ranked:
+        image = (root / row["file"]).resolve()
+        if not image.is_relative_to(root):  # an edited CSV naming a file outside the data set is not opened
+            continue
         try:
-            images.append(load_image(root / row["file"], 3, (96, 96)).numpy())
+            images.append(load_image(image, 3, (96, 96)).numpy())
         except (DataError, OSError):
             continue  # a file moved since training: listed in the CSV, not drawn
         titles.append(f"{Path(row['file']).name[:28]}\ngiven {row['given']}, models say {row['suggested']} "
