@@ -1,12 +1,12 @@
 """Do the 95% intervals cellcls reports cover the truth? A simulation on out-of-fold predictions.
 
     python scripts/interval_coverage.py predictions=<run>/cv_predictions.csv [groups=../shared/data/MANIFEST.csv]
-        [sizes=5,10,20] [draws=300] [bootstrap=500] [seed=0]
+        [sizes=5,10,20] [draws=300] [interval=grouped|bootstrap] [bootstrap=500] [seed=0]
 
 ``cv_predictions.csv`` (from ``cv.folds=K``) scores every image by a model that did not train on it. Each draw takes
 a random test set of ``size`` groups (patients, or the original smear photos, from the manifest's ``group`` column),
 computes the intervals exactly as ``evaluate`` does (``cellcls.scoring.metrics.evaluate_predictions`` with the
-groups), and counts whether each metric's interval holds its value on all the *other* groups (the truth this small
+groups; ``interval=bootstrap`` for the percentile bootstrap cellcls reported before), and counts whether each metric's interval holds its value on all the *other* groups (the truth this small
 test set stands for). Prints one markdown row per size and metric: the empirical coverage of the nominal 95%
 interval (with its own Monte-Carlo standard error), the mean width, and how often the interval missed low/high.
 """
@@ -26,7 +26,8 @@ from cellcls.scoring.heads import labels_of
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    own = {"groups": "../shared/data/MANIFEST.csv", "sizes": "5,10,20", "draws": "300", "bootstrap": "500", "seed": "0"}
+    own = {"groups": "../shared/data/MANIFEST.csv", "sizes": "5,10,20", "draws": "300", "bootstrap": "500", "seed": "0",
+           "interval": "grouped"}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in (*own, "predictions"):
@@ -73,7 +74,7 @@ def main(argv: list[str]) -> None:
             test = np.isin(groups, chosen)
             rest = ~test
             result = evaluate_predictions(y[test], probs[test], classes, n_boot=int(own["bootstrap"]), seed=draw,
-                                          groups=list(groups[test]))
+                                          groups=list(groups[test]), interval=own["interval"])
             for name, metric in metrics.items():
                 truth = metric(y[rest], labels_of(probs[rest]), probs[rest])
                 if name not in result or math.isnan(truth) or any(math.isnan(v) for v in result[name]["ci95"]):

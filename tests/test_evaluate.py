@@ -188,8 +188,9 @@ def test_intervals_on_malaria_resample_the_test_patients_and_say_so(malaria_run,
     listed = (malaria_run / "splits" / "test.csv").read_text().splitlines()[1:]
     patients = {re.match(r"^(C\d+)", line.rsplit("/", 1)[-1]).group(1) for line in listed}
     assert result["interval"]["groups"] == len(patients) and result["interval"]["images"] == len(listed)
-    assert result["interval"]["method"] == f"percentile bootstrap over {len(patients)} groups"
-    assert f"bootstrap over {len(patients)} groups" in (out / "report.md").read_text()
+    method = f"beta-binomial over {len(patients)} groups (ROC-AUC: jackknife over {len(patients)} groups, logit, t)"
+    assert result["interval"]["method"] == method
+    assert f"Intervals: {method}" in (out / "report.md").read_text()
 
 
 def test_the_report_lists_the_top_losses_and_the_most_confused_pairs(malaria_run, tmp_path):

@@ -84,35 +84,35 @@ def test_auc_of_a_sample_with_one_class_is_undefined_not_an_error():
     assert np.isnan(value(r, "roc_auc"))
 
 
-def test_intervals_resample_patients_when_groups_are_known_and_are_wider():
+def test_the_bootstrap_resamples_patients_when_groups_are_known_and_is_wider():
     rng = np.random.default_rng(0)
     groups = np.repeat([f"p{i}" for i in range(12)], 20)  # 12 patients, 20 cells each
     patient_ok = rng.random(12) < 0.7  # a patient's cells are all right or all wrong
     y = rng.integers(0, 2, len(groups))
     pred = np.where(np.repeat(patient_ok, 20), y, 1 - y)
     probs = np.stack([1 - pred, pred], axis=1).astype(float) * 0.8 + 0.1
-    by_image = evaluate_predictions(y, probs, ["neg", "pos"], n_boot=300)
-    by_patient = evaluate_predictions(y, probs, ["neg", "pos"], n_boot=300, groups=list(groups))
+    by_image = evaluate_predictions(y, probs, ["neg", "pos"], n_boot=300, interval="bootstrap")
+    by_patient = evaluate_predictions(y, probs, ["neg", "pos"], n_boot=300, groups=list(groups), interval="bootstrap")
     width = lambda r: r["accuracy"]["ci95"][1] - r["accuracy"]["ci95"][0]  # noqa: E731
     assert width(by_patient) > 2 * width(by_image)
     assert by_patient["interval"] == {"level": 0.95, "method": "percentile bootstrap over 12 groups", "resamples": 300,
                                       "images": 240, "groups": 12}
 
 
-def test_a_perfect_proportion_gets_a_wilson_interval_not_a_collapsed_bootstrap():
+def test_under_the_bootstrap_a_perfect_proportion_gets_a_wilson_interval_not_a_collapsed_one():
     y = np.array([1] * 60 + [0] * 40)
     probs = np.array([[0.1, 0.9]] * 60 + [[0.6, 0.4]] * 30 + [[0.4, 0.6]] * 10)
-    r = evaluate_predictions(y, probs, ["neg", "pos"], n_boot=100)
+    r = evaluate_predictions(y, probs, ["neg", "pos"], n_boot=100, interval="bootstrap")
     assert r["sensitivity"]["value"] == 1.0 and r["sensitivity"]["method"] == "Wilson (images: 60)"
     lo, hi = r["sensitivity"]["ci95"]
     assert hi == 1.0 and 0.93 < lo < 0.95  # Wilson's 60/60: [0.940, 1.000], not [1.000, 1.000]
     assert "method" not in r["specificity"]  # 30/40: the bootstrap
 
 
-def test_a_perfect_balanced_accuracy_gets_the_mean_of_per_class_wilson_intervals():
+def test_under_the_bootstrap_a_perfect_balanced_accuracy_gets_the_mean_of_per_class_wilson_intervals():
     y = np.array([1] * 60 + [0] * 40)
     probs = np.array([[0.1, 0.9]] * 60 + [[0.9, 0.1]] * 40)
-    r = evaluate_predictions(y, probs, ["neg", "pos"], n_boot=100)
+    r = evaluate_predictions(y, probs, ["neg", "pos"], n_boot=100, interval="bootstrap")
     expected = np.mean([wilson_interval(40, 40), wilson_interval(60, 60)], axis=0)
     assert r["balanced_accuracy"]["ci95"] == pytest.approx(list(expected))
     assert r["balanced_accuracy"]["ci95"][0] < 0.95

@@ -3,12 +3,14 @@
 Scores a trained model on a split of its data set (rebuilt from the checkpoint alone), on any class-folder
 directory (``data=<dir>``) or on a table (``data=<file>.csv|.tsv|.parquet``: read with the run's ``dataset.table``
 settings, paths relative to the table's folder, every row), and writes ``<run>/eval/<split or folder>/``: metrics.json (each headline metric with a
-95% bootstrap interval), report.md, predictions.csv and figures, also logged through the run's loggers (TensorBoard, MLflow).
+95% interval over patients where they are known), report.md, predictions.csv and figures, also logged through the run's loggers (TensorBoard, MLflow).
 
 Settings: split=train|val|test, data=<dir or table>, threshold=<p> (binary: class 1 when its probability >= p; default: the
-operating point fitted in training, else the arg-max), bootstrap=<n> (resamples, 1000), device=auto|cpu|cuda,
+operating point fitted in training, else the arg-max), interval=grouped|bootstrap (how the 95% intervals are computed:
+README, "Intervals"), bootstrap=<n> (resamples for interval=bootstrap, 1000), device=auto|cpu|cuda,
 cam_layer=<layer name>, output=<dir>, plots=true|false, group_by=patient (per-patient results and patients.csv;
-group_rule=auto|max|mean), tta=none|hflip|vflip|flips (test-time augmentation: logits averaged over flipped copies;
+group_rule=auto|max|mean), group_by=<column> (results per value of a table's metadata column or a DICOM header field,
+e.g. site, sex, Manufacturer; many numeric values as quartile bands; subgroups.csv and subgroups.png), tta=none|hflip|vflip|flips (test-time augmentation: logits averaged over flipped copies;
 written to <split>_tta-<mode>/), dataset.<key>=<value> to change the data set's settings (e.g. dataset.root=<dir>),
 and logger.<name>.<key>=<value> for the loggers (rebuilt from this cellcls's own logger options, never from the
 checkpoint's: e.g. logger.mlflow.tracking_uri=<the store the run logged to>).
@@ -22,9 +24,10 @@ from collections.abc import Sequence
 from cellcls.cli import as_bool, command_args, fail, parse_key_values
 from cellcls.errors import ConfigError, DataError
 from cellcls.evaluation.evaluate import evaluate
+from cellcls.evaluation.subgroups import describe_gap
 from cellcls.metric_names import HEADLINE
 
-SETTINGS = ("checkpoint", "split", "data", "threshold", "bootstrap", "device", "cam_layer", "output", "plots",
+SETTINGS = ("checkpoint", "split", "data", "threshold", "interval", "bootstrap", "device", "cam_layer", "output", "plots",
             "group_by", "group_rule", "tta")
 
 
@@ -41,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             own["checkpoint"], own.get("split", "test"), own.get("data"), overrides, threshold,
             int(own.get("bootstrap", 1000)), own.get("device", "auto"), own.get("cam_layer"), own.get("output"),
             as_bool("plots", own.get("plots", "true")), own.get("group_by"), own.get("group_rule", "auto"),
-            own.get("tta"),
+            own.get("tta"), own.get("interval", "grouped"),
         )
     except (ConfigError, DataError, FileNotFoundError, ValueError, OSError) as exc:
         return fail(exc)
@@ -70,6 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if key in patients:
                 v, (lo, hi) = patients[key]["value"], patients[key]["ci95"]
                 print(f"  {key:<16} {v:.4f}  (95% CI {lo:.4f} - {hi:.4f})")
+    if "by_subgroup" in result:
+        sub = result["by_subgroup"]
+        print(f"by {sub['column']}:")
+        for s in sub["subgroups"]:
+            cells = "  ".join(f"{k} {s[k]['value']:.4f} ({s[k]['ci95'][0]:.4f}-{s[k]['ci95'][1]:.4f})"
+                              for k in ("accuracy", "roc_auc") if k in s)
+            print(f"  {s['value']:<16} {s['images']:>5} images  {cells}")
+        print(f"  {describe_gap(sub['largest_gap'], sub['column'])}")
     print(f"written to {out}")
     return 0
 

@@ -63,17 +63,17 @@ def dicom_header(source: Path | BinaryIO, label: str) -> tuple[int, int, str]:
     return int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), f"DICOM {ds.get('PhotometricInterpretation', '')}".strip()
 
 
-def header_values(paths: Sequence[Path], keyword: str) -> list[str | None]:
+def header_values(paths: Sequence[Path], keyword: str, setting: str = "dataset.group_tag") -> list[str | None]:
     """The value of the header element ``keyword`` (e.g. ``PatientID``) of each file; None where a file is not a
-    readable DICOM file or lacks it. Only that element is parsed."""
+    readable DICOM file or lacks it. Only that element is parsed; ``setting`` is what errors name."""
     try:
         import pydicom
         from pydicom.datadict import tag_for_keyword
         from pydicom.errors import InvalidDicomError
     except ImportError as exc:
-        raise ConfigError("dataset.group_tag reads DICOM headers: it needs pydicom (pip install 'cellcls[dicom]')") from exc
+        raise ConfigError(f"{setting} reads DICOM headers: it needs pydicom (pip install 'cellcls[dicom]')") from exc
     if tag_for_keyword(keyword) is None:
-        raise ConfigError(f"dataset.group_tag={keyword!r} is not a DICOM keyword (e.g. PatientID, StudyInstanceUID)")
+        raise ConfigError(f"{setting}={keyword!r} is not a DICOM keyword (e.g. PatientID, StudyInstanceUID)")
     values: list[str | None] = []
     for path in paths:
         try:

@@ -24,6 +24,7 @@ from cellcls.data.samples import Samples
 from cellcls.data.splits import relative_path
 from cellcls.data.leakage import interval_groups
 from cellcls.data.layouts import scan_location
+from cellcls.data.layouts.table import is_table, table_file
 from cellcls.data.transforms import build_transform
 from cellcls.errors import ConfigError, DataError
 from cellcls.infra import plots
@@ -41,8 +42,15 @@ from cellcls.evaluation.figures import (
 from cellcls.scoring.inference import mean_loss, run_inference
 from cellcls.scoring.ood import collect_statistics
 from cellcls.metric_names import HEADLINE
-from cellcls.scoring.metrics import evaluate_predictions, most_confused, prediction_set_metrics, top_losses
+from cellcls.scoring.metrics import (
+    IntervalRule,
+    evaluate_predictions,
+    most_confused,
+    prediction_set_metrics,
+    top_losses,
+)
 from cellcls.evaluation.patients import aggregate, write_patients
+from cellcls.evaluation.subgroups import banded, column_values, require_all_decoded, subgroup_metrics, write_subgroups
 from cellcls.evaluation.report import write_predictions, write_report
 from cellcls.scoring.heads import Decision, labels_of, probabilities
 from cellcls.models.trained import LoadedModel, load_model
@@ -76,6 +84,7 @@ class EvaluationData:
     skipped: list[tuple[str, str]]
     root: Path  # what predictions.csv's paths are relative to
     groups: list[str] | None = None  # each image's patient or duplicate cluster, for the intervals
+    table: Path | None = None  # the table listing the images, when they come from one (group_by=<column>)
 
 
 @dataclass
@@ -110,17 +119,18 @@ def load_data(loaded: LoadedModel, split: str, data: str | Path | None) -> Evalu
         assert found.root is not None
         return EvaluationData(source.stem if source.is_file() else source.name, kept,
                               DataLoader(images, batch_size=batch), found.missing + decoded.skipped, found.root,
-                              kept.groups)
+                              kept.groups, source if is_table(source) else None)
     bundle = build_data(ds, None, int(cfg.seed), loaded.device, trainer.pipeline, batch,
                         fold=fold_of(cfg))
     if split not in bundle.loaders:
         raise ConfigError(f"split={split!r} is not in this data set; available: {', '.join(bundle.loaders)}")
     samples = bundle.splits[split]
+    table = table_file(str(ds.table.file), bundle.root) if ds.table is not None and ds.table.file else None
     return EvaluationData(split, samples, bundle.loaders[split], bundle.skipped, bundle.root,
-                          interval_groups(ds, samples, bundle.splits))
+                          interval_groups(ds, samples, bundle.splits), table)
 
 
-def score(loaded: LoadedModel, data: EvaluationData, threshold: float | None, n_boot: int) -> Scored:
+def score(loaded: LoadedModel, data: EvaluationData, threshold: float | None, intervals: IntervalRule) -> Scored:
     """The metrics with bootstrap intervals (over patients or clusters where known), the loss and calibration, what
     a person should look at first, and the model's per-image trust rules where it has them."""
     # the same pass the training run's validation and test used, so the numbers match exactly
@@ -129,8 +139,8 @@ def score(loaded: LoadedModel, data: EvaluationData, threshold: float | None, n_
     groups = data.groups if data.groups is None or len(data.groups) == len(targets) else None  # failed decodes
     threshold = loaded.threshold if threshold is None else threshold
     y = targets.numpy()
-    result = evaluate_predictions(y, probs, loaded.classes, threshold, n_boot, seed=int(loaded.config.seed),
-                                  groups=groups)
+    result = evaluate_predictions(y, probs, loaded.classes, threshold, intervals.resamples,
+                                  seed=int(loaded.config.seed), groups=groups, interval=intervals.method)
     # with and without TTA side by side, unless the model itself averages flips (a probe fitted that way)
     fitted = str(loaded.config.model.get("tta") or "none")
     folder = data.name if loaded.tta in ("none", fitted) else f"{data.name}_tta-{loaded.tta}"
@@ -138,7 +148,7 @@ def score(loaded: LoadedModel, data: EvaluationData, threshold: float | None, n_
               "loss": mean_loss(loaded.model, logits, targets), **result,
               "calibration": calibration_summary(y, probs, logits, loaded.decision),
               **interpretation(loaded, data, y, probs, threshold, result["confusion_matrix"]),
-              **trust(loaded, data, y, probs, groups, n_boot)}
+              **trust(loaded, data, y, probs, groups)}
     if data.skipped:
         result["skipped_files"] = [p for p, _ in data.skipped]
     return Scored(result, probs, y, threshold, folder)
@@ -158,7 +168,7 @@ def interpretation(loaded: LoadedModel, data: EvaluationData, y: np.ndarray, pro
 
 
 def trust(loaded: LoadedModel, data: EvaluationData, y: np.ndarray, probs: np.ndarray,
-          groups: Sequence[str] | None, n_boot: int) -> dict[str, Any]:
+          groups: Sequence[str] | None) -> dict[str, Any]:
     """How the model's prediction sets covered (``prediction_sets``) and how many images its out-of-distribution rule
     flagged (``ood``), for the rules it has."""
     out: dict[str, Any] = {}
@@ -170,18 +180,20 @@ def trust(loaded: LoadedModel, data: EvaluationData, y: np.ndarray, probs: np.nd
     members = loaded.decision.sets(probs)
     if members is not None:
         out["prediction_sets"] = prediction_set_metrics(y, members, loaded.classes, float(loaded.decision.set_level),
-                                                        n_boot, int(loaded.config.seed), groups)
+                                                        groups)
     return out
 
 
 def write_scores(out: EvaluationFolder, loaded: LoadedModel, data: EvaluationData, scored: Scored,
-                 group_by: str | None, group_rule: str, n_boot: int) -> None:
+                 group_by: str | None, group_rule: str, intervals: IntervalRule) -> None:
     """``metrics.json`` and ``predictions.csv``; with ``group_by=patient`` the per-patient metrics and
-    ``patients.csv``."""
-    if group_by is not None:
+    ``patients.csv``, with ``group_by=<column>`` the metrics per subgroup and ``subgroups.csv``."""
+    if group_by == "patient":
         scored.result["per_patient"] = per_patient(
-            scored.labels, scored.probs, data.samples, str(loaded.config.dataset.name), group_by, group_rule, loaded.classes,
-            scored.threshold, n_boot, int(loaded.config.seed), out.patients)
+            scored.labels, scored.probs, data.samples, str(loaded.config.dataset.name), group_rule, loaded.classes,
+            scored.threshold, intervals, int(loaded.config.seed), out.patients)
+    elif group_by is not None:
+        scored.result["by_subgroup"] = by_subgroup(loaded, data, scored, group_by, out, intervals)
     write_json(out.metrics, scored.result)
     write_predictions(out.predictions, data.samples, scored.probs, loaded.classes, data.root, scored.threshold)
 
@@ -205,6 +217,11 @@ def draw_figures(out: EvaluationFolder, loaded: LoadedModel, data: EvaluationDat
         figures["most confident mistakes"] = worst
     figures["Grad-CAM"] = cam_grid(loaded, images, probs, labels, out.figure("gradcam"), cam_layer)
     figures["feature maps"] = feature_map_figure(loaded, images[0], out.figure("feature_maps"))
+    if "by_subgroup" in scored.result:
+        sub = scored.result["by_subgroup"]
+        keys = [k for k in HEADLINE if k != "balanced_accuracy" and any(k in s for s in sub["subgroups"])]
+        figures[f"results by {sub['column']}"] = plots.save(plots.subgroup_forest(sub["subgroups"], sub["column"], keys),
+                                                            out.figure("subgroups"))
     for title, drawn, name in (("augmented training samples", loaded.run.augmented_samples, "augmented_samples"),
                                ("training curves", loaded.run.training_curves, "training_curves")):
         if drawn.is_file():
@@ -226,18 +243,21 @@ def evaluate(
     group_by: str | None = None,
     group_rule: str = "auto",
     tta: str | None = None,
+    interval: str = "grouped",
 ) -> tuple[dict[str, Any], Path]:
     """Score ``checkpoint`` and write the evaluation folder; returns (metrics, folder).
 
-    ``threshold`` defaults to the checkpoint's operating point; ``group_by=patient`` adds per-patient results
+    ``interval`` is ``grouped`` or ``bootstrap`` (with ``n_boot`` resamples; see
+    :func:`cellcls.scoring.metrics.evaluate_predictions`); ``threshold`` defaults to the checkpoint's operating point; ``group_by=patient`` adds per-patient results
     (``group_rule``: see :func:`cellcls.evaluation.patients.aggregate`); ``tta`` averages the logits over flipped
     copies of each image (:mod:`cellcls.models.tta`; the folder is then ``<split>_tta-<mode>``)."""
     loaded = load_model(checkpoint, device, tta)
     apply_overrides(loaded.config, overrides)
     found = load_data(loaded, split, data)
-    scored = score(loaded, found, threshold, n_boot)
+    intervals = IntervalRule(interval, n_boot)
+    scored = score(loaded, found, threshold, intervals)
     out = EvaluationFolder(Path(output)) if output else loaded.run.evaluation(scored.folder)
-    write_scores(out, loaded, found, scored, group_by, group_rule, n_boot)
+    write_scores(out, loaded, found, scored, group_by, group_rule, intervals)
     figures = draw_figures(out, loaded, found, scored, cam_layer) if make_plots else {}
     write_report(scored.result, out.report, figures)
     log_evaluation(loaded, scored.folder, scored.result, figures, overrides)
@@ -254,11 +274,24 @@ def calibration_summary(y: np.ndarray, probs: np.ndarray, logits: torch.Tensor, 
     return out
 
 
-def per_patient(y: np.ndarray, probs: np.ndarray, samples: Samples, dataset: str, group_by: str, rule: str,
-                classes: list[str], threshold: float | None, n_boot: int, seed: int, out: Path) -> dict[str, Any]:
+def by_subgroup(loaded: LoadedModel, data: EvaluationData, scored: Scored, column: str,
+                out: EvaluationFolder, intervals: IntervalRule) -> dict[str, Any]:
+    """Metrics per value of ``column`` (a table column or DICOM header field), written to ``subgroups.csv``."""
+    require_all_decoded(len(scored.labels), len(data.samples), column)
+    t = loaded.config.dataset.get("table") or {}
+    template = None if data.table is None or t.get("path_template") is None else str(t.get("path_template"))
+    values = banded(column_values(column, data.samples.paths, data.table, data.root, str(t.get("path") or "path"),
+                                  template))
+    result = subgroup_metrics(scored.labels, scored.probs, loaded.classes, scored.threshold, values, data.groups,
+                              int(loaded.config.seed), column, intervals)
+    write_subgroups(out.subgroups, result)
+    return result
+
+
+def per_patient(y: np.ndarray, probs: np.ndarray, samples: Samples, dataset: str, rule: str,
+                classes: list[str], threshold: float | None, intervals: IntervalRule, seed: int,
+                out: Path) -> dict[str, Any]:
     """Metrics over patients (one aggregated prediction each), their rows written to ``out`` (patients.csv)."""
-    if group_by != "patient":
-        raise ConfigError(f"group_by={group_by!r} is not valid; allowed value: patient")
     if samples.groups is None:
         raise ConfigError("group_by=patient needs each image's patient: dataset.group_pattern (in the file name), "
                           f"dataset.group_tag (DICOM) or dataset.table.group; the {dataset} data set has none")
@@ -267,7 +300,8 @@ def per_patient(y: np.ndarray, probs: np.ndarray, samples: Samples, dataset: str
     names, truth, scores, counts = aggregate(y, probs, samples.groups, rule)
     predicted = labels_of(scores, threshold)
     write_patients(out, names, truth, scores, counts, predicted, classes)
-    metrics = evaluate_predictions(truth, scores, classes, threshold, n_boot, seed=seed)
+    metrics = evaluate_predictions(truth, scores, classes, threshold, intervals.resamples, seed=seed,
+                                   interval=intervals.method)
     metrics["rule"] = rule if rule != "auto" else ("max" if len(classes) == 2 else "mean")
     return metrics
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from cellcls.data.samples import Samples
 from cellcls.data.splits import relative_path
+from cellcls.evaluation.subgroups import describe_gap
 from cellcls.metric_names import HEADLINE
 from cellcls.scoring.heads import labels_of
 from cellcls.infra.run_folder import atomic_write, write_csv
@@ -27,6 +28,21 @@ def metric_rows(metrics: dict[str, Any]) -> list[str]:
     return rows
 
 
+def subgroup_lines(sub: dict[str, Any] | None) -> list[str]:
+    """The report's section for ``group_by=<column>``: one row per subgroup and the largest gap."""
+    if not sub:
+        return []
+    keys = [k for k in HEADLINE if any(k in s for s in sub["subgroups"])]
+    lines = ["", f"## By {sub['column']}", "", f"| {sub['column']} | images | patients | " + " | ".join(keys) + " |",
+             "|---" * (len(keys) + 3) + "|"]
+    for s in sub["subgroups"]:
+        cells = [f"{s[k]['value']:.3f} ({s[k]['ci95'][0]:.3f}-{s[k]['ci95'][1]:.3f})" if k in s else "" for k in keys]
+        lines.append(f"| {s['value']} | {s['images']} | {'' if s['groups'] is None else s['groups']} | "
+                     + " | ".join(cells) + " |")
+    return lines + ["", describe_gap(sub["largest_gap"], sub["column"]).capitalize() + ". One row per subgroup: "
+                    "subgroups.csv."]
+
+
 def write_report(result: dict[str, Any], path: Path, figures: dict[str, Path]) -> None:
     lines = [f"# Evaluation: {result['split']}", "",
              f"checkpoint `{result['checkpoint']}` (epoch {result['epoch']}), {result['num_images']} images", "",
@@ -34,8 +50,9 @@ def write_report(result: dict[str, Any], path: Path, figures: dict[str, Path]) -
     lines += metric_rows(result)
     lines.append(f"| loss | {result['loss']:.4f} | |")
     if "interval" in result:
-        lines += ["", f"Intervals: {result['interval']['method']} ({result['interval']['resamples']} resamples) unless "
-                      "the row names another method."]
+        resamples = result["interval"].get("resamples")
+        lines += ["", f"Intervals: {result['interval']['method']}"
+                      + (f" ({resamples} resamples)" if resamples else "") + " unless the row names another method."]
     if "threshold" in result:
         lines += ["", (f"Decision threshold: class {result['classes'][1]} when its probability is at least "
                        f"{result['threshold']:.4f}.")]
@@ -65,6 +82,7 @@ def write_report(result: dict[str, Any], path: Path, figures: dict[str, Path]) -
                   "| metric | value | 95% CI |", "|---|---|---|"]
         lines += metric_rows(patients)
         lines += ["", "One row per patient: patients.csv."]
+    lines += subgroup_lines(result.get("by_subgroup"))
     lines += ["", "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
     for cls in result["classes"]:
         r = result["per_class"][cls]

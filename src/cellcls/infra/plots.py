@@ -83,6 +83,27 @@ def confusion_heatmap(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -
     return fig
 
 
+def subgroup_forest(subgroups: Sequence[dict], column: str, metrics: Sequence[str]) -> Figure:
+    """Each subgroup's value of each metric with its 95% interval (a forest plot), one panel per metric."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1.5, 0.45 * len(subgroups) + 1.4),
+                             layout="constrained", sharey=True, squeeze=False)
+    names = [f"{s['value']} ({s['images']})" for s in subgroups]
+    for ax, key in zip(axes[0], metrics):
+        for i, s in enumerate(subgroups):
+            if key not in s or np.isnan(s[key]["value"]):
+                continue
+            lo, hi = s[key]["ci95"]
+            ax.plot([lo, hi], [i, i], color="tab:blue", lw=2)
+            ax.plot(s[key]["value"], i, "o", color="tab:blue")
+        ax.set_yticks(range(len(subgroups)), names)
+        ax.set_xlim(0, 1.02)
+        ax.set_title(key.replace("_", " "))
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_ylabel(f"{column} (images)")
+    axes[0][0].invert_yaxis()
+    return fig
+
+
 def reliability_diagram(bins: Sequence[dict[str, float]], ece: float, title: str = "") -> Figure:
     """Accuracy against mean confidence per confidence bin (the diagonal is perfect calibration), with the share of
     images in each bin below."""

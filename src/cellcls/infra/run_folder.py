@@ -212,12 +212,17 @@ class EvaluationFolder:
         return self.root / "patients.csv"
 
     @property
+    def subgroups(self) -> Path:
+        """One row per subgroup of ``group_by=<column>``: images, patients, each metric with its interval."""
+        return self.root / "subgroups.csv"
+
+    @property
     def report(self) -> Path:
         return self.root / "report.md"
 
     def figure(self, name: str) -> Path:
         """``<name>.png``: reliability, confusion_matrix, predictions, confident_mistakes, gradcam, feature_maps,
-        and the run's own training_curves and augmented_samples."""
+        subgroups, and the run's own training_curves and augmented_samples."""
         return self.root / f"{name}.png"
 
 

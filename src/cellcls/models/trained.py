@@ -15,7 +15,6 @@ from torch import nn
 from cellcls.infra.checkpoint import Checkpoint, load_checkpoint
 from cellcls.data.preprocessing import Preprocessing, preprocess
 from cellcls.metric_names import EPOCH_METRICS, TEST_METRICS, split_metric
-from cellcls.scoring.metrics import wilson_interval
 from cellcls.models import build_model, model_label
 from cellcls.scoring.heads import Decision
 from cellcls.scoring.ood import OODRule, activation_statistics
@@ -148,7 +147,7 @@ def checkpoint_metrics(ckpt: Checkpoint) -> dict[str, Any]:
         test = json.loads(test_file.read_text())
         if int(test.get("epoch", -1)) == ckpt.epoch:
             out["test"] = {k: test[k] for k in (*TEST_METRICS, "num_images") if k in test}
-            if "accuracy" in test and test.get("num_images"):
-                n = int(test["num_images"])
-                out["test"]["accuracy_ci95"] = list(wilson_interval(round(test["accuracy"] * n), n))
+            if "accuracy" in (test.get("ci95") or {}):  # the interval evaluate reports, over patients where known
+                out["test"]["accuracy_ci95"] = test["ci95"]["accuracy"]
+                out["test"]["interval"] = test["interval"]["method"]
     return out

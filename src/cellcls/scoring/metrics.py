@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,9 +17,16 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from cellcls.errors import ConfigError
 from cellcls.metric_names import HEADLINE, split_metric
 from cellcls.scoring.conformal import set_summary
 from cellcls.scoring.heads import labels_of
+from cellcls.scoring.intervals import (
+    group_counts,
+    jackknife_logit_interval,
+    mean_of_proportions_interval,
+    proportion_interval,
+)
 
 Metric = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 
@@ -121,6 +129,23 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+INTERVALS = ("grouped", "bootstrap")
+
+
+@dataclass(frozen=True)
+class IntervalRule:
+    """How the 95% intervals are computed: ``grouped`` (the default) or ``bootstrap`` with ``resamples``."""
+
+    method: str = "grouped"
+    resamples: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.method not in INTERVALS:
+            raise ConfigError(f"interval={self.method!r} is not valid; allowed values: {', '.join(INTERVALS)}")
+        if self.resamples < 1:
+            raise ConfigError(f"bootstrap={self.resamples}: the number of resamples must be at least 1")
+
+
 def evaluate_predictions(
     y_true: Sequence[int],
     probs: np.ndarray,
@@ -129,13 +154,17 @@ def evaluate_predictions(
     n_boot: int = 1000,
     seed: int = 0,
     groups: Sequence[str] | None = None,
+    interval: str = "grouped",
 ) -> dict[str, Any]:
-    """All metrics for one split: headline metrics with 95% CIs, the per-class report and the confusion matrix.
+    """All metrics for one split: headline metrics with 95% intervals, the per-class report and the confusion matrix.
 
-    Intervals: a percentile bootstrap over groups (patients) when ``groups`` is given, else over images; a proportion
-    at exactly 0 or 1 (100% sensitivity on 60 positives), where every resample repeats it and the bootstrap collapses
-    to a point, gets a Wilson interval instead, on the number of groups holding its cases when groups are known
-    (conservative: images of one patient are not independent). ``interval`` in the result says which."""
+    ``interval="grouped"`` (the default, ``cellcls.scoring.intervals``): a beta-binomial posterior over groups
+    (patients, or images when ``groups`` is None) for the proportions, the mean of per-class recall posteriors for
+    balanced accuracy, a group jackknife on the logit scale for ROC-AUC. ``interval="bootstrap"``: the percentile
+    bootstrap over groups that cellcls reported before, kept for comparison (it undercovers on few patients); a
+    proportion at exactly 0 or 1 then gets a Wilson interval on its groups. ``interval`` in the result says which."""
+    if interval not in INTERVALS:
+        raise ValueError(f"interval={interval!r}: expected one of {', '.join(INTERVALS)}")
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)
     y_pred = labels_of(probs, threshold)
@@ -144,31 +173,63 @@ def evaluate_predictions(
     if threshold is not None and len(classes) == 2:
         result["threshold"] = threshold
     n_groups = len(set(groups)) if groups is not None else None
-    boot = f"percentile bootstrap over {n_groups} groups" if groups is not None else f"percentile bootstrap over {len(y_true)} images"
-    result["interval"] = {"level": 0.95, "method": boot, "resamples": n_boot, "images": len(y_true), "groups": n_groups}
+    units = f"{n_groups} groups" if groups is not None else f"{len(y_true)} images"
+    described = (f"beta-binomial over {units} (ROC-AUC: jackknife over {units}, logit, t)" if interval == "grouped"
+                 else f"percentile bootstrap over {units}")
+    result["interval"] = {"level": 0.95, "method": described, "images": len(y_true), "groups": n_groups,
+                          **({"resamples": n_boot} if interval == "bootstrap" else {})}
     for name, metric in headline_metrics(len(classes)).items():
         value = metric(y_true, y_pred, probs)
-        unit = "groups" if groups is not None else "images"
-        cases = _proportion_cases(name, y_true)
-        if cases is not None and value in (0.0, 1.0) and cases.any():
-            n = _units(cases, groups)
-            lo, hi = wilson_interval(round(value * n), n)
-            result[name] = {"value": value, "ci95": [lo, hi], "method": f"Wilson ({unit}: {n})"}
-            continue
-        if name == "balanced_accuracy" and value in (0.0, 1.0):
-            # the mean of per-class recalls, each at 0 or 1: the mean of their Wilson intervals
-            counts = [_units(y_true == c, groups) for c in labels if (y_true == c).any()]
-            bounds = np.array([wilson_interval(round(value * n), n) for n in counts])
-            result[name] = {"value": value, "ci95": bounds.mean(axis=0).tolist(),
-                            "method": f"mean of per-class Wilson intervals ({unit}: {'/'.join(map(str, counts))})"}
-            continue
-        lo, hi = bootstrap_ci(y_true, y_pred, probs, metric, n_boot=n_boot, seed=seed, groups=groups)
-        result[name] = {"value": value, "ci95": [lo, hi]}
+        if interval == "grouped":
+            result[name] = {"value": value, "ci95": list(_grouped_interval(name, metric, y_true, y_pred, probs,
+                                                                          groups, seed))}
+        else:
+            result[name] = _bootstrap_entry(name, metric, value, y_true, y_pred, probs, groups, n_boot, seed)
     result["per_class"] = classification_report(
         y_true, y_pred, labels=labels, target_names=list(classes), output_dict=True, zero_division=0
     )
     result["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
     return result
+
+
+def _grouped_interval(name: str, metric: Metric, y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray,
+                      groups: Sequence[str] | None, seed: int) -> tuple[float, float]:
+    cases = _proportion_cases(name, y_true)
+    correct = y_pred == y_true
+    if cases is not None:
+        return proportion_interval(*group_counts(cases, correct, groups))
+    if name == "balanced_accuracy":
+        present = [c for c in np.unique(y_true)]
+        if len(present) < 2:
+            return float("nan"), float("nan")
+        return mean_of_proportions_interval([group_counts(y_true == c, correct, groups) for c in present], seed=seed)
+    value = metric(y_true, y_pred, probs)
+    if value in (0.0, 1.0):
+        # every pair ordered (or none): the jackknife has no spread; the interval of a proportion at that value, one
+        # unit per group of the rarer class (conservative, as the rarer class bounds how much was tested)
+        present = np.unique(y_true)
+        rarer = present[np.bincount(y_true)[present].argmin()]
+        units = _units(y_true == rarer, groups)
+        return proportion_interval(np.full(units, int(value)), np.ones(units, int))
+    return jackknife_logit_interval(lambda idx: metric(y_true[idx], y_pred[idx], probs[idx]), groups, len(y_true))
+
+
+def _bootstrap_entry(name: str, metric: Metric, value: float, y_true: np.ndarray, y_pred: np.ndarray,
+                     probs: np.ndarray, groups: Sequence[str] | None, n_boot: int, seed: int) -> dict[str, Any]:
+    unit = "groups" if groups is not None else "images"
+    cases = _proportion_cases(name, y_true)
+    if cases is not None and value in (0.0, 1.0) and cases.any():
+        n = _units(cases, groups)
+        lo, hi = wilson_interval(round(value * n), n)
+        return {"value": value, "ci95": [lo, hi], "method": f"Wilson ({unit}: {n})"}
+    if name == "balanced_accuracy" and value in (0.0, 1.0):
+        # the mean of per-class recalls, each at 0 or 1: the mean of their Wilson intervals
+        counts = [_units(y_true == c, groups) for c in np.unique(y_true)]
+        bounds = np.array([wilson_interval(round(value * n), n) for n in counts])
+        return {"value": value, "ci95": bounds.mean(axis=0).tolist(),
+                "method": f"mean of per-class Wilson intervals ({unit}: {'/'.join(map(str, counts))})"}
+    lo, hi = bootstrap_ci(y_true, y_pred, probs, metric, n_boot=n_boot, seed=seed, groups=groups)
+    return {"value": value, "ci95": [lo, hi]}
 
 
 def _units(cases: np.ndarray, groups: Sequence[str] | None) -> int:
@@ -194,21 +255,15 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def prediction_set_metrics(
-    y_true: Sequence[int], members: np.ndarray, classes: Sequence[str], level: float, n_boot: int = 1000, seed: int = 0,
+    y_true: Sequence[int], members: np.ndarray, classes: Sequence[str], level: float,
     groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """How conformal prediction sets did: coverage (the true class in the set) with the same interval rule as
-    accuracy's (over groups where known), mean set size, share of single-class sets, and each per true class."""
+    """How conformal prediction sets did: coverage (the true class in the set) with accuracy's interval (the
+    beta-binomial over groups where known), mean set size, share of single-class sets, and each per true class."""
     y_true = np.asarray(y_true, dtype=int)
     covered = members[np.arange(len(y_true)), y_true].astype(int)
     value = float(covered.mean())
-    ones = np.ones_like(covered)
-    if value in (0.0, 1.0):
-        n = _units(np.ones(len(covered), bool), groups)
-        ci = list(wilson_interval(round(value * n), n))
-    else:
-        ci = list(bootstrap_ci(covered, ones, members, lambda y, _p, _q: float(np.mean(y)), n_boot=n_boot, seed=seed,
-                               groups=groups))
+    ci = list(proportion_interval(*group_counts(np.ones(len(covered), bool), covered.astype(bool), groups)))
     out: dict[str, Any] = {"level": level, "coverage": {"value": value, "ci95": ci},
                            **{k: v for k, v in set_summary(members, y_true).items() if k != "coverage"},
                            "per_class": {}}

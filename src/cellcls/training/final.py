@@ -7,6 +7,7 @@ import logging
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from cellcls.infra.checkpoint import load_checkpoint, save_checkpoint
@@ -17,9 +18,12 @@ from cellcls.scoring.calibration import (
 )
 from cellcls.scoring.conformal import set_summary
 from cellcls.scoring.inference import run_inference, score
-from cellcls.scoring.metrics import sensitivity, specificity
+from cellcls.data.leakage import interval_groups
+from cellcls.data.samples import Samples
+from cellcls.metric_names import HEADLINE
+from cellcls.scoring.metrics import evaluate_predictions, sensitivity, specificity
 from cellcls.evaluation.report import write_predictions
-from cellcls.scoring.heads import Decision
+from cellcls.scoring.heads import Decision, probabilities
 from cellcls.infra.run_folder import BEST, write_json
 from cellcls.training.build import Job
 
@@ -29,6 +33,14 @@ log = logging.getLogger(__name__)
 def _logits(job: Job, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     rt = job.runtime
     return run_inference(job.net, job.data.loaders[split], rt.device, rt.amp_dtype, rt.memory_format)
+
+
+def test_intervals(job: Job, samples: Samples, y: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """The headline metrics' 95% intervals as ``evaluate`` computes them (over the test split's patients where they
+    are known), for the values ``test_metrics.json`` holds (the arg-max class)."""
+    groups = interval_groups(job.cfg.dataset, samples, job.data.splits)
+    scored = evaluate_predictions(y, probs, job.data.classes, None, seed=int(job.cfg.seed), groups=groups)
+    return {"ci95": {k: scored[k]["ci95"] for k in HEADLINE if k in scored}, "interval": scored["interval"]}
 
 
 def calibrate_and_test(job: Job, calibrate: bool, operating_point: str | None,
@@ -74,8 +86,10 @@ def calibrate_and_test(job: Job, calibrate: bool, operating_point: str | None,
         members = decision.sets(probs)
         if members is not None:
             result["prediction_sets"] = {"level": decision.set_level, **set_summary(members, y)}
-    write_json(job.run.test_metrics, result)
     samples = job.data.splits["test"]
+    if math.isfinite(test.loss) and len(samples) == len(targets):
+        result.update(test_intervals(job, samples, targets.numpy(), probabilities(logits).numpy()))
+    write_json(job.run.test_metrics, result)
     if len(samples) == len(targets):  # uncached files that failed to decode mid-pass leave no row to name
         write_predictions(job.run.test_predictions, samples, decision.probabilities(logits).numpy(), job.data.classes,
                           job.data.root, decision.threshold)

@@ -54,19 +54,28 @@ def _sort_key(record: dict[str, Any]) -> tuple[int, float]:
     return (0, best if record.get("mode", "min") == "min" else -best)
 
 
+def _interval_text(test: dict[str, Any]) -> str:
+    ci = (test.get("ci95") or {}).get("accuracy")
+    return f"{ci[0]:.4f}-{ci[1]:.4f}" if ci else ""
+
+
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     """``summary.csv`` and ``summary.md`` in ``sweep_dir``, best monitored value first, failed jobs last."""
     records = sorted(collect(sweep_dir), key=_sort_key)
     if not records:
         return records
     test_keys = sorted({k for r in records for k in (r.get("test") or {}) if k in TEST_METRICS})
-    header = ["rank", "status", "overrides", "monitor", "best", "best_epoch", *[f"test_{k}" for k in test_keys], "run_dir", "error"]
+    # the test accuracy's 95% interval as evaluate computes it (over patients where known), when the runs have it
+    with_ci = any("accuracy" in ((r.get("test") or {}).get("ci95") or {}) for r in records)
+    ci_keys = ["test_accuracy_ci95"] if with_ci else []
+    header = ["rank", "status", "overrides", "monitor", "best", "best_epoch", *[f"test_{k}" for k in test_keys],
+              *ci_keys, "run_dir", "error"]
     rows = []
     for rank, r in enumerate(records, start=1):
         test = r.get("test") or {}
         rows.append([rank, r.get("status"), " ".join(r.get("overrides", [])), r.get("monitor", ""),
                      r.get("best", ""), r.get("best_epoch", ""), *[test.get(k, "") for k in test_keys],
-                     r["run_dir"], r.get("error", "")])
+                     *([_interval_text(test)] if with_ci else []), r["run_dir"], r.get("error", "")])
     buf = io.StringIO()
     csv.writer(buf).writerows([header, *rows])
     atomic_write(sweep_dir / "summary.csv", buf.getvalue())
