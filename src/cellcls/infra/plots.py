@@ -96,11 +96,11 @@ def subgroup_forest(subgroups: Sequence[dict], column: str, metrics: Sequence[st
             ax.plot([lo, hi], [i, i], color="tab:blue", lw=2)
             ax.plot(s[key]["value"], i, "o", color="tab:blue")
         ax.set_yticks(range(len(subgroups)), names)
+        ax.set_ylim(len(subgroups) - 0.5, -0.5)  # the first subgroup on top
         ax.set_xlim(0, 1.02)
         ax.set_title(key.replace("_", " "))
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_ylabel(f"{column} (images)")
-    axes[0][0].invert_yaxis()
     return fig
 
 
