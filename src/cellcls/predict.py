@@ -53,9 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(exc)
     except ImportError as exc:
         return fail(ImportError(f'an exported ONNX model needs onnxruntime: pip install "cellcls[deploy]" ({exc})'))
-    if (loaded.card.get("ood") or {}).get("level") and getattr(loaded, "ood", None) is None:
-        print(f"note: {loaded.path.name} was trained with an out-of-distribution rule that exported models do not "
-              "carry; predict with its checkpoint or run folder to have images flagged", file=sys.stderr)
+    rule = loaded.card.get("ood") or {}
+    if rule.get("level") and getattr(loaded, "ood", None) is None and "output" not in rule:
+        print(f"note: {loaded.path.name} was exported by a cellcls whose exports did not carry the out-of-distribution "
+              "rule; export it again, or predict with its checkpoint, to have images flagged", file=sys.stderr)
     for pred in predictions:
         print(pred.line(loaded.classes))
     for path, why in skipped:

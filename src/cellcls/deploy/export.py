@@ -12,12 +12,14 @@ from torch import nn
 from cellcls.data.preprocessing import Normalize
 from cellcls.deploy.runtimes import (
     CARD_KEY,
+    OOD_OUTPUT,
     TS_EXTRA,
     card_path,
     jit_quiet,
     load_exported,
 )
 from cellcls.scoring.heads import Decision, num_outputs
+from cellcls.scoring.ood import METHOD, OODRule, statistic_layers, statistics_of
 from cellcls.models.trained import LoadedModel
 from cellcls.infra.run_folder import atomic_write, write_json
 
@@ -28,18 +30,33 @@ SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
 class ExportModule(nn.Module):
     """The trained network with its normalisation in front and its decision rule's probabilities behind
-    (temperature included; the threshold travels in the model card)."""
+    (temperature included; the threshold travels in the model card). With an out-of-distribution rule, a third
+    output: each image's score (the squared Mahalanobis distance of its activation statistics), computed inside the
+    graph from the rule's mean, scale and precision; the card holds the threshold."""
 
     def __init__(self, model: nn.Module, mean: list[float] | None, std: list[float] | None,
-                 decision: Decision | None = None) -> None:
+                 decision: Decision | None = None, ood: OODRule | None = None, plain: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.normalize = Normalize(mean, std)
         self.decision = decision or Decision()
+        self.with_ood = ood is not None
+        if ood is not None:
+            # the statistics come from the plain network, as LoadedModel.assess computes them (model may average flips)
+            self.plain = plain if plain is not None else model
+            self.layers = statistic_layers(self.plain)
+            self.register_buffer("ood_mean", ood.mean.float())
+            self.register_buffer("ood_scale", ood.scale.float())
+            self.register_buffer("ood_precision", ood.precision.float())
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(self.normalize(image))
-        return self.decision.probabilities(logits), logits
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.normalize(image)
+        logits = self.model(x)
+        if not self.with_ood:
+            return self.decision.probabilities(logits), logits
+        statistics = statistics_of(self.plain, x, self.layers)[0]
+        z = (statistics - self.ood_mean) / self.ood_scale
+        return self.decision.probabilities(logits), logits, ((z @ self.ood_precision) * z).sum(dim=1)
 
 
 def export_card(loaded: LoadedModel, fmt: str) -> dict[str, Any]:
@@ -54,9 +71,14 @@ def export_card(loaded: LoadedModel, fmt: str) -> dict[str, Any]:
             "input": {"name": "image", "dtype": "float32", "shape": ["N", spec["channels"], spec["height"], spec["width"]],
                       "range": [0.0, 1.0], "normalization": "inside the graph" if spec["mean"] is not None else "none"},
             "outputs": [{"name": "probabilities", "shape": ["N", len(loaded.classes)]},
-                        {"name": "logits", "shape": ["N", num_outputs(len(loaded.classes), single_logit)]}],
+                        {"name": "logits", "shape": ["N", num_outputs(len(loaded.classes), single_logit)]}]
+            + ([{"name": OOD_OUTPUT, "shape": ["N"]}] if loaded.ood is not None else []),
         },
     )
+    if loaded.ood is not None:  # the score is computed in the graph; flag an image whose score is above threshold
+        rule = loaded.ood
+        card["ood"] = {"method": METHOD, "output": OOD_OUTPUT, "threshold": rule.threshold, "level": rule.level,
+                       "fitted_on": rule.fitted_on}
     return card
 
 
@@ -71,7 +93,7 @@ def export_model(loaded: LoadedModel, fmt: str, output: Path, opset: int = 18) -
         raise ValueError(f"format={fmt!r} is not valid; allowed values: {', '.join(FORMATS)}")
     prep = loaded.preprocessing
     # the scorer: a model that averages flips by default (a probe fitted on flip-averaged features) exports with them
-    module = ExportModule(loaded.scorer, prep.mean, prep.std, loaded.decision).to("cpu").eval()
+    module = ExportModule(loaded.scorer, prep.mean, prep.std, loaded.decision, loaded.ood, loaded.model).to("cpu").eval()
     height, width = (int(v) for v in prep.image_size)
     example = torch.rand(2, int(prep.channels), height, width)
     card = export_card(loaded, fmt)
@@ -93,7 +115,8 @@ def _onnx_program(module: nn.Module, example: torch.Tensor, card: dict[str, Any]
     """The ONNX model (a protobuf) with a dynamic batch axis and the model card as metadata."""
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
-        module, (example,), input_names=["image"], output_names=["probabilities", "logits"],
+        module, (example,), input_names=["image"],
+        output_names=["probabilities", "logits", *([OOD_OUTPUT] if module.with_ood else [])],
         dynamic_shapes={"image": {0: batch}}, opset_version=opset, dynamo=True, verbose=False,
     )
     proto = program.model_proto

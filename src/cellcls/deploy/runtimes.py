@@ -1,7 +1,8 @@
 """Running an exported model (ONNX through onnxruntime, or TorchScript) like a checkpoint.
 
 The exported graph takes ``image``: float32 ``N x C x H x W`` in [0, 1] (pixel / 255, already resized to the
-model's input size; ``N`` is dynamic) and returns ``probabilities`` (``N x classes``) and ``logits``. The
+model's input size; ``N`` is dynamic) and returns ``probabilities`` (``N x classes``) and ``logits``, and for a model
+with an out-of-distribution rule ``ood_score`` (``N``; above the card's ``ood.threshold``: flagged). The
 normalisation the model was trained with is inside the graph. The model card (classes, input recipe, metrics) is
 embedded (ONNX metadata property ``cellcls``, TorchScript extra file ``cellcls.json``) and written beside the model
 as ``<model>.json``.
@@ -27,6 +28,7 @@ from cellcls.scoring.heads import Decision
 
 CARD_KEY = "cellcls"
 TS_EXTRA = "cellcls.json"
+OOD_OUTPUT = "ood_score"  # the third output of a model exported with an out-of-distribution rule
 
 
 @contextmanager
@@ -72,11 +74,15 @@ class ExportedModel:
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
         """Class probabilities ``N x num_classes`` for uint8 images (``N x C x H x W``)."""
-        return np.asarray(self.run(to_unit(images).contiguous()), dtype=np.float32)
+        return self.assess(images)[0]
 
     def assess(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """Class probabilities; an exported model carries no out-of-distribution rule (None)."""
-        return self.predict(images), None
+        """Class probabilities and, when the model was exported with an out-of-distribution rule, which images lie
+        outside what it was trained on (its score output above the card's threshold); None without one."""
+        probs, score = self.run(to_unit(images).contiguous())
+        rule = self.card.get("ood")
+        flags = None if score is None or not rule else np.asarray(score) > float(rule["threshold"])
+        return np.asarray(probs, dtype=np.float32), flags
 
 
 def load_exported(path: Path, device: str = "auto") -> ExportedModel:
@@ -93,8 +99,9 @@ def load_exported(path: Path, device: str = "auto") -> ExportedModel:
     module.eval()
 
     @torch.inference_mode()
-    def run(x: torch.Tensor) -> np.ndarray:
-        return module(x)[0].numpy()
+    def run(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        out = module(x)
+        return out[0].numpy(), out[2].numpy() if len(out) > 2 else None
 
     return ExportedModel(path, card, run)
 
@@ -113,8 +120,11 @@ def _load_onnx(path: Path, device: str) -> ExportedModel:
     meta = session.get_modelmeta().custom_metadata_map
     card = _checked(json.loads(meta[CARD_KEY]) if CARD_KEY in meta else _sidecar(path), path)
 
-    def run(x: torch.Tensor) -> np.ndarray:
-        return session.run(["probabilities"], {"image": x.numpy()})[0]
+    names = ["probabilities", *(o.name for o in session.get_outputs() if o.name == OOD_OUTPUT)]
+
+    def run(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        out = session.run(names, {"image": x.numpy()})
+        return out[0], out[1] if len(out) > 1 else None
 
     return ExportedModel(path, card, run)
 

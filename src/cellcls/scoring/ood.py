@@ -53,24 +53,31 @@ def _channel_stats(x: torch.Tensor) -> list[torch.Tensor]:
     return [flat.mean(dim=2), flat.std(dim=2, correction=0)]
 
 
-@torch.inference_mode()
-def activation_statistics(net: nn.Module, images: torch.Tensor,
-                          layers: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(statistics ``N x D``, logits) of a batch already prepared for ``net``."""
+def statistics_of(net: nn.Module, images: torch.Tensor, layers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(statistics ``N x D``, logits) of a batch already prepared for ``net``, on its device and traceable (the
+    exported graph computes them too)."""
     modules = dict(net.named_modules())
     captured: dict[str, torch.Tensor] = {}
     handles = [modules[name].register_forward_hook(
         lambda _m, _i, out, name=name: captured.__setitem__(name, torch.relu(out)))
-        for name in (layers if layers is not None else statistic_layers(net))]
+        for name in layers]
     try:
         logits = net(images)
     finally:
         for h in handles:
             h.remove()
     parts = _channel_stats(images)
-    for name in captured:
+    for name in layers:
         parts += _channel_stats(captured[name])
-    return torch.cat(parts, dim=1).cpu(), logits.float().cpu()
+    return torch.cat(parts, dim=1), logits
+
+
+@torch.inference_mode()
+def activation_statistics(net: nn.Module, images: torch.Tensor,
+                          layers: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(statistics ``N x D``, logits) of a batch already prepared for ``net``, on the CPU."""
+    stats, logits = statistics_of(net, images, layers if layers is not None else statistic_layers(net))
+    return stats.cpu(), logits.float().cpu()
 
 
 def collect_statistics(net: nn.Module, loader: Any, device: torch.device) -> np.ndarray:
