@@ -140,6 +140,7 @@ class DatasetConfig:
     cache: bool = True  # decode and resize each image once into $CELLCLS_CACHE/decoded (memory-mapped)
     render: RenderConfig | None = None  # the synthetic set only
     table: TableConfig | None = None  # dataset=csv only
+    file: str | None = None  # dataset=medmnist only: the MedMNIST .npz archive (its splits; written once as PNGs)
     duplicates: DuplicatesConfig = field(default_factory=DuplicatesConfig)
 
 

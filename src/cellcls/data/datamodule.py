@@ -38,6 +38,7 @@ from cellcls.data.preprocessing import Preprocessing
 from cellcls.data.reference import training_reference
 from cellcls.data.samples import SPLITS, Samples
 from cellcls.data.splits import cross_validation_fold, stratified_holdout
+from cellcls.data.medmnist import ensure_medmnist
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
 from cellcls.data.transforms import Augment, build_transform, parse_augment
 from cellcls.errors import ConfigError, DataError
@@ -62,10 +63,13 @@ class DataBundle:
 
 
 def resolve_root(ds: DatasetConfig | Any) -> Path:
-    """The data set's root folder; the synthetic set is rendered into the cache when no root is given."""
+    """The data set's root folder; the synthetic set is rendered into the cache when no root is given, a MedMNIST
+    archive copied there as PNG files."""
     ds = typed(ds, DatasetConfig)
     if ds.render is not None and not ds.root:
         return ensure_synthetic(SyntheticSpec(**asdict(ds.render)))
+    if ds.file:  # a MedMNIST archive: its PNG copy in the cache
+        return ensure_medmnist(Path(str(ds.file)))
     if not ds.root:
         raise ConfigError(
             f"dataset.root is not set: give the folder you unzipped the {ds.name} download to, "

@@ -14,11 +14,13 @@ from typing import Any
 from cellcls.config.schema import DatasetConfig, typed
 from cellcls.data.layouts.base import Layout, Scanned
 from cellcls.data.layouts.folders import ClassFolders
+from cellcls.data.layouts.medmnist import MedMNIST
 from cellcls.data.layouts.table import Table
 from cellcls.errors import DataError
 
-# first match wins: a `dataset.table` section makes a table data set, anything else is class folders
-LAYOUTS: list[Layout] = [Table(), ClassFolders()]
+# first match wins: a `dataset.table` section makes a table data set, `dataset.file` a MedMNIST archive, anything
+# else is class folders
+LAYOUTS: list[Layout] = [Table(), MedMNIST(), ClassFolders()]
 
 __all__ = ["LAYOUTS", "Layout", "Scanned", "layout_at", "layout_of", "register_layout", "scan", "scan_location"]
 
@@ -40,7 +42,7 @@ def layout_at(location: Path) -> Layout:
     for layout in LAYOUTS:
         if layout.holds(location):
             return layout
-    raise DataError(f"{location}: neither a folder of class folders nor a table "
+    raise DataError(f"{location}: neither a folder of class folders, a table nor a MedMNIST archive "
                     f"({', '.join(layout.what for layout in LAYOUTS)})")
 
 
