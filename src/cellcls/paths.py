@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -24,3 +27,23 @@ def cache_dir() -> Path:
         return Path(os.environ["CELLCLS_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "cellcls"
+
+
+def build_once(root: Path, marker: str, fill: Callable[[Path], None]) -> Path:
+    """``root``, built by ``fill(folder)`` in a temporary sibling folder and moved into place in one step, unless
+    ``root/marker`` (which ``fill`` writes last) already marks a complete copy. Two processes racing to build it
+    are fine: the loser's identical copy is dropped."""
+    if (root / marker).is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        fill(tmp)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root

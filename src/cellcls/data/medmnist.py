@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from cellcls.errors import DataError
-from cellcls.paths import cache_dir
+from cellcls.paths import build_once, cache_dir
 
 SPLIT_ARRAYS = ("train", "val", "test")
 # label index -> name, short forms of the medmnist package's INFO (v2, 2D sets with one label per image)
@@ -86,28 +83,18 @@ def ensure_medmnist(file: Path, base: Path | None = None) -> Path:
             digest.update(chunk)
     base = (base or cache_dir()) / "medmnist"
     root = base / f"{file.stem}-{digest.hexdigest()[:16]}"
-    if (root / LABELS_FILE).is_file():
-        return root
-    splits = read_archive(file)
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=base))
-    try:
+
+    def fill(folder: Path) -> None:
         labels: dict[str, list[int]] = {}
-        for split, (images, split_labels) in splits.items():
-            (tmp / split).mkdir()
+        for split, (images, split_labels) in read_archive(file).items():
+            (folder / split).mkdir()
             for i, pixels in enumerate(images):
-                Image.fromarray(pixels).save(tmp / split / f"{i:06d}.png")
+                Image.fromarray(pixels).save(folder / split / f"{i:06d}.png")
             labels[split] = split_labels.tolist()
         # labels.json is written last: its presence marks a complete copy
-        (tmp / LABELS_FILE).write_text(json.dumps({"source": file.name, "labels": labels}))
-        try:
-            os.replace(tmp, root)
-        except OSError:  # another process finished first; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+        (folder / LABELS_FILE).write_text(json.dumps({"source": file.name, "labels": labels}))
+
+    return build_once(root, LABELS_FILE, fill)
 
 
 def split_labels(root: Path) -> dict[str, list[int]]:

@@ -11,9 +11,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from PIL import Image, ImageFilter
 
 from cellcls.config.schema import RenderConfig
 from cellcls.errors import writing
-from cellcls.paths import cache_dir
+from cellcls.paths import build_once, cache_dir
 
 RENDERER_VERSION = 1
 CLASSES = ("uninfected", "parasitized")
@@ -113,25 +110,16 @@ def ensure_synthetic(spec: SyntheticSpec, base: Path | None = None) -> Path:
     """Render the data set for ``spec`` once and return its root; later calls return the cached folder."""
     base = (base or cache_dir()) / "synthetic"
     root = base / f"{spec.key()}-{spec.size}px"
-    if (root / "spec.json").is_file():
-        return root
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=base))
-    try:
+
+    def fill(folder: Path) -> None:
         rows: list[list[str]] = []
-        _render_split(tmp, "train", spec.train_per_class, spec, rows)
-        _render_split(tmp, "test", spec.test_per_class, spec, rows)
-        with open(tmp / "annotations.csv", "w", newline="") as fh:
+        _render_split(folder, "train", spec.train_per_class, spec, rows)
+        _render_split(folder, "test", spec.test_per_class, spec, rows)
+        with open(folder / "annotations.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["file", "class", "parasite_x", "parasite_y", "parasite_radius"])
             writer.writerows(rows)
         # spec.json is written last: its presence marks a complete render
-        (tmp / "spec.json").write_text(json.dumps({"renderer_version": RENDERER_VERSION, **asdict(spec)}, indent=2))
-        try:
-            os.replace(tmp, root)
-        except OSError:  # another process finished first; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+        (folder / "spec.json").write_text(json.dumps({"renderer_version": RENDERER_VERSION, **asdict(spec)}, indent=2))
+
+    return build_once(root, "spec.json", fill)
