@@ -110,3 +110,12 @@ def tolerant_log_files() -> None:
         stream = getattr(handler, "stream", None)
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+
+
+def log_like_training() -> None:
+    """INFO logging in the training command's (Hydra's) line format, for commands that run training outside Hydra
+    (tune, lr_find); left alone when the caller configured logging already."""
+    import logging
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")

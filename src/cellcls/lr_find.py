@@ -10,14 +10,13 @@ no checkpoint, no run folder (default output: ``outputs/lr_find/<date>_<time>/``
 
 from __future__ import annotations
 
-import logging
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from cellcls.cli import command_args, fail, split_own, whole_number
+from cellcls.cli import command_args, fail, log_like_training, split_own, whole_number
 from cellcls.errors import ConfigError, DataError
 
 OWN = ("steps", "start_lr", "end_lr", "output")
@@ -38,8 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if done is not None:
         return done
     own, overrides = split_own(args, OWN)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    log_like_training()
     from cellcls.config import check_command_line, compose_config
     from cellcls.infra import plots
     from cellcls.infra.run_folder import write_csv

@@ -13,12 +13,11 @@ experiment=best``. Other settings: study=<name>, pruner=median|hyperband|thresho
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cellcls.cli import command_args, fail, split_own, whole_number
+from cellcls.cli import command_args, fail, log_like_training, split_own, whole_number
 from cellcls.errors import ConfigError, DataError, printable
 
 OWN = ("search", "trials", "jobs", "storage", "output", "study", "pruner", "worker")
@@ -29,8 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if done is not None:
         return done
     own, overrides = split_own(args, OWN)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    log_like_training()
     try:
         import optuna  # noqa: F401 - the sweep extra; said plainly when missing
     except ImportError:
