@@ -181,7 +181,7 @@ def evaluate_predictions(
     for name, metric in headline_metrics(len(classes)).items():
         value = metric(y_true, y_pred, probs)
         if interval == "grouped":
-            result[name] = {"value": value, "ci95": list(_grouped_interval(name, metric, y_true, y_pred, probs,
+            result[name] = {"value": value, "ci95": list(_grouped_interval(name, metric, value, y_true, y_pred, probs,
                                                                           groups, seed))}
         else:
             result[name] = _bootstrap_entry(name, metric, value, y_true, y_pred, probs, groups, n_boot, seed)
@@ -192,18 +192,17 @@ def evaluate_predictions(
     return result
 
 
-def _grouped_interval(name: str, metric: Metric, y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray,
-                      groups: Sequence[str] | None, seed: int) -> tuple[float, float]:
+def _grouped_interval(name: str, metric: Metric, value: float, y_true: np.ndarray, y_pred: np.ndarray,
+                      probs: np.ndarray, groups: Sequence[str] | None, seed: int) -> tuple[float, float]:
     cases = _proportion_cases(name, y_true)
     correct = y_pred == y_true
     if cases is not None:
         return proportion_interval(*group_counts(cases, correct, groups))
     if name == "balanced_accuracy":
-        present = [c for c in np.unique(y_true)]
+        present = np.unique(y_true)
         if len(present) < 2:
             return float("nan"), float("nan")
         return mean_of_proportions_interval([group_counts(y_true == c, correct, groups) for c in present], seed=seed)
-    value = metric(y_true, y_pred, probs)
     if value in (0.0, 1.0):
         # every pair ordered (or none): the jackknife has no spread; the interval of a proportion at that value, one
         # unit per group of the rarer class (conservative, as the rarer class bounds how much was tested)
