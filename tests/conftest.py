@@ -158,7 +158,9 @@ class Server:
         import time
 
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "cellcls.serve", *args, "port=0"], cwd=cwd, env=env,
+        # one worker unless a test asks for more: a model per core in every server would crowd a 2-core CI box
+        workers = [] if any(a.startswith("workers=") for a in args) else ["workers=1"]
+        self.proc = subprocess.Popen([sys.executable, "-m", "cellcls.serve", *args, *workers, "port=0"], cwd=cwd, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         deadline = time.monotonic() + 120
@@ -186,3 +188,24 @@ class Server:
                 self.proc.kill()
         if self.proc.stdout:
             self.proc.stdout.close()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def headless_chrome(log_requests: bool = False):
+    """Debian's Chromium, headless, through its chromedriver; with ``log_requests``, every request the page makes is
+    in ``driver.get_log("performance")``."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,900"):
+        options.add_argument(arg)
+    if log_requests:
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    return driver

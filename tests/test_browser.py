@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Server, malaria_images
+from conftest import Server, headless_chrome, malaria_images
 
 from cellcls.deploy.predict import predict_files
 from cellcls.models.trained import load_model
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
+from conftest import CHROMEDRIVER, CHROMIUM
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
     reason="no headless browser: install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
@@ -30,15 +28,7 @@ def server(malaria_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,900"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
+    driver = headless_chrome()
     yield driver
     driver.quit()
 

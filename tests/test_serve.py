@@ -214,14 +214,72 @@ def test_serve_names_a_missing_checkpoint(tmp_path):
         Server(f"checkpoint={tmp_path / 'nothing'}", cwd=tmp_path)
 
 
-def test_a_multipart_form_is_refused_with_415_and_the_server_stays_up(server):
-    body = b"--x\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a.png\"\r\n\r\n\xff\xfe\r\n--x--\r\n"
-    req = urllib.request.Request(server.url + "api/predict", data=body,
-                                 headers={"Content-Type": "multipart/form-data; boundary=x"})
-    with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(req, timeout=30)
-    assert info.value.code == 415 and "application/json" in json.load(info.value)["detail"]
+def post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def multipart(*files: tuple[str, str, bytes], boundary: str = "cellclsboundary") -> tuple[bytes, str]:
+    """A multipart/form-data body as curl -F writes it: (field, filename, bytes) parts."""
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
+             f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n" for field, name, data in files]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_multipart_file_fields_get_the_same_answers_as_the_json_form(server):
+    cells = malaria_images(3)[:2]
+    body, kind = multipart(*(("file", c.name, c.read_bytes()) for c in cells))
+    status, out = post(server.url + "api/predict?cam=false", body, kind)
+    _, want = call(server.url + "api/predict", {"images": [upload(c.name, c.read_bytes()) for c in cells], "cam": False})
+    assert status == 200 and [r["name"] for r in out["results"]] == [c.name for c in cells]
+    assert [r["probabilities"] for r in out["results"]] == [r["probabilities"] for r in want["results"]]
+    assert all(r["cam_png"] is None for r in out["results"])
+
+
+def test_a_raw_image_body_is_classified_under_the_name_in_the_query(server):
+    cell = malaria_images(1)[0]
+    status, out = post(server.url + "api/predict?name=mine.png", cell.read_bytes(), "image/png")
+    _, want = call(server.url + "api/predict", {"images": [upload(cell.name, cell.read_bytes())]})
+    assert status == 200 and out["results"][0]["name"] == "mine.png" and out["results"][0]["cam_png"]
+    assert out["results"][0]["probabilities"] == want["results"][0]["probabilities"]
+
+
+def test_raw_and_multipart_uploads_meet_the_same_limits_as_json(server):
+    status, out = post(server.url + "api/predict", b"not an image", "image/png")
+    assert status == 200 and "cannot decode image upload" in out["results"][0]["error"]
+    big = b"\x89PNG" + bytes(int(0.6 * 2**20))  # over max_image_mb=0.5
+    body, kind = multipart(("file", "big.png", big))
+    status, out = post(server.url + "api/predict", body, kind)
+    assert status == 200 and "big.png is 0.6 MB; the limit is 0.5 MB" in out["results"][0]["error"]
+    body, kind = multipart(*(("file", f"{i}.png", b"x") for i in range(9)))
+    status, out = post(server.url + "api/predict", body, kind)
+    assert status == 413 and "the limit is 8" in out["detail"]
+
+
+def test_a_form_without_a_file_field_and_a_body_in_no_known_form_are_refused_by_name(server):
+    body = b"--x\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--x--\r\n"
+    status, out = post(server.url + "api/predict", body, "multipart/form-data; boundary=x")
+    assert status == 422 and "no file field" in out["detail"]
+    status, out = post(server.url + "api/predict", b"hello", "text/plain")
+    assert status == 415 and all(form in out["detail"] for form in ("application/json", "multipart/form-data", "--data-binary"))
     assert call(server.url + "health")[0] == 200
+
+
+def test_the_api_schema_documents_all_three_request_forms(server):
+    with urllib.request.urlopen(server.url + "openapi.json", timeout=30) as resp:
+        schema = json.load(resp)
+    forms = schema["paths"]["/api/predict"]["post"]["requestBody"]["content"]
+    assert {"application/json", "multipart/form-data", "image/*"} <= set(forms)
+    assert forms["application/json"]["schema"]["properties"]["images"]["items"]["properties"]["data"]
+
+
+def test_ready_answers_once_the_model_is_loaded(server):
+    status, out = call(server.url + "ready")
+    assert status == 200 and out["status"] == "ready" and out["pid"] > 0
 
 
 def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(malaria_run):

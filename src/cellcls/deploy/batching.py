@@ -36,6 +36,11 @@ class MicroBatcher:
         self._worker = threading.Thread(target=self._run, name="cellcls-batcher", daemon=True)
         self._worker.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the thread that runs the model is still there (the readiness probe asks)."""
+        return self._worker.is_alive()
+
     def submit(self, image: torch.Tensor, cam: bool) -> Future:
         future: Future = Future()
         self._queue.put(_Job(image, cam and self.predictor.supports_cam, future))

@@ -83,8 +83,8 @@ def export_card(loaded: LoadedModel, fmt: str) -> dict[str, Any]:
 
 
 def default_output(loaded: LoadedModel, fmt: str) -> Path:
-    """``<run>/export/model.onnx`` (or ``model.torchscript.pt``) beside the checkpoint's run folder."""
-    return loaded.run.export(SUFFIXES[fmt])
+    """``<run>/export/model.onnx`` (or ``model.torchscript.pt``, or the folder ``web/``) in the checkpoint's run."""
+    return loaded.run.export(SUFFIXES[fmt]) if fmt in SUFFIXES else loaded.run.web_export
 
 
 def export_model(loaded: LoadedModel, fmt: str, output: Path, opset: int = 18) -> Path:

@@ -50,6 +50,12 @@ class Limits:
         return self.max_images * (self.max_image_bytes * 4 // 3 + 4096) + 65536
 
 
+def shown_path(path: str | None) -> str | None:
+    """A checkpoint's path as clients see it: its run folder and name only, since a full path would show them the
+    server's file layout."""
+    return "/".join(Path(path).parts[-3:]) if path else path
+
+
 def _empty_result(name: str) -> dict[str, Any]:
     return {"name": name, "ok": False, "label": None, "confidence": None, "probabilities": None, "uncertain": None,
             "warnings": [], "cam_png": None, "error": None}
@@ -66,11 +72,8 @@ class Classifier:
         self.batcher = MicroBatcher(predictor, limits.max_batch, cam_layer)
 
     def info(self) -> dict[str, Any]:
-        """The model card for clients; the model file is named by its run folder and name only, since a full path
-        would show clients the server's file layout."""
-        card = dict(self.predictor.card)
-        if card.get("checkpoint"):
-            card["checkpoint"] = "/".join(Path(card["checkpoint"]).parts[-3:])
+        """The model card for clients, with the upload limits."""
+        card = {**self.predictor.card, "checkpoint": shown_path(self.predictor.card.get("checkpoint"))}
         return {**card, "gradcam": self.predictor.supports_cam, "limits": asdict(self.limits)}
 
     def decode(self, name: str, data: bytes) -> torch.Tensor:

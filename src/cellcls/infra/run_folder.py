@@ -183,6 +183,11 @@ class RunFolder:
         return self.root / "export" / f"model{suffix}"
 
     @property
+    def web_export(self) -> Path:
+        """``export/web/``: the folder that classifies images inside the browser (``export format=web``)."""
+        return self.root / "export" / "web"
+
+    @property
     def label_errors(self) -> Path:
         """``label_errors/``: the training images whose given label the out-of-fold models doubt, ranked."""
         return self.root / "label_errors"
