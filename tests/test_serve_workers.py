@@ -4,32 +4,40 @@ server finishes the request it is in the middle of."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import Server, malaria_images
 
 
-def ready_pid(url: str) -> int:
-    with urllib.request.urlopen(url + "ready", timeout=30) as resp:
-        return json.load(resp)["pid"]
-
-
-def worker_pids(url: str, n: int, deadline_s: float = 120) -> set[int]:
-    """The pids of ``n`` distinct workers, as their readiness answers name them (new connections spread over them)."""
-    seen: set[int] = set()
+def workers_of(server: Server, n: int, deadline_s: float = 120) -> set[int]:
+    """The server's worker processes (its children in the process tree), once there are ``n`` of them."""
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
     deadline = time.monotonic() + deadline_s
-    while len(seen) < n and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        pids = {int(p) for p in children.read_text().split()}
+        pids = {p for p in pids if "spawn" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")}
+        if len(pids) >= n:
+            return pids
+        time.sleep(0.2)
+    return set()
+
+
+def answers_within(url: str, deadline_s: float = 120) -> bool:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
         try:
-            seen.add(ready_pid(url))
+            return predict_ok(url)
         except OSError:
-            time.sleep(0.1)
-    return seen
+            time.sleep(0.2)
+    return False
 
 
 def predict_ok(url: str) -> bool:
@@ -48,18 +56,21 @@ def two_workers(malaria_run, tmp_path):
 
 def test_two_workers_answer_on_one_port_and_a_killed_one_is_replaced(two_workers):
     url = two_workers.url
-    first = worker_pids(url, 2)
-    assert len(first) == 2 and os.getpid() not in first
-    victim = min(first)
+    first = workers_of(two_workers, 2)
+    assert len(first) == 2 and answers_within(url)
+    victim, survivor = sorted(first)
     os.kill(victim, signal.SIGKILL)
     assert all(predict_ok(url) for _ in range(10))  # the other worker keeps answering
-    replaced = worker_pids(url, 2)
-    assert len(replaced) == 2 and victim not in replaced and (replaced & first)
+    replaced = workers_of(two_workers, 2)
+    assert len(replaced) == 2 and victim not in replaced and survivor in replaced
+    with contextlib.suppress(ProcessLookupError):  # (the supervisor may have replaced it already)
+        os.kill(survivor, signal.SIGKILL)  # now only the replacement can answer
+    assert answers_within(url)
 
 
 def test_a_stopped_server_finishes_the_request_it_is_receiving(two_workers):
     url = two_workers.url
-    worker_pids(url, 2)
+    assert len(workers_of(two_workers, 2)) == 2 and answers_within(url)
     host, port = url.split("//")[1].rstrip("/").split(":")
     cell = malaria_images(1)[0]
     body = json.dumps({"images": [{"name": cell.name, "data": base64.b64encode(cell.read_bytes()).decode()}],

@@ -117,8 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     url_host = f"[{host}]" if ":" in host else host
     if workers > 1:
         del app, classifier  # the workers load their own copies
+        # the supervisor kills a worker that misses its 5 s health ping; one importing PyTorch on a busy machine can
         config = uvicorn.Config("cellcls.deploy.workers:create_app_from_env", factory=True, workers=workers,
-                                http="cellcls.deploy.workers:WorkerProtocol", **common)
+                                http="cellcls.deploy.workers:WorkerProtocol", timeout_worker_healthcheck=30, **common)
         from uvicorn.supervisors import Multiprocess
 
         sock = config.bind_socket()

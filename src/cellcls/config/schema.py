@@ -34,6 +34,7 @@ LEAKAGE_CHECKS = ("auto", "duplicates", "off")
 CHANNELS = ("1", "3")
 CLASS_WEIGHTS = ("none", "balanced")
 POLICIES = ("none", "randaugment", "trivialaugment")
+SAMPLERS = ("uniform", "balanced")
 
 
 @dataclass
@@ -135,6 +136,9 @@ class DatasetConfig:
     leakage_check: str = choice("auto", LEAKAGE_CHECKS)
     search_depth: int = 4  # how deep below root to look for the split/class folders
     shuffle: bool = True  # reshuffle the training split every epoch
+    # uniform: every training image once per epoch | balanced: draws with replacement, every class equally likely
+    # (cellcls.data.sampling; an alternative to class_weights)
+    sampler: str = choice("uniform", SAMPLERS)
     batch_size: int = 32
     num_workers: int = 0  # DataLoader worker processes (trainer.pipeline=loader)
     cache: bool = True  # decode and resize each image once into $CELLCLS_CACHE/decoded (memory-mapped)

@@ -37,6 +37,7 @@ from cellcls.data.normalization import (
 from cellcls.data.preprocessing import Preprocessing
 from cellcls.data.reference import training_reference
 from cellcls.data.samples import SPLITS, Samples
+from cellcls.data.sampling import BalancedSampler
 from cellcls.data.splits import cross_validation_fold, stratified_holdout
 from cellcls.data.medmnist import ensure_medmnist
 from cellcls.data.synthetic import SyntheticSpec, ensure_synthetic
@@ -59,7 +60,7 @@ class DataBundle:
     train_generator: torch.Generator
     ignored: list[Path] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    train_sampler: DistributedSampler | None = None  # under torchrun: set its epoch before each epoch
+    train_sampler: DistributedSampler | BalancedSampler | None = None  # torchrun or balanced: set its epoch each epoch
 
 
 def resolve_root(ds: DatasetConfig | Any) -> Path:
@@ -191,7 +192,7 @@ def build_data(
     prep = prep.with_reference(training_reference(splits["train"], decoded.get("train"), prep))
     generator = torch.Generator().manual_seed(seed)
     make = _Loaders(ds, prep, mode, device, generator, seed, shard, eval_batch_size,
-                    parse_augment(augment) if augment is not None else None)
+                    parse_augment(augment) if augment is not None else None, classes)
     loaders = {}
     for name, samples in splits.items():
         _require_every_class(samples, classes, name)
@@ -225,14 +226,20 @@ class _Loaders:
     shard: tuple[int, int] | None
     eval_batch_size: int | None
     augment: Augment | None
-    train_sampler: DistributedSampler | None = None
+    classes: list[str] = field(default_factory=list)
+    train_sampler: DistributedSampler | BalancedSampler | None = None
 
     def __call__(self, name: str, samples: Samples, decoded: DecodedSplit | None) -> DataLoader | DeviceBatches:
         train = name == "train"
         aug = self.augment if train else None
         batch_size = int(self.ds.batch_size) if train or not self.eval_batch_size else int(self.eval_batch_size)
         sampler = None
-        if train and self.shard is not None:
+        if train and self.ds.sampler == "balanced":
+            if not self.ds.shuffle:
+                raise ConfigError("dataset.sampler=balanced draws the training images at random; it cannot keep "
+                                  "dataset.shuffle=false's fixed order (set dataset.shuffle=true)")
+            sampler = self.train_sampler = BalancedSampler(samples.labels, self.classes, self.seed, self.shard)
+        elif train and self.shard is not None:
             sampler = self.train_sampler = DistributedSampler(
                 range(len(samples)), num_replicas=self.shard[0], rank=self.shard[1], shuffle=bool(self.ds.shuffle),
                 seed=self.seed)

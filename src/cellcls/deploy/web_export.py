@@ -31,6 +31,7 @@ from cellcls.data.reference import SIZE_SLACK
 from cellcls.deploy.export import export_card, export_model
 from cellcls.deploy.predict import OUTSIDE
 from cellcls.deploy.runtimes import card_path
+from cellcls.deploy.server import Limits, shown_path
 from cellcls.errors import ConfigError
 from cellcls.infra.run_folder import atomic_write
 from cellcls.paths import cache_dir
@@ -123,8 +124,6 @@ def fetch_tarball(folder: Path) -> Path:
 
 def web_card(card: dict[str, Any]) -> dict[str, Any]:
     """The export's model card plus what the page needs to act like the server: its limits and messages."""
-    from cellcls.deploy.server import Limits, shown_path
-
     limits = Limits()
     return {**card, "exported_as": "web", "checkpoint": shown_path(card.get("checkpoint")),
             "limits": {k: getattr(limits, k) for k in ("max_image_mb", "max_pixels", "max_batch", "uncertain_margin")},

@@ -142,6 +142,9 @@ def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True,
     if cfg.class_weights == "balanced":
         weights = balanced_class_weights(data.splits["train"].labels, len(classes))
         log.info("class weights (balanced): %s", {c: round(float(w), 3) for c, w in zip(classes, weights)})
+        if cfg.dataset.get("sampler") == "balanced":  # the sampler evens the classes out already
+            log.warning("class_weights=balanced with dataset.sampler=balanced corrects the class balance twice: the "
+                        "rare classes now outweigh the common ones; use one of the two")
     # Keras weights only the training loss; validation and test use the unweighted loss
     loss_fn = ClassificationLoss(num_outputs(len(classes), bool(spec.get("single_logit"))), weights,
                                  float(cfg.get("label_smoothing") or 0.0)).to(runtime.device)

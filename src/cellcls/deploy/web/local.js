@@ -63,8 +63,11 @@ const cellclsLocal = (() => {
       offset += 12 + length;
     }
     if (!header || !parts.length) throw new Unreadable(`${name}: not a complete PNG file (no IHDR or IDAT chunk)`);
-    if (header.interlace) return null; // Adam7: the browser's own decoder (8-bit only) takes it
     const {width, height, depth, color} = header;
+    if (header.interlace) { // Adam7: the browser's own decoder takes it, which gives 8 bits per sample only
+      if (depth === 16) throw new Unreadable(`${name}: an interlaced 16-bit PNG cannot be decoded here as cellcls does; use python -m cellcls.predict or cellcls.serve`);
+      return {interlaced: true, mode: color === 0 || color === 4 ? "L" : color === 3 ? "P" : "RGB"};
+    }
     const samples = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[color];
     if (!samples) throw new Unreadable(`${name}: PNG colour type ${color} is not valid`);
     let packed = 0;
@@ -116,7 +119,7 @@ const cellclsLocal = (() => {
     return false;
   }
 
-  async function decodeWithBrowser(file, bytes, name) {
+  async function decodeWithBrowser(file, bytes, name, mode) {
     let bitmap;
     try {
       bitmap = await createImageBitmap(file, {colorSpaceConversion: "none", premultiplyAlpha: "none", imageOrientation: "from-image"});
@@ -131,7 +134,7 @@ const cellclsLocal = (() => {
     const n = bitmap.width * bitmap.height, rgb = new Uint8Array(n * 3);
     for (let i = 0; i < n; i++) { rgb[3 * i] = rgba[4 * i]; rgb[3 * i + 1] = rgba[4 * i + 1]; rgb[3 * i + 2] = rgba[4 * i + 2]; }
     const grey = bytes[0] === 0xff && bytes[1] === 0xd8 && jpegIsGrey(bytes);
-    return {width: bitmap.width, height: bitmap.height, mode: grey ? "L" : "RGB", pixels: rgb, channels: 3};
+    return {width: bitmap.width, height: bitmap.height, mode: mode || (grey ? "L" : "RGB"), pixels: rgb, channels: 3};
   }
 
   function isDicom(bytes, name) {
@@ -228,7 +231,7 @@ const cellclsLocal = (() => {
     }
     const png = bytes[0] === 0x89 && bytes[1] === 0x50 && bytes[2] === 0x4e && bytes[3] === 0x47;
     let img = png ? await decodePng(buffer, name) : null;
-    if (img === null) img = await decodeWithBrowser(file, bytes, name);
+    if (img === null || img.interlaced) img = await decodeWithBrowser(file, bytes, name, img && img.mode);
     if (img.width * img.height > lim.max_pixels) {
       throw new Unreadable(`${name}: ${img.width}x${img.height} pixels is over the limit of ${lim.max_pixels.toLocaleString("en")} pixels`);
     }
