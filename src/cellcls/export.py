@@ -19,30 +19,18 @@ calibration=<200> training images calibrate the activation ranges.
 from __future__ import annotations
 
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from cellcls.cli import as_bool, command_args, fail, own_settings, whole_number
 from cellcls.deploy.export import FORMATS, default_output, export_model, max_difference
-from cellcls.deploy.quantize import DEFAULT_MAX_DROP, quantize_int8
+from cellcls.deploy.quantize import DEFAULT_MAX_DROP, check_max_drop, export_int8
 from cellcls.deploy.web_export import MODEL_FILE, export_web
 from cellcls.errors import ConfigError, writing
 from cellcls.models.trained import load_model
 
 SETTINGS = ("checkpoint", "format", "output", "opset", "check", "runtime", "quantize", "calibration", "max_drop")
 ALL_FORMATS = (*FORMATS, "web")
-
-
-def _max_drop(value: object) -> float:
-    try:
-        drop = float(str(value))
-    except ValueError:
-        drop = -1.0
-    if not 0.0 <= drop <= 1.0:
-        raise ConfigError(f"max_drop={value!r} is not valid; expected the accuracy an int8 model may lose against fp32, "
-                          "a number from 0 to 1 (e.g. 0.01)")
-    return drop
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if quantize == "none" and ("calibration" in own or "max_drop" in own):
             raise ConfigError("calibration= and max_drop= belong to quantize=int8")
         int8 = dict(calibration=whole_number("calibration", own.get("calibration", 200), 1),
-                    max_drop=_max_drop(own.get("max_drop", DEFAULT_MAX_DROP)))
+                    max_drop=check_max_drop(own.get("max_drop", DEFAULT_MAX_DROP)))
         loaded = load_model(own["checkpoint"], device="cpu")
         opset = int(own.get("opset", 18))
         if "output" in own:
@@ -74,12 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             output = output.with_name("model.int8.onnx") if quantize == "int8" and fmt == "onnx" else output
         report = None
         with writing(output):
-            if quantize == "int8":  # the fp32 export first, then its int8 copy (in the web folder: the one it loads)
-                with tempfile.TemporaryDirectory() as tmp:
-                    fp32 = export_model(loaded, "onnx", Path(tmp) / "model.onnx", opset=opset)
-                    target = Path(tmp) / "model.int8.onnx" if fmt == "web" else output
-                    report = quantize_int8(loaded, fp32, target, **int8)
-                    path = target if fmt == "onnx" else export_web(loaded, output, own.get("runtime"), model=target) / MODEL_FILE
+            if quantize == "int8":
+                path, report = export_int8(loaded, fmt, output, opset, own.get("runtime"), **int8)
             elif fmt == "web":
                 path = export_web(loaded, output, own.get("runtime"), opset=opset) / MODEL_FILE
             else:

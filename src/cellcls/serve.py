@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 
 from cellcls.cli import as_bool, command_args, fail, own_settings, whole_number
 from cellcls.deploy.workers import ServeSettings, build, web_folder

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from cellcls.data.dataset import load_image
 from cellcls.deploy.runtimes import CARD_KEY, card_path, load_exported
 from cellcls.errors import ConfigError, DataError
 from cellcls.infra.run_folder import atomic_write, write_json
@@ -67,17 +66,17 @@ class QuantReport:
 
 def _images(loaded: Any, split: str, limit: int | None = None, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
     """uint8 images and labels of ``split`` of the run's own data (a seeded sample of ``limit`` of them)."""
-    from cellcls.evaluation.evaluate import load_data
+    from cellcls.evaluation.evaluate import ImageRows, load_data
 
     samples = load_data(loaded, split, None).samples
+    rows = ImageRows(samples, loaded.preprocessing)  # decoded as the cache holds them
     order = np.arange(len(samples))
     if limit is not None and limit < len(order):
         order = np.sort(np.random.default_rng(seed).choice(order, limit, replace=False))
-    prep = loaded.preprocessing
     images, labels = [], []
     for i in order:
         try:
-            images.append(load_image(samples.paths[int(i)], prep.channels, prep.image_size, window=prep.window))
+            images.append(torch.from_numpy(rows[int(i)]))
             labels.append(samples.labels[int(i)])
         except DataError:
             continue  # counted by the training run already; the others still calibrate
@@ -126,6 +125,33 @@ def _measure(path: Path, images: torch.Tensor, labels: np.ndarray) -> tuple[Meas
     shape = tuple(images.shape[1:])
     return (Measured(float((predicted == labels).mean()), float(roc_auc(labels, probs)), path.stat().st_size / 2**20,
                      _latency_ms(path, shape, 1), _latency_ms(path, shape, 32)), predicted, flags)
+
+
+def check_max_drop(value: object) -> float:
+    """``max_drop=``: the accuracy an int8 model may lose, from 0 to 1."""
+    try:
+        drop = float(str(value))
+    except ValueError:
+        drop = -1.0
+    if not 0.0 <= drop <= 1.0:
+        raise ConfigError(f"max_drop={value!r} is not valid; expected the accuracy an int8 model may lose against fp32, "
+                          "a number from 0 to 1 (e.g. 0.01)")
+    return drop
+
+
+def export_int8(loaded: Any, fmt: str, output: Path, opset: int = 18, runtime: str | None = None,
+                calibration: int = 200, max_drop: float = DEFAULT_MAX_DROP) -> tuple[Path, QuantReport]:
+    """The fp32 ONNX export (in a temporary folder), its int8 copy checked by :func:`quantize_int8`, written to
+    ``output``: the file for ``fmt=onnx``, the folder (holding the int8 model) for ``fmt=web``."""
+    from cellcls.deploy.export import export_model
+    from cellcls.deploy.web_export import MODEL_FILE, export_web
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_model(loaded, "onnx", Path(tmp) / "model.onnx", opset=opset)
+        target = output if fmt == "onnx" else Path(tmp) / "model.int8.onnx"
+        report = quantize_int8(loaded, fp32, target, calibration, max_drop)
+        path = target if fmt == "onnx" else export_web(loaded, output, runtime, model=target) / MODEL_FILE
+    return path, report
 
 
 def quantize_int8(loaded: Any, fp32_path: Path, output: Path, calibration: int = 200,
