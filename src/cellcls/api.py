@@ -20,6 +20,7 @@ import torch
 
 from cellcls.data.dataset import load_image
 from cellcls.deploy.predictor import Predictor, load_predictor
+from cellcls.data.findings import finding_text
 from cellcls.scoring.heads import labels_of
 
 ImageInput = str | Path | np.ndarray | torch.Tensor
@@ -90,8 +91,22 @@ class Model:
         return self.predictor.predict(self._batch(images))
 
     def predict(self, images: Sequence[ImageInput] | np.ndarray | torch.Tensor) -> list[str]:
-        """The predicted class name of each image."""
-        return [self.classes[i] for i in labels_of(self.predict_proba(images), self.predictor.threshold)]
+        """The predicted class name of each image; for a multi-label model its findings as ChestX-ray14 writes them
+        (``Effusion|Mass``, ``No Finding``; :meth:`predict_findings` gives them as lists)."""
+        probs = self.predict_proba(images)
+        rule = self.predictor.findings
+        if rule is not None:
+            return [finding_text(row.astype(float), self.classes) for row in rule.findings(probs)]
+        return [self.classes[i] for i in labels_of(probs, self.predictor.threshold)]
+
+    def predict_findings(self, images: Sequence[ImageInput] | np.ndarray | torch.Tensor) -> list[list[str]]:
+        """A multi-label model's findings for each image, each at its threshold fitted on validation; a
+        single-label model: ValueError."""
+        rule = self.predictor.findings
+        if rule is None:
+            raise ValueError(f"{self.predictor.path} is a single-label model (one class per image); use predict()")
+        return [[c for c, m in zip(self.classes, row, strict=True) if m]
+                for row in rule.findings(self.predict_proba(images))]
 
     def predict_set(self, images: Sequence[ImageInput] | np.ndarray | torch.Tensor) -> list[list[str]]:
         """Each image's conformal prediction set: the classes it may be, holding the true one with the coverage

@@ -26,6 +26,7 @@ from cellcls.errors import ConfigError, DataError
 from cellcls.evaluation.evaluate import evaluate
 from cellcls.evaluation.subgroups import describe_gap
 from cellcls.metric_names import HEADLINE
+from cellcls.scoring.multilabel import summary_lines
 
 SETTINGS = ("checkpoint", "split", "data", "threshold", "interval", "bootstrap", "device", "cam_layer", "output", "plots",
             "group_by", "group_rule", "tta")
@@ -48,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (ConfigError, DataError, FileNotFoundError, ValueError, OSError) as exc:
         return fail(exc)
+    if result.get("task") == "multilabel":
+        print(f"95% intervals: {result['interval']['method']}")
+        print("\n".join(summary_lines(result)))
+        print(f"written to {out}")
+        return 0
     print(f"95% intervals: {result['interval']['method']} unless noted")
     for key in HEADLINE:
         if key in result:

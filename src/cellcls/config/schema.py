@@ -35,6 +35,8 @@ CHANNELS = ("1", "3")
 CLASS_WEIGHTS = ("none", "balanced")
 POLICIES = ("none", "randaugment", "trivialaugment")
 SAMPLERS = ("uniform", "balanced")
+UNCERTAIN = ("ignore", "zeros", "ones")  # CheXpert's -1 ("uncertain"): left out of the loss and metrics, 0 or 1
+POS_WEIGHTS = ("balanced", "none")
 
 
 @dataclass
@@ -74,6 +76,9 @@ class RenderConfig:
     test_per_class: int = 100
     size: int = 96
     seed: int = 0
+    # false: the two-class cell folders; true: multi-label cells (ring, stippling, target; each present with
+    # probability 0.4; 2 x train_per_class training and 2 x test_per_class test images) listed in labels.csv
+    multilabel: bool = False
 
 
 @dataclass
@@ -103,6 +108,22 @@ class TableConfig:
     label_map: Any = None
     group: str | None = None  # the column of each image's patient / lesion: grouped splits and intervals
     split: str | None = None  # the column naming each image's split (values as in dataset.splits)
+    # multi-label tables (one sigmoid per finding; cellcls.data.findings), either form:
+    # the label column lists an image's findings separated by label_sep (ChestX-ray14: "Cardiomegaly|Effusion");
+    # no_finding names none (its "No Finding"); the findings are dataset.classes, or those the table names, sorted
+    label_sep: str | None = None
+    no_finding: str = "No Finding"
+    # ... or one column per finding holding 1, 0, blank (= 0: not mentioned) or -1 (CheXpert), the -1 "uncertain"
+    # mapped by the `uncertain` policy: ignore (left out of that finding's loss and metrics), zeros or ones
+    finding_columns: list[str] | None = None
+    uncertain: str = choice("ignore", UNCERTAIN)
+    # a multi-label loss weights each finding's positives by negatives / positives of the training split (balanced)
+    pos_weight: str = choice("balanced", POS_WEIGHTS)
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether each row holds several findings rather than one class."""
+        return bool(self.label_sep or self.finding_columns)
 
 
 @dataclass

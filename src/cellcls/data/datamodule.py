@@ -21,6 +21,7 @@ from cellcls.data.dataset import CachedImages, ImageFiles, skip_none_collate
 from cellcls.data.decode import decode_image
 from cellcls.data.device_loader import DeviceBatches
 from cellcls.data.layouts import scan
+from cellcls.data.findings import require_both_values
 from cellcls.data.leakage import (
     Leak,
     duplicate_clusters,
@@ -61,6 +62,11 @@ class DataBundle:
     ignored: list[Path] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     train_sampler: DistributedSampler | BalancedSampler | None = None  # torchrun or balanced: set its epoch each epoch
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the classes are findings, several per image (a multi-label table)."""
+        return self.splits["train"].multilabel
 
 
 def resolve_root(ds: DatasetConfig | Any) -> Path:
@@ -121,6 +127,9 @@ def make_splits(
 
 
 def _require_every_class(samples: Samples, classes: list[str], split: str) -> None:
+    if samples.targets is not None:
+        require_both_values(samples.targets, classes, split)
+        return
     counts = Counter(samples.labels)
     empty = [c for i, c in enumerate(classes) if counts[i] == 0]
     if empty:
@@ -235,6 +244,9 @@ class _Loaders:
         batch_size = int(self.ds.batch_size) if train or not self.eval_batch_size else int(self.eval_batch_size)
         sampler = None
         if train and self.ds.sampler == "balanced":
+            if samples.multilabel:
+                raise ConfigError("dataset.sampler=balanced evens out classes; a multi-label image has several, so it "
+                                  "does not apply (the loss' per-finding pos_weight, dataset.table.pos_weight, does)")
             if not self.ds.shuffle:
                 raise ConfigError("dataset.sampler=balanced draws the training images at random; it cannot keep "
                                   "dataset.shuffle=false's fixed order (set dataset.shuffle=true)")
@@ -250,12 +262,12 @@ class _Loaders:
         shuffle = train and bool(self.ds.shuffle)
         if self.mode == "device":
             assert decoded is not None, "device batches read the decoded cache"
-            return DeviceBatches(decoded.file, decoded.kept, samples.labels, batch_size, self.device,
+            return DeviceBatches(decoded.file, decoded.kept, samples.training_targets(), batch_size, self.device,
                                  augment=BatchAugment(aug) if aug else None, mean=self.prep.mean, std=self.prep.std,
                                  shuffle=shuffle, generator=self.generator if train else None, sampler=sampler,
                                  drop_last=drop_last)
         transform = build_transform(aug, self.prep.mean, self.prep.std)
-        dataset: Dataset = (CachedImages(decoded.file, decoded.kept, samples.labels, transform) if decoded is not None
+        dataset: Dataset = (CachedImages(decoded.file, decoded.kept, samples.training_targets(), transform) if decoded is not None
                             else ImageFiles(samples, self.prep.channels, self.prep.image_size, transform,
                                             self.prep.window))
         workers = int(self.ds.num_workers)

@@ -31,12 +31,12 @@ class CachedImages(Dataset):
         self,
         file: Path,
         rows: Sequence[int],
-        labels: Sequence[int],
+        labels: Sequence[int] | torch.Tensor,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.file = file
         self.rows = list(rows)
-        self.labels = list(labels)
+        self.labels = labels if isinstance(labels, torch.Tensor) else list(labels)
         self.transform = transform
         self._pixels: np.ndarray | None = None
 
@@ -71,6 +71,7 @@ class ImageFiles(Dataset):
         self.channels = channels
         self.image_size = tuple(int(s) for s in image_size)
         self.transform = transform
+        self.targets = samples.training_targets()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -83,7 +84,7 @@ class ImageFiles(Dataset):
             return None
         if self.transform is not None:
             image = self.transform(image)
-        return image, self.samples.labels[index]
+        return image, self.targets[index]
 
 
 def skip_none_collate(batch: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ class DeviceBatches:
         self,
         file: Path,
         rows: Sequence[int],
-        labels: Sequence[int],
+        labels: Sequence[int] | torch.Tensor,
         batch_size: int,
         device: torch.device,
         augment: BatchAugment | None = None,
@@ -43,7 +43,8 @@ class DeviceBatches:
     ) -> None:
         self.file = file
         self.rows = np.asarray(rows, dtype=np.int64)
-        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        # class indices, or (multi-label) N x K float finding vectors
+        self.labels = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(list(labels), dtype=torch.long)
         self.batch_size = batch_size
         self.device = device
         self.augment = augment if augment is not None and augment.settings.any else None

@@ -20,7 +20,8 @@ from cellcls.data.splits import group_source
 from cellcls.data.summary import count_table, image_properties
 from cellcls.errors import ConfigError, DataError
 from cellcls.paths import config_dir
-from cellcls.scoring.losses import balanced_class_weights
+from cellcls.data.findings import positives_per_finding
+from cellcls.scoring.losses import balanced_class_weights, positive_weights
 
 
 def group_lines(ds: DatasetConfig, splits: dict) -> list[str]:
@@ -54,9 +55,15 @@ def describe(cfg: DictConfig) -> str:
     held = [s for s in ("val", "test") if s in splits and s not in scanned.splits]
     if held:
         lines.append(f"  held out of train: {', '.join(held)} (split_by={ds.split_by}, seed={cfg.seed})")
-    lines += ["", "images per class:", count_table(splits, classes), "", "class balance:"]
+    multi = splits["train"].multilabel
+    lines += ["", "images per class:", count_table(splits, classes), "",
+              "prevalence of each finding:" if multi else "class balance:"]
     for name, samples in splits.items():
-        shares = ", ".join(f"{c} {samples.labels.count(i) / len(samples):.1%}" for i, c in enumerate(classes))
+        if samples.targets is not None:
+            counts = positives_per_finding(samples.targets, classes)
+            shares = ", ".join(f"{c} {p / max(p + n, 1):.1%}" for c, (p, n) in counts.items())
+        else:
+            shares = ", ".join(f"{c} {samples.labels.count(i) / len(samples):.1%}" for i, c in enumerate(classes))
         lines.append(f"  {name:<5} {shares}")
     lines += ["", *group_lines(ds, splits)]
     lines += [f"  leakage: {leak.message()}" for leak in leaks] or ["  no held-out image shares a known group with train"]
@@ -75,6 +82,12 @@ def describe(cfg: DictConfig) -> str:
     h, w = ds.image_size
     lines.append(f"  resized to {h}x{w}, {'grayscale' if int(ds.channels) == 1 else 'RGB'}")
     lines.append(f"  non-image files ignored: {len(ignored)}" + (f" (e.g. {ignored[0]})" if ignored else ""))
+    if splits["train"].multilabel:  # one sigmoid per finding: BCE's positive weights, not class weights
+        weights = positive_weights(splits["train"].training_targets())  # type: ignore[arg-type]
+        used = "used" if str(ds.table.pos_weight) == "balanced" else "not used: dataset.table.pos_weight=none"
+        lines += ["", f"finding positive weights, negatives / positives ({used}): "
+                  + ", ".join(f"{c} {float(x):.3f}" for c, x in zip(classes, weights))]
+        return "\n".join(lines)
     weights = balanced_class_weights(splits["train"].labels, len(classes))
     used = "used" if cfg.class_weights == "balanced" else "not used: class_weights=none"
     lines += ["", f"class weights, balanced ({used}): " + ", ".join(f"{c} {float(x):.3f}" for c, x in zip(classes, weights))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import logging
 import re
@@ -14,6 +15,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from cellcls.config.schema import DatasetConfig
 from cellcls.data.dicom import header_values
+from cellcls.data.findings import stratum
 from cellcls.data.samples import Samples
 from cellcls.errors import ConfigError, DataError
 from cellcls.infra.run_folder import RunFolder, write_csv
@@ -130,6 +132,12 @@ def cross_validation_fold(
 def write_split_lists(run: RunFolder, splits: dict[str, Samples], root: Path, classes: list[str]) -> None:
     """Write ``splits/<split>.csv`` (file relative to the data root, class) so a split can be audited and reused."""
     for name, samples in splits.items():
+        if samples.targets is not None:  # one column per finding: 1, 0, blank for uncertain
+            rows = [{"file": relative_path(path, root),
+                     **{f: "" if math.isnan(v) else str(int(v)) for f, v in zip(classes, target, strict=True)}}
+                    for path, target in zip(samples.paths, samples.targets, strict=True)]
+            write_csv(run.split_list(name), rows, columns=("file", *classes))
+            continue
         rows = [{"file": relative_path(path, root), "class": classes[label]}
                 for path, label in zip(samples.paths, samples.labels, strict=True)]
         write_csv(run.split_list(name), rows, columns=("file", "class"))
@@ -144,7 +152,12 @@ def read_split_lists(run: RunFolder, root: Path, classes: list[str]) -> dict[str
             continue
         with file.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
             rows = list(csv.DictReader(fh))
-        unknown = sorted({r["class"] for r in rows} - set(classes))
+        if rows and "class" not in rows[0]:  # a multi-label run's list: one column per finding
+            missing = [c for c in classes if c not in rows[0]]
+            if missing:
+                raise DataError(f"{file}: no column for finding(s) {missing} of the run")
+            targets = [tuple(math.nan if r[c] == "" else float(r[c]) for c in classes) for r in rows]
+        unknown = sorted({r.get("class", classes[0]) for r in rows} - set(classes))
         if unknown:
             raise DataError(f"{file}: class(es) {unknown} are not among the run's classes {classes}")
         paths = [Path(os.path.normpath(root / r["file"])) for r in rows]
@@ -153,6 +166,9 @@ def read_split_lists(run: RunFolder, root: Path, classes: list[str]) -> dict[str
             line, where = outside[0]
             raise DataError(f"{file} line {line}: {where!r} is outside the data root {root} ({len(outside)} such "
                             "row(s)); a split list names files inside the data set")
+        if rows and "class" not in rows[0]:
+            splits[name] = Samples(paths, [stratum(t) for t in targets], targets=targets)
+            continue
         splits[name] = Samples(paths, [classes.index(r["class"]) for r in rows])
     if "train" not in splits:
         raise DataError(f"{run.split_list('train')} not found: is {run.root} a cellcls run folder?")

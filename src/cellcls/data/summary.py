@@ -14,7 +14,13 @@ def count_table(splits: Mapping[str, Samples], classes: list[str]) -> str:
     """Images per class per split with totals, as the skin-cancer tutorial prints them before training."""
     width = max(len(c) for c in [*classes, "total"]) + 2
     lines = ["split".ljust(7) + "".join(c.rjust(width) for c in [*classes, "total"])]
+    if any(s.multilabel for s in splits.values()):
+        lines[0] = lines[0].replace("total".rjust(width), "images".rjust(width)) + "   (images with each finding)"
     for name, samples in splits.items():
+        if samples.targets is not None:
+            row = [sum(1 for t in samples.targets if t[k] == 1.0) for k in range(len(classes))]
+            lines.append(name.ljust(7) + "".join(str(n).rjust(width) for n in [*row, len(samples)]))
+            continue
         counts = Counter(samples.labels)
         row = [counts[i] for i in range(len(classes))]
         lines.append(name.ljust(7) + "".join(str(n).rjust(width) for n in [*row, sum(row)]))

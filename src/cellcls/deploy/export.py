@@ -19,6 +19,7 @@ from cellcls.deploy.runtimes import (
     load_exported,
 )
 from cellcls.scoring.heads import Decision, num_outputs
+from cellcls.scoring.multilabel import finding_probabilities
 from cellcls.scoring.ood import METHOD, OODRule, statistic_layers, statistics_of
 from cellcls.models.trained import LoadedModel
 from cellcls.infra.run_folder import atomic_write, write_json
@@ -35,9 +36,11 @@ class ExportModule(nn.Module):
     graph from the rule's mean, scale and precision; the card holds the threshold."""
 
     def __init__(self, model: nn.Module, mean: list[float] | None, std: list[float] | None,
-                 decision: Decision | None = None, ood: OODRule | None = None, plain: nn.Module | None = None) -> None:
+                 decision: Decision | None = None, ood: OODRule | None = None, plain: nn.Module | None = None,
+                 multilabel: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.multilabel = multilabel  # each finding's sigmoid, not a softmax over classes
         self.normalize = Normalize(mean, std)
         self.decision = decision or Decision()
         self.with_ood = ood is not None
@@ -49,14 +52,17 @@ class ExportModule(nn.Module):
             self.register_buffer("ood_scale", ood.scale.float())
             self.register_buffer("ood_precision", ood.precision.float())
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return finding_probabilities(logits) if self.multilabel else self.decision.probabilities(logits)
+
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = self.normalize(image)
         logits = self.model(x)
         if not self.with_ood:
-            return self.decision.probabilities(logits), logits
+            return self.probabilities(logits), logits
         statistics = statistics_of(self.plain, x, self.layers)[0]
         z = (statistics - self.ood_mean) / self.ood_scale
-        return self.decision.probabilities(logits), logits, ((z @ self.ood_precision) * z).sum(dim=1)
+        return self.probabilities(logits), logits, ((z @ self.ood_precision) * z).sum(dim=1)
 
 
 def export_card(loaded: LoadedModel, fmt: str) -> dict[str, Any]:
@@ -71,7 +77,8 @@ def export_card(loaded: LoadedModel, fmt: str) -> dict[str, Any]:
             "input": {"name": "image", "dtype": "float32", "shape": ["N", spec["channels"], spec["height"], spec["width"]],
                       "range": [0.0, 1.0], "normalization": "inside the graph" if spec["mean"] is not None else "none"},
             "outputs": [{"name": "probabilities", "shape": ["N", len(loaded.classes)]},
-                        {"name": "logits", "shape": ["N", num_outputs(len(loaded.classes), single_logit)]}]
+                        {"name": "logits", "shape": ["N", num_outputs(len(loaded.classes), single_logit,
+                                                                      loaded.multilabel)]}]
             + ([{"name": OOD_OUTPUT, "shape": ["N"]}] if loaded.ood is not None else []),
         },
     )
@@ -93,7 +100,8 @@ def export_model(loaded: LoadedModel, fmt: str, output: Path, opset: int = 18) -
         raise ValueError(f"format={fmt!r} is not valid; allowed values: {', '.join(FORMATS)}")
     prep = loaded.preprocessing
     # the scorer: a model that averages flips by default (a probe fitted on flip-averaged features) exports with them
-    module = ExportModule(loaded.scorer, prep.mean, prep.std, loaded.decision, loaded.ood, loaded.model).to("cpu").eval()
+    module = ExportModule(loaded.scorer, prep.mean, prep.std, loaded.decision, loaded.ood, loaded.model,
+                          loaded.multilabel).to("cpu").eval()
     height, width = (int(v) for v in prep.image_size)
     example = torch.rand(2, int(prep.channels), height, width)
     card = export_card(loaded, fmt)

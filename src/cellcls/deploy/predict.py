@@ -19,7 +19,9 @@ from cellcls.deploy.predictor import Predictor
 from cellcls.errors import DataError, printable
 from cellcls.infra import plots
 from cellcls.evaluation.figures import cam_maps
+from cellcls.data.findings import finding_text
 from cellcls.scoring.heads import Decision
+from cellcls.scoring.multilabel import FindingRule
 from cellcls.models.trained import LoadedModel
 
 
@@ -29,8 +31,12 @@ class Prediction:
     probabilities: np.ndarray
     decision: Decision = field(default_factory=Decision)  # the model's threshold and prediction-set rule
     outside: bool | None = None  # outside what the model was trained on (None: the model has no such rule)
+    findings: FindingRule | None = None  # a multi-label model's thresholds: its findings, not one class
 
     def label(self, classes: Sequence[str]) -> str:
+        """The predicted class, or a multi-label model's findings (``Effusion|Mass``, ``No Finding``)."""
+        if self.findings is not None:
+            return finding_text(self.findings.findings(self.probabilities[None])[0].astype(float), classes)
         return classes[int(self.decision.labels(self.probabilities[None])[0])]
 
     def prediction_set(self, classes: Sequence[str]) -> list[str] | None:
@@ -40,6 +46,9 @@ class Prediction:
 
     def line(self, classes: Sequence[str]) -> str:
         label = self.label(classes)
+        if self.findings is not None:  # every finding's probability: each is a separate question
+            each = ", ".join(f"{c} {100 * p:.1f}%" for c, p in zip(classes, self.probabilities, strict=True))
+            return f"{printable(self.file)}: {label} ({each})" + (f"  [{OUTSIDE}]" if self.outside else "")
         text = f"{printable(self.file)}: {label} ({100 * self.probabilities[list(classes).index(label)]:.2f}%)"
         text += describe_set(self.prediction_set(classes), len(classes), self.decision.set_level)
         return text + (f"  [{OUTSIDE}]" if self.outside else "")
@@ -88,7 +97,7 @@ def predict_files(
             continue
         batch = torch.stack(images)
         probs, outside = loaded.assess(batch)
-        results += [Prediction(p, pr, loaded.decision, None if outside is None else bool(out))
+        results += [Prediction(p, pr, loaded.decision, None if outside is None else bool(out), loaded.findings)
                     for p, pr, out in zip(chunk, probs, outside if outside is not None else [None] * len(chunk))]
         if cam_dir is not None:
             cam_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from cellcls.deploy.runtimes import is_exported, load_exported
 from cellcls.errors import ConfigError
 from cellcls.models.trained import load_model
 from cellcls.scoring.heads import Decision
+from cellcls.scoring.multilabel import FindingRule
 from cellcls.models.tta import check_tta
 
 
@@ -25,6 +26,7 @@ class Predictor(Protocol):
     supports_cam: bool
     threshold: float | None  # two classes: class 1 when its probability reaches it; None: the arg-max
     decision: Decision  # the whole rule fitted on validation: temperature, threshold, prediction sets
+    findings: FindingRule | None  # a multi-label model's per-finding thresholds; None for single-label classes
 
     @property
     def card(self) -> dict[str, Any]: ...

@@ -25,6 +25,7 @@ import torch
 from cellcls.config.targets import check_targets
 from cellcls.data.preprocessing import Preprocessing, to_unit
 from cellcls.scoring.heads import Decision
+from cellcls.scoring.multilabel import FindingRule
 
 CARD_KEY = "cellcls"
 TS_EXTRA = "cellcls.json"
@@ -62,6 +63,13 @@ class ExportedModel:
     def decision(self) -> Decision:
         """The decision rule fitted on validation, from the card (the temperature is inside the graph already)."""
         return Decision.of(self.card.get("decision"))
+
+    @property
+    def findings(self) -> FindingRule | None:
+        """A multi-label model's per-finding thresholds, from the card (None: single-label classes)."""
+        if self.card.get("task") != "multilabel":
+            return None
+        return FindingRule.of(self.card.get("decision"), len(self.classes))
 
     @property
     def threshold(self) -> float | None:

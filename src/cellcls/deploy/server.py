@@ -20,6 +20,7 @@ from cellcls.data.reference import unusual
 from cellcls.deploy.predict import OUTSIDE
 from cellcls.deploy.batching import MicroBatcher
 from cellcls.deploy.predictor import Predictor
+from cellcls.data.findings import finding_text
 from cellcls.errors import DataError
 from cellcls.infra import plots
 from cellcls.scoring.heads import labels_of
@@ -110,6 +111,9 @@ class Classifier:
             Image.fromarray(plots.cam_overlay(image.numpy(), cam_map)).save(buf, format="PNG")
             result["cam_png"] = base64.b64encode(buf.getvalue()).decode("ascii")
         classes = self.predictor.classes
+        if self.predictor.findings is not None:
+            result.update(self.findings_result(probs))
+            return result
         best = int(labels_of(probs[None], self.predictor.threshold)[0])
         runner_up = float(np.sort(probs)[-2])
         result.update(ok=True, label=classes[best], confidence=float(probs[best]),
@@ -125,6 +129,22 @@ class Classifier:
             if outside:
                 result["warnings"] = [*result["warnings"], f"{OUTSIDE} (its activation statistics are far from the training images')"]
         return result
+
+    def findings_result(self, probs: np.ndarray) -> dict[str, Any]:
+        """A multi-label model's answer: the findings at their thresholds (``label`` as ChestX-ray14 writes them),
+        every finding's probability, and as ``confidence`` the weakest of its per-finding decisions (p for a finding
+        called present, 1 - p for one called absent); uncertain when a probability is within half the margin of
+        its threshold."""
+        rule, classes = self.predictor.findings, self.predictor.classes
+        assert rule is not None
+        present = rule.findings(probs[None])[0]
+        sure = np.where(present, probs, 1 - probs)
+        near = np.abs(probs - np.asarray(rule.thresholds)) < self.limits.uncertain_margin / 2
+        return {"ok": True, "label": finding_text(present.astype(float), classes),
+                "findings": [c for c, m in zip(classes, present, strict=True) if m],
+                "thresholds": dict(zip(classes, rule.thresholds, strict=True)), "confidence": float(sure.min()),
+                "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)},
+                "uncertain": bool(near.any())}
 
     def unusual(self, data: bytes, image: torch.Tensor) -> list[str]:
         """Ways the upload is far from the training images (shown as warnings; the image is still classified)."""

@@ -49,6 +49,7 @@ from cellcls.scoring.metrics import (
     prediction_set_metrics,
     top_losses,
 )
+from cellcls.evaluation.multilabel import evaluate_findings
 from cellcls.evaluation.patients import aggregate, write_patients
 from cellcls.evaluation.subgroups import banded, column_values, require_all_decoded, subgroup_metrics, write_subgroups
 from cellcls.evaluation.report import write_predictions, write_report
@@ -115,7 +116,8 @@ def load_data(loaded: LoadedModel, split: str, data: str | Path | None) -> Evalu
         decoded = decode_split(samples, prep.channels, prep.image_size, cache_dir(), desc=f"decoding {source.name}",
                                window=prep.window)
         kept = samples.subset(decoded.kept)
-        images = CachedImages(decoded.file, decoded.kept, kept.labels, build_transform(None, prep.mean, prep.std))
+        images = CachedImages(decoded.file, decoded.kept, kept.training_targets(),
+                              build_transform(None, prep.mean, prep.std))
         assert found.root is not None
         return EvaluationData(source.stem if source.is_file() else source.name, kept,
                               DataLoader(images, batch_size=batch), found.missing + decoded.skipped, found.root,
@@ -254,6 +256,12 @@ def evaluate(
     loaded = load_model(checkpoint, device, tta)
     apply_overrides(loaded.config, overrides)
     found = load_data(loaded, split, data)
+    if loaded.multilabel:
+        out = EvaluationFolder(Path(output)) if output else loaded.run.evaluation(found.name)
+        if group_by is not None or threshold is not None:
+            raise ConfigError("group_by= and threshold= are for single-label models; a multi-label model is scored "
+                              "per finding at the thresholds fitted on validation")
+        return evaluate_findings(loaded, found, out, make_plots, cam_layer), out.root
     intervals = IntervalRule(interval, n_boot)
     scored = score(loaded, found, threshold, intervals)
     out = EvaluationFolder(Path(output)) if output else loaded.run.evaluation(scored.folder)

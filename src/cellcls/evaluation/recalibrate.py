@@ -9,6 +9,7 @@ import logging
 from contextlib import nullcontext
 from pathlib import Path
 
+from cellcls.data.findings import require_single_label
 from cellcls.errors import ConfigError
 from cellcls.evaluation.evaluate import load_data
 from cellcls.infra.checkpoint import load_checkpoint, save_checkpoint
@@ -34,6 +35,7 @@ def recalibrate(checkpoint: str | Path, calibrate: bool = False, operating_point
         raise ConfigError("nothing to fit: give calibrate=true, operating_point=<kind>:<level>, conformal=<level> "
                           "or ood=<level>")
     loaded = load_model(checkpoint, device, tta="none")
+    require_single_label(loaded.config.dataset, "calibrate (temperature, operating point, prediction sets, OOD)")
     decision = None
     if decide:
         logits, targets = run_inference(loaded.model, load_data(loaded, "val", None).loader, loaded.device)

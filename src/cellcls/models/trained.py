@@ -17,6 +17,8 @@ from cellcls.data.preprocessing import Preprocessing, preprocess
 from cellcls.metric_names import EPOCH_METRICS, TEST_METRICS, split_metric
 from cellcls.models import build_model, model_label
 from cellcls.scoring.heads import Decision
+from cellcls.data.findings import is_multilabel
+from cellcls.scoring.multilabel import FindingRule, finding_probabilities
 from cellcls.scoring.ood import OODRule, activation_statistics
 from cellcls.models.tta import check_tta, with_tta
 from cellcls.infra.run_folder import BEST, RunFolder
@@ -38,7 +40,17 @@ class LoadedModel:
     decision: Decision = field(default_factory=Decision)  # temperature and threshold fitted on validation
     tta: str = "none"  # test-time flips averaged by `predict` and `scorer` (cellcls.models.tta)
     ood: OODRule | None = None  # flags images unlike the training split's (cellcls.scoring.ood)
+    # a multi-label model (one sigmoid per finding): each finding's threshold; None for single-label classes
+    findings: FindingRule | None = None
     supports_cam = True
+
+    @property
+    def multilabel(self) -> bool:
+        return self.findings is not None
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities under the decision rule, or each finding's sigmoid for a multi-label model."""
+        return finding_probabilities(logits) if self.findings is not None else self.decision.probabilities(logits)
 
     @property
     def scorer(self) -> nn.Module:
@@ -64,7 +76,7 @@ class LoadedModel:
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> np.ndarray:
         """Class probabilities ``N x num_classes`` for uint8 images (``N x C x H x W`` at the model's size)."""
-        return self.decision.probabilities(self.scorer(self.prepare(images))).cpu().numpy()
+        return self.probabilities(self.scorer(self.prepare(images))).cpu().numpy()
 
     @torch.inference_mode()
     def assess(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
@@ -88,7 +100,8 @@ class LoadedModel:
             "epoch": self.epoch,
             "checkpoint": str(self.path),
             "metrics": self.metrics,
-            "decision": self.decision.to_dict(),
+            "task": "multilabel" if self.findings is not None else "multiclass",
+            "decision": self.findings.to_dict() if self.findings is not None else self.decision.to_dict(),
             "tta": self.tta,
             "ood": {"level": self.ood.level, "fitted_on": self.ood.fitted_on} if self.ood is not None else None,
             # what training started from (None: random initialisation); see cellcls.models.pretrained
@@ -110,7 +123,9 @@ def load_model(location: str | Path, device: str = "auto", tta: str | None = Non
     return LoadedModel(model, list(ckpt.classes), prep, OmegaConf.create(ckpt.config), ckpt.path, ckpt.epoch, dev,
                        checkpoint_metrics(ckpt), Decision.of(ckpt.calibration),
                        check_tta(tta if tta is not None else str(ckpt.model_spec.get("tta") or "none")),
-                       OODRule.of(ckpt.ood, str(ckpt.path)))
+                       OODRule.of(ckpt.ood, str(ckpt.path)),
+                       FindingRule.of(ckpt.calibration, len(ckpt.classes)) if is_multilabel(ckpt.config.get("dataset") or {})
+                       else None)
 
 
 def model_of(ckpt: Checkpoint) -> nn.Module:

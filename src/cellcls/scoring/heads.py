@@ -12,8 +12,11 @@ import torch
 from cellcls.scoring.conformal import prediction_sets
 
 
-def num_outputs(num_classes: int, single_logit: bool) -> int:
-    """Logits the model emits: one for a binary task with a sigmoid head, else one per class."""
+def num_outputs(num_classes: int, single_logit: bool, multilabel: bool = False) -> int:
+    """Logits the model emits: one for a binary task with a sigmoid head, else one per class (per finding, each
+    with its own sigmoid, for multi-label data)."""
+    if multilabel:
+        return num_classes
     if single_logit and num_classes != 2:
         raise ValueError(f"model.single_logit=true needs exactly 2 classes, the dataset has {num_classes}")
     return 1 if single_logit else num_classes

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from cellcls.scoring.metrics import roc_auc
 from cellcls.scoring.heads import predicted_labels, probabilities
-from cellcls.scoring.losses import ClassificationLoss, l2_penalty
+from cellcls.scoring.losses import ClassificationLoss, MultiLabelLoss, l2_penalty
+from cellcls.scoring.multilabel import epoch_scores, finding_probabilities
 
 
 @torch.inference_mode()
@@ -38,9 +39,15 @@ def run_inference(
     return torch.cat(logits), torch.cat(targets)
 
 
+def is_multilabel_target(targets: torch.Tensor) -> bool:
+    """Whether evaluation targets are finding vectors (``N x K`` floats); evaluation targets are never mixed."""
+    return targets.is_floating_point() and targets.ndim == 2
+
+
 def mean_loss(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Unweighted loss over all cases plus the model's L2 terms: the val/test loss Keras reports."""
-    loss = ClassificationLoss(logits.shape[1])(logits, targets)
+    loss_fn = MultiLabelLoss if is_multilabel_target(targets) else ClassificationLoss
+    loss = loss_fn(logits.shape[1])(logits, targets)
     with torch.no_grad():
         return float(loss) + float(l2_penalty(model))
 
@@ -58,6 +65,9 @@ def score(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> Scor
     when the logits are not finite (a diverged model: there is nothing to score)."""
     if not bool(torch.isfinite(logits).all()):
         return Scores(math.nan, math.nan, math.nan, math.nan)
+    if is_multilabel_target(targets):  # exact-match accuracy, balanced accuracy and ROC-AUC averaged over findings
+        return Scores(mean_loss(model, logits, targets),
+                      *epoch_scores(targets.numpy(), finding_probabilities(logits).numpy()))
     y_pred, y_true = predicted_labels(logits).numpy(), targets.numpy()
     return Scores(mean_loss(model, logits, targets), float((y_pred == y_true).mean()),
                   float(balanced_accuracy_score(y_true, y_pred)), roc_auc(y_true, probabilities(logits).numpy()))

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
+from cellcls.scoring.heads import predicted_labels
+
 
 def l2_penalty(model: nn.Module) -> torch.Tensor | float:
     """Keras-style kernel L2 terms the model declares (``coef * sum(w**2)``)."""
@@ -68,3 +70,39 @@ class ClassificationLoss(nn.Module):
             per_sample = per_sample * weights
         return per_sample.mean()
 
+    @staticmethod
+    def hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Images predicted as their class (a mixed image: its larger share's class)."""
+        return (predicted_labels(logits) == hard_labels(targets)).sum()
+
+
+
+def positive_weights(targets: torch.Tensor) -> torch.Tensor:
+    """Per finding, negatives / positives of the training split (uncertain entries counted in neither): BCE's
+    ``pos_weight`` that makes each finding's positives weigh as much as its negatives (1 where a count is 0)."""
+    pos = (targets == 1).sum(0).float()
+    neg = (targets == 0).sum(0).float()
+    return torch.where((pos > 0) & (neg > 0), neg / pos.clamp(min=1), torch.ones_like(pos))
+
+
+class MultiLabelLoss(nn.Module):
+    """Binary cross-entropy of one logit per finding against 1 / 0 targets, NaN (uncertain, ``uncertain=ignore``)
+    entries left out; the mean over the entries that count. ``pos_weight`` scales each finding's positive term."""
+
+    def __init__(self, num_outputs: int, pos_weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.num_outputs = num_outputs
+        self.register_buffer("pos_weight", pos_weight if pos_weight is not None else None)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits, targets = logits.float(), targets.float()
+        known = ~torch.isnan(targets)
+        per_entry = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(targets), reduction="none",
+                                                       pos_weight=self.pos_weight)
+        return (per_entry * known).sum() / known.sum().clamp(min=1)
+
+    @staticmethod
+    def hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Images whose every known finding is predicted right at p > 0.5 (exact-match accuracy)."""
+        wrong = ((logits > 0).float() != targets) & ~torch.isnan(targets)
+        return (~wrong.any(dim=1)).sum()

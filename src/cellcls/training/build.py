@@ -27,7 +27,8 @@ from cellcls.infra.run_folder import RunFolder
 from cellcls.infra import distributed
 from cellcls.training.ema import EMA
 from cellcls.training.loop import TrainStep
-from cellcls.scoring.losses import ClassificationLoss, balanced_class_weights
+from cellcls.errors import ConfigError
+from cellcls.scoring.losses import ClassificationLoss, MultiLabelLoss, balanced_class_weights, positive_weights
 from cellcls.training.optim import Scheduler, build_optimizer, build_scheduler
 from cellcls.infra.runtime import (
     Runtime,
@@ -98,6 +99,39 @@ def record_data_decisions(cfg: DictConfig, data: DataBundle) -> None:
         cfg.dataset.root = str(data.root)
 
 
+def single_label_loss(cfg: DictConfig, data: DataBundle, single_logit: bool) -> ClassificationLoss:
+    """Cross-entropy with ``class_weights`` (the training loss only: validation and test use the unweighted one,
+    as Keras does) and ``label_smoothing``."""
+    classes = data.classes
+    weights = None
+    if cfg.class_weights == "balanced":
+        weights = balanced_class_weights(data.splits["train"].labels, len(classes))
+        log.info("class weights (balanced): %s", {c: round(float(w), 3) for c, w in zip(classes, weights)})
+        if cfg.dataset.get("sampler") == "balanced":  # the sampler evens the classes out already
+            log.warning("class_weights=balanced with dataset.sampler=balanced corrects the class balance twice: the "
+                        "rare classes now outweigh the common ones; use one of the two")
+    return ClassificationLoss(num_outputs(len(classes), single_logit), weights, float(cfg.get("label_smoothing") or 0.0))
+
+
+def multilabel_loss(cfg: DictConfig, data: DataBundle) -> MultiLabelLoss:
+    """Binary cross-entropy per finding, its positives weighted by the training split's negatives / positives
+    (``dataset.table.pos_weight=balanced``, the default) or not (``none``)."""
+    for setting, value in (("class_weights", cfg.get("class_weights") not in (None, "none")),
+                           ("label_smoothing", bool(cfg.get("label_smoothing"))),
+                           ("augment.mixup / augment.cutmix", bool(cfg.get("augment") and (cfg.augment.get("mixup")
+                                                                                             or cfg.augment.get("cutmix"))))):
+        if value:
+            raise ConfigError(f"{setting} is for single-label classes; a multi-label table (dataset.table.label_sep / "
+                              "finding_columns) trains one sigmoid per finding: leave it unset (dataset.table.pos_weight "
+                              "balances each finding)")
+    pos_weight = None
+    if str(cfg.dataset.table.get("pos_weight", "balanced")) == "balanced":
+        pos_weight = positive_weights(data.splits["train"].training_targets())  # type: ignore[arg-type]
+        log.info("finding positive weights (balanced): %s",
+                 {c: round(float(w), 3) for c, w in zip(data.classes, pos_weight)})
+    return MultiLabelLoss(len(data.classes), pos_weight)
+
+
 def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True,
               check_stop: Callable[[], None] | None = None) -> Job:
     """Build a job from a validated config. The config is updated in place with what the data decided
@@ -123,6 +157,9 @@ def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True,
     record_data_decisions(cfg, data)
 
     prep, classes = data.preprocessing, data.classes
+    if data.multilabel and cfg.model.get("single_logit"):  # a seed recipe's binary head: one logit per finding instead
+        log.info("model.single_logit=true is for two classes; a multi-label model has one sigmoid per finding")
+        cfg.model.single_logit = False
     spec = OmegaConf.to_container(cfg.model, resolve=True)
     net = build_model(spec, prep.channels, len(classes), prep.image_size, starting_weights).to(runtime.device)
     net = net.to(memory_format=runtime.memory_format)
@@ -138,16 +175,10 @@ def build_job(cfg: DictConfig, run_dir: Path, starting_weights: bool = True,
     if t.compile:
         model = torch.compile(model)  # the training step only: evaluation and checkpoints use `net`
 
-    weights = None
-    if cfg.class_weights == "balanced":
-        weights = balanced_class_weights(data.splits["train"].labels, len(classes))
-        log.info("class weights (balanced): %s", {c: round(float(w), 3) for c, w in zip(classes, weights)})
-        if cfg.dataset.get("sampler") == "balanced":  # the sampler evens the classes out already
-            log.warning("class_weights=balanced with dataset.sampler=balanced corrects the class balance twice: the "
-                        "rare classes now outweigh the common ones; use one of the two")
-    # Keras weights only the training loss; validation and test use the unweighted loss
-    loss_fn = ClassificationLoss(num_outputs(len(classes), bool(spec.get("single_logit"))), weights,
-                                 float(cfg.get("label_smoothing") or 0.0)).to(runtime.device)
+    if data.multilabel:
+        loss_fn: nn.Module = multilabel_loss(cfg, data).to(runtime.device)
+    else:
+        loss_fn = single_label_loss(cfg, data, bool(spec.get("single_logit"))).to(runtime.device)
     optimizer = build_optimizer(net, OmegaConf.to_container(cfg.optim, resolve=True))
     mode = metric_mode(t.monitor, t.monitor_mode)
     scheduler = build_scheduler(optimizer, OmegaConf.to_container(cfg.scheduler, resolve=True), t.max_epochs, mode)

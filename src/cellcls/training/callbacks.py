@@ -18,6 +18,7 @@ import torch
 from torchvision.utils import make_grid
 
 from cellcls.config.targets import instantiate
+from cellcls.data.findings import finding_text
 from cellcls.infra.checkpoint import save_checkpoint
 from cellcls.infra import plots
 from cellcls.infra.run_folder import write_json
@@ -143,7 +144,7 @@ class AugmentedSamples(Callback):
         state.loggers.log_image("train/augmented_samples", grid)
         picked = (shown[: self.count] * 255).round().to(torch.uint8).numpy()
         classes = state.job.data.classes
-        titles = [classes[int(t)] for t in targets[: self.count]]
+        titles = [finding_text(t.tolist(), classes) if t.ndim else classes[int(t)] for t in targets[: self.count]]
         plots.save(plots.image_grid(list(picked), titles, suptitle=augmented_title(state.cfg.augment.name)),
                    state.run.augmented_samples)
 

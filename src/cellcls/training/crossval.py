@@ -27,6 +27,7 @@ from cellcls.data.datamodule import resolve_root
 from cellcls.data.layouts import scan
 from cellcls.data.samples import Samples
 from cellcls.data.leakage import interval_groups
+from cellcls.data.findings import require_single_label
 from cellcls.errors import ConfigError, DataError
 from cellcls.metric_names import TEST_METRICS, held_out_score, metric_mode
 from cellcls.scoring.metrics import evaluate_predictions
@@ -44,6 +45,7 @@ def check_cv(cfg: DictConfig) -> None:
     if fold is not None and not 0 <= int(fold) < max(folds, 1):
         raise ConfigError(f"cv.fold={fold} must be between 0 and cv.folds - 1 = {folds - 1} (it is set per fold)")
     if folds:
+        require_single_label(cfg.dataset, "cross-validation (cv.folds)")
         held_out_score(str(cfg.trainer.monitor))
 
 

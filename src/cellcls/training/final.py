@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cellcls.infra.checkpoint import load_checkpoint, save_checkpoint
+from cellcls.evaluation.multilabel import fit_rule, score_split, write_finding_predictions
+from cellcls.infra.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellcls.scoring.calibration import (
     brier_score,
     expected_calibration_error,
@@ -24,6 +25,7 @@ from cellcls.metric_names import HEADLINE
 from cellcls.scoring.metrics import evaluate_predictions, sensitivity, specificity
 from cellcls.evaluation.report import write_predictions
 from cellcls.scoring.heads import Decision, probabilities
+from cellcls.scoring.multilabel import finding_probabilities
 from cellcls.infra.run_folder import BEST, write_json
 from cellcls.training.build import Job
 
@@ -54,6 +56,8 @@ def calibrate_and_test(job: Job, calibrate: bool, operating_point: str | None,
     # the default layout, as `cellcls.evaluate` runs it, so its numbers reproduce these exactly
     job.net.to(memory_format=torch.contiguous_format)
     job.runtime.memory_format = torch.contiguous_format
+    if job.data.multilabel:
+        return _test_findings(job, best)
     decision = Decision()
     if calibrate or operating_point or conformal is not None:
         decision = fit_decision(*_logits(job, "val"), calibrate, operating_point, conformal=conformal)
@@ -99,4 +103,29 @@ def calibrate_and_test(job: Job, calibrate: bool, operating_point: str | None,
         op = result["operating_point"]
         log.info("test at the operating point %s (threshold %.4f): sensitivity %.4f  specificity %.4f",
                  operating_point, op["threshold"], op["sensitivity"], op["specificity"])
+    return result
+
+
+def _test_findings(job: Job, best: Checkpoint) -> dict[str, Any] | None:
+    """A multi-label best.pt: each finding's threshold fitted on validation and stored; the test split scored per
+    finding at them."""
+    val_logits, val_targets = _logits(job, "val")
+    rule = fit_rule(val_targets.numpy(), finding_probabilities(val_logits).numpy())
+    best.calibration = rule.to_dict()
+    save_checkpoint(best, job.run.best_checkpoint)
+    if "test" not in job.data.loaders:
+        return None
+    logits, targets = _logits(job, "test")
+    test = score(job.net, logits, targets)
+    samples, probs = job.data.splits["test"], finding_probabilities(logits).numpy()
+    whole = len(samples) == len(targets)  # uncached files that failed to decode mid-pass leave no row to name
+    groups = interval_groups(job.cfg.dataset, samples, job.data.splits) if whole else None
+    result: dict[str, Any] = {
+        "checkpoint": "checkpoints/best.pt", "epoch": best.epoch, "split": "test", "num_images": len(targets),
+        "loss": test.loss, "accuracy": test.accuracy, "balanced_accuracy": test.balanced_accuracy,
+        "roc_auc": test.roc_auc if math.isfinite(test.roc_auc) else None,
+        **score_split(targets.numpy(), probs, job.data.classes, rule, groups, f"test (best epoch {best.epoch})")}
+    write_json(job.run.test_metrics, result)
+    if whole:
+        write_finding_predictions(job.run.test_predictions, samples, probs, job.data.classes, job.data.root, rule)
     return result

@@ -16,10 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from cellcls.infra.checkpoint import Checkpoint, save_checkpoint
 from cellcls.data.splits import write_split_lists
 from cellcls.data.summary import count_table
-from cellcls.errors import TrainingDiverged, TrainingInterrupted
+from cellcls.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from cellcls.metric_names import epoch_metrics, metric_mode
 from cellcls.scoring.conformal import check_calibration_size, check_level
 from cellcls.scoring.metrics import beyond_chance, chance_level
+from cellcls.scoring.multilabel import chance_level as multilabel_chance
 from cellcls.models import count_parameters, model_label
 from cellcls.models.summary import summary_table
 from cellcls.infra.run_folder import atomic_write
@@ -96,12 +97,24 @@ def start_fit(cfg: DictConfig, run_dir: Path, resume: Checkpoint | None, overrid
     describe(state, first=resume is None)
     for cb in state.callbacks.values():
         cb.on_fit_start(state)
+    if job.data.multilabel:
+        refuse_single_label_rules(cfg)
     level = conformal_level(cfg)
     if level is not None:  # refused now, not after the last epoch
         check_calibration_size(level, len(job.data.splits["val"]))
     request.check_every = 10 if job.runtime.dist.enabled else 1
     request.check()
     return state, start
+
+
+def refuse_single_label_rules(cfg: DictConfig) -> None:
+    """A multi-label model gets per-finding thresholds fitted on validation; the single-label decision rules
+    (temperature, one operating point, prediction sets, the OOD rule) are refused before the first epoch."""
+    asked = [k for k in ("calibrate", "operating_point", "conformal", "ood") if cfg.get(k)]
+    if asked:
+        raise ConfigError(f"{', '.join(asked)}: not available for a multi-label table yet (one sigmoid per finding); "
+                          "each finding's threshold is fitted on validation (largest Youden's J) instead; leave "
+                          f"{' and '.join(asked)} unset")
 
 
 def conformal_level(cfg: DictConfig) -> float | None:
@@ -114,7 +127,11 @@ def create_monitor(job: Job) -> Monitor:
     """``trainer.monitor`` with its direction and the value that counts as clearly better than chance on this
     job's validation split."""
     metric, splits = job.trainer.monitor, job.data.splits
-    chance = chance_level(metric, splits["val"].labels, splits["train"].labels, len(job.data.classes))
+    if job.data.multilabel:
+        chance = multilabel_chance(metric, splits["val"].training_targets().numpy(),  # type: ignore[union-attr]
+                                   splits["train"].training_targets().numpy())  # type: ignore[union-attr]
+    else:
+        chance = chance_level(metric, splits["val"].labels, splits["train"].labels, len(job.data.classes))
     return Monitor(metric, metric_mode(metric, job.trainer.monitor_mode), chance=beyond_chance(metric, chance))
 
 

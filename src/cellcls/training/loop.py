@@ -15,10 +15,9 @@ from tqdm.auto import tqdm
 from cellcls.data.mixing import BatchMix
 from cellcls.errors import TrainingDiverged
 from cellcls.scoring.inference import Scores, run_inference, score
-from cellcls.scoring.heads import predicted_labels
 from cellcls.infra import distributed
 from cellcls.training.ema import EMA
-from cellcls.scoring.losses import hard_labels, l2_penalty
+from cellcls.scoring.losses import l2_penalty
 from cellcls.infra.runtime import Runtime
 
 BatchHook = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -134,8 +133,8 @@ def train_one_epoch(
     resume: EpochProgress | None = None,
     interrupted: Callable[[], bool] | None = None,
 ) -> EpochProgress:
-    """Train over ``loader`` once with ``trainer``'s step; the reported training accuracy counts a mixed image as
-    its larger share's class.
+    """Train over ``loader`` once with ``trainer``'s step; the reported training accuracy is the loss' ``hits``
+    (a mixed image counts as its larger share's class; a multi-label image when every finding is right).
 
     ``on_batch(step, images, targets)`` sees each batch before the step (and before mixing). A non-finite loss raises
     :class:`~cellcls.errors.TrainingDiverged` before it reaches the weights (on CUDA within 16 steps: checking every
@@ -180,7 +179,7 @@ def train_one_epoch(
         trainer.backward(loss, window_end)
         n = targets.shape[0]
         total_loss += loss.detach().double() * n
-        correct += (predicted_labels(logits.detach()) == hard_labels(targets)).sum()
+        correct += trainer.loss_fn.hits(logits.detach(), targets)
         seen += n
         if progress is not None and step % 20 == 0:
             bar.set_postfix(loss=f"{float(total_loss) / seen:.4f}", acc=f"{int(correct) / seen:.4f}", refresh=False)

