@@ -234,3 +234,42 @@ def test_single_label_tools_refuse_a_multilabel_run_by_name(xray_run):
 
     with pytest.raises(ConfigError, match="calibrate .* multi-label table"):
         recalibrate(xray_run, calibrate=True)
+
+
+def test_the_served_page_shows_each_finding_on_its_own(xray_run, tmp_path):
+    from conftest import Server, headless_chrome
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = next((real_dataset("pneumonia") / "chest_xray" / "test" / "PNEUMONIA").glob("*bacteria*"))
+    srv = Server(f"checkpoint={xray_run}", cwd=tmp_path)
+    driver = headless_chrome()
+    try:
+        driver.get(srv.url)
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.CSS_SELECTOR, "#model dd") is not None)
+        driver.find_element(By.ID, "files").send_keys(str(image))
+        card = WebDriverWait(driver, 60).until(lambda d: d.find_element(
+            By.CSS_SELECTOR, f'.result[data-name="{image.name}"]:not([data-status="pending"])'))
+        note = card.find_elements(By.CLASS_NAME, "note")[-1].text
+        assert "each finding judged on its own" in note and "probability of being" not in note
+        bars = card.find_elements(By.CLASS_NAME, "bar")
+        assert {b.get_attribute("data-class") for b in bars} == {"Bacterial", "Pneumonia", "Viral"}
+        called = {b.get_attribute("data-class") for b in bars if "top" in b.get_attribute("class").split()}
+        assert note.startswith("No finding") if not called else all(c in note for c in called)
+    finally:
+        driver.quit()
+        srv.stop()
+
+
+def test_an_operating_point_sets_each_findings_threshold_to_reach_it_on_validation():
+    from cellcls.evaluation.multilabel import fit_rule
+
+    rng = np.random.default_rng(1)
+    y = (rng.uniform(size=(120, 2)) < 0.3).astype(float)
+    p = np.clip(0.35 * y + 0.65 * rng.uniform(size=y.shape), 0, 1)
+    rule = fit_rule(y, p, "sensitivity:0.9")
+    for k, cut in enumerate(rule.thresholds):
+        positives = p[y[:, k] == 1, k]
+        assert (positives >= cut).mean() >= 0.9
+        assert (positives > cut).mean() < 0.9 + 1 / len(positives)  # the highest threshold that reaches it
+    assert rule.to_dict()["operating_point"] == "sensitivity:0.9"

@@ -340,6 +340,7 @@ class _Fixed:
     classes = ["Uninfected", "Parasitized"]
     supports_cam = False
     threshold = None
+    findings = None  # a single-label model (the Predictor protocol's multi-label rule)
     path = Path("fixed")
     card: dict = {}
 
@@ -397,6 +398,19 @@ def test_an_upload_unlike_the_training_images_is_classified_with_warnings():
     assert odd["ok"] and odd["label"] == "Parasitized"
     text = " ".join(odd["warnings"])
     assert "3000x2000 px" in text and "greyscale image" in text and "brightness 0.98" in text
+
+
+def test_a_greyscale_upload_is_usual_for_a_model_trained_on_mostly_greyscale_files():
+    import numpy as np
+
+    from cellcls.data.reference import unusual
+
+    # Kermany's chest X-ray training folder: 340 L files and 14 RGB ones
+    reference = {"width": [200, 300], "height": [200, 300], "modes": ["L", "RGB"], "intensity": [0.2, 0.8]}
+    image = np.full((1, 64, 64), 128, np.uint8)
+    assert unusual(reference, 256, 256, "L", image) == []
+    assert unusual(reference, 256, 256, "RGB", image) == []
+    assert "greyscale image" in " ".join(unusual({**reference, "modes": ["RGB"]}, 256, 256, "L", image))
 
 
 def test_the_card_gives_the_test_accuracy_with_its_interval_and_number_of_images(server):

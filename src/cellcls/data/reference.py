@@ -61,10 +61,12 @@ def unusual(reference: dict[str, Any], width: int, height: int, mode: str, image
     if not (w0 / SIZE_SLACK <= width <= w1 * SIZE_SLACK and h0 / SIZE_SLACK <= height <= h1 * SIZE_SLACK):
         notes.append(f"its size {width}x{height} px is far from the training images' ({w0}-{w1} x {h0}-{h1} px)")
     grey = {"L", "I", "I;16", "I;16B", "I;16L", "F", "1"}
-    trained_grey = all(m in grey for m in reference["modes"])
-    if (mode in grey) != trained_grey:
+    # a kind is unusual only when training had none of it: Kermany's X-rays are mostly L with a few RGB files
+    trained_kinds = {m in grey for m in reference["modes"]}
+    if (mode in grey) not in trained_kinds:
         kind = "greyscale" if mode in grey else "colour"
-        notes.append(f"it is a {kind} image; the model was trained on {'greyscale' if trained_grey else 'colour'} images")
+        other = "colour" if mode in grey else "greyscale"
+        notes.append(f"it is a {kind} image; the model was trained on {other} images")
     lo, hi = reference["intensity"]
     mean = float(np.asarray(image).mean()) / 255
     if not lo <= mean <= hi:

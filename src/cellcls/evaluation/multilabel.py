@@ -13,6 +13,8 @@ import numpy as np
 
 from cellcls.data.findings import finding_text
 from cellcls.data.samples import Samples
+from cellcls.errors import DataError
+from cellcls.scoring.calibration import choose_threshold, parse_operating_point
 from cellcls.data.splits import relative_path
 from cellcls.infra.run_folder import write_csv
 from cellcls.scoring.multilabel import FindingRule, fit_thresholds, multilabel_metrics, summary_lines
@@ -20,9 +22,21 @@ from cellcls.scoring.multilabel import FindingRule, fit_thresholds, multilabel_m
 log = logging.getLogger(__name__)
 
 
-def fit_rule(val_targets: np.ndarray, val_probs: np.ndarray) -> FindingRule:
-    """Each finding's threshold, fitted on the validation predictions (largest Youden's J)."""
-    return FindingRule(tuple(fit_thresholds(val_targets, val_probs)), f"val ({len(val_targets)} images)")
+def fit_rule(val_targets: np.ndarray, val_probs: np.ndarray, operating_point: str | None = None) -> FindingRule:
+    """Each finding's threshold, fitted on the validation predictions: the largest Youden's J, or with
+    ``operating_point`` (``sensitivity:0.9``) the threshold that reaches that level for every finding."""
+    fitted_on = f"val ({len(val_targets)} images)"
+    if not operating_point:
+        return FindingRule(tuple(fit_thresholds(val_targets, val_probs)), fitted_on)
+    kind, level = parse_operating_point(operating_point)
+    cuts = []
+    for k in range(val_targets.shape[1]):
+        known = ~np.isnan(val_targets[:, k])
+        try:
+            cuts.append(choose_threshold(val_targets[known, k], val_probs[known, k], kind, level))
+        except DataError as exc:
+            raise DataError(f"operating_point={operating_point}: finding {k + 1} of {val_targets.shape[1]}: {exc}") from None
+    return FindingRule(tuple(cuts), fitted_on, operating_point)
 
 
 def write_finding_predictions(path: Path, samples: Samples, probs: np.ndarray, findings: Sequence[str],
@@ -55,7 +69,8 @@ def finding_report(result: dict[str, Any], path: Path, figures: dict[str, Path])
              f"checkpoint `{result['checkpoint']}` (epoch {result['epoch']}), {result['num_images']} images, "
              f"{len(result['findings'])} findings (one sigmoid each)", "", "```", *summary_lines(result), "```", "",
              f"Intervals: {result['interval']['method']}, over {result['interval']['groups']} units. Thresholds: "
-             f"{result['decision'].get('fitted_on') or 'none fitted, 0.5 each'} (largest Youden's J)."]
+             f"{result['decision'].get('fitted_on') or 'none fitted, 0.5 each'} "
+             f"({result['decision'].get('operating_point') or 'largest Youden J'})."]
     lines += [f"\n## {title}\n\n![{title}]({p.name})" for title, p in figures.items()]
     path.write_text("\n".join(lines) + "\n")
 

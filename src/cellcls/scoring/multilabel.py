@@ -184,11 +184,13 @@ def chance_level(metric: str, val: np.ndarray, train: np.ndarray) -> float:
 @dataclass(frozen=True)
 class FindingRule:
     """How a multi-label model's logits become findings: sigmoid, then finding k when its probability is at least
-    ``thresholds[k]`` (fitted on validation for the largest Youden's J; 0.5 each when none were fitted). Stored in
+    ``thresholds[k]`` (fitted on validation for the largest Youden's J, or for ``operating_point``; 0.5 each when
+    none were fitted). Stored in
     the checkpoint's ``calibration`` and the model card."""
 
     thresholds: tuple[float, ...]
     fitted_on: str | None = None
+    operating_point: str | None = None  # e.g. "sensitivity:0.9", what every threshold was chosen for; None: Youden
 
     @classmethod
     def of(cls, stored: dict[str, Any] | None, count: int) -> FindingRule:
@@ -196,10 +198,11 @@ class FindingRule:
         cuts = stored.get("thresholds")
         if cuts is None or len(cuts) != count:
             return cls(tuple([DEFAULT_THRESHOLD] * count))
-        return cls(tuple(float(c) for c in cuts), stored.get("fitted_on"))
+        return cls(tuple(float(c) for c in cuts), stored.get("fitted_on"), stored.get("operating_point"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": "multilabel", "thresholds": list(self.thresholds), "fitted_on": self.fitted_on}
+        return {"task": "multilabel", "thresholds": list(self.thresholds), "fitted_on": self.fitted_on,
+                "operating_point": self.operating_point}
 
     def findings(self, probs: np.ndarray) -> np.ndarray:
         """Boolean ``N x K``: each finding present by its threshold."""

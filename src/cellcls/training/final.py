@@ -57,7 +57,7 @@ def calibrate_and_test(job: Job, calibrate: bool, operating_point: str | None,
     job.net.to(memory_format=torch.contiguous_format)
     job.runtime.memory_format = torch.contiguous_format
     if job.data.multilabel:
-        return _test_findings(job, best)
+        return _test_findings(job, best, operating_point)
     decision = Decision()
     if calibrate or operating_point or conformal is not None:
         decision = fit_decision(*_logits(job, "val"), calibrate, operating_point, conformal=conformal)
@@ -106,11 +106,11 @@ def calibrate_and_test(job: Job, calibrate: bool, operating_point: str | None,
     return result
 
 
-def _test_findings(job: Job, best: Checkpoint) -> dict[str, Any] | None:
-    """A multi-label best.pt: each finding's threshold fitted on validation and stored; the test split scored per
-    finding at them."""
+def _test_findings(job: Job, best: Checkpoint, operating_point: str | None) -> dict[str, Any] | None:
+    """A multi-label best.pt: each finding's threshold fitted on validation (Youden's J, or ``operating_point``)
+    and stored; the test split scored per finding at them."""
     val_logits, val_targets = _logits(job, "val")
-    rule = fit_rule(val_targets.numpy(), finding_probabilities(val_logits).numpy())
+    rule = fit_rule(val_targets.numpy(), finding_probabilities(val_logits).numpy(), operating_point)
     best.calibration = rule.to_dict()
     save_checkpoint(best, job.run.best_checkpoint)
     if "test" not in job.data.loaders:

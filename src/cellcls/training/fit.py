@@ -18,6 +18,7 @@ from cellcls.data.splits import write_split_lists
 from cellcls.data.summary import count_table
 from cellcls.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from cellcls.metric_names import epoch_metrics, metric_mode
+from cellcls.scoring.calibration import parse_operating_point
 from cellcls.scoring.conformal import check_calibration_size, check_level
 from cellcls.scoring.metrics import beyond_chance, chance_level
 from cellcls.scoring.multilabel import chance_level as multilabel_chance
@@ -108,13 +109,16 @@ def start_fit(cfg: DictConfig, run_dir: Path, resume: Checkpoint | None, overrid
 
 
 def refuse_single_label_rules(cfg: DictConfig) -> None:
-    """A multi-label model gets per-finding thresholds fitted on validation; the single-label decision rules
-    (temperature, one operating point, prediction sets, the OOD rule) are refused before the first epoch."""
-    asked = [k for k in ("calibrate", "operating_point", "conformal", "ood") if cfg.get(k)]
+    """A multi-label model gets per-finding thresholds fitted on validation (``operating_point`` applies to each
+    finding); the single-label rules (temperature, prediction sets, the OOD rule) are refused before the first
+    epoch."""
+    asked = [k for k in ("calibrate", "conformal", "ood") if cfg.get(k)]
     if asked:
         raise ConfigError(f"{', '.join(asked)}: not available for a multi-label table yet (one sigmoid per finding); "
-                          "each finding's threshold is fitted on validation (largest Youden's J) instead; leave "
-                          f"{' and '.join(asked)} unset")
+                          "each finding's threshold is fitted on validation instead (largest Youden's J, or "
+                          f"operating_point=sensitivity:<level>); leave {' and '.join(asked)} unset")
+    if cfg.get("operating_point"):
+        parse_operating_point(str(cfg.operating_point))  # refused now, not after the last epoch
 
 
 def conformal_level(cfg: DictConfig) -> float | None:

@@ -247,9 +247,10 @@ const cellclsLocal = (() => {
     if (!(w0 / slack <= image.width && image.width <= w1 * slack && h0 / slack <= image.height && image.height <= h1 * slack)) {
       notes.push(`its size ${image.width}x${image.height} px is far from the training images' (${w0}-${w1} x ${h0}-${h1} px)`);
     }
-    const trainedGrey = reference.modes.every((m) => GREY_MODES.has(m)), grey = GREY_MODES.has(image.mode);
-    if (grey !== trainedGrey) {
-      notes.push(`it is a ${grey ? "greyscale" : "colour"} image; the model was trained on ${trainedGrey ? "greyscale" : "colour"} images`);
+    // a kind is unusual only when training had none of it (mixed training modes flag neither)
+    const grey = GREY_MODES.has(image.mode), seen = reference.modes.some((m) => GREY_MODES.has(m) === grey);
+    if (!seen) {
+      notes.push(`it is a ${grey ? "greyscale" : "colour"} image; the model was trained on ${grey ? "colour" : "greyscale"} images`);
     }
     let sum = 0;
     for (const v of image.pixels) sum += v;
