@@ -220,15 +220,6 @@ def test_the_server_answers_with_every_finding(xray_run):
     assert set(answer["thresholds"]) == set(answer["probabilities"])
 
 
-def test_a_multilabel_model_is_refused_by_the_browser_export_before_any_work(xray_run, tmp_path):
-    from cellcls.deploy.web_export import export_web
-    from cellcls.models.trained import load_model
-
-    with pytest.raises(ConfigError, match="multi-label"):
-        export_web(load_model(xray_run), tmp_path / "web", runtime=tmp_path / "no-runtime.tgz")
-    assert not (tmp_path / "web").exists()
-
-
 def test_single_label_tools_refuse_a_multilabel_run_by_name(xray_run):
     from cellcls.evaluation.recalibrate import recalibrate
 

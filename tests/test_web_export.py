@@ -278,3 +278,30 @@ def test_an_int8_web_export_runs_in_the_browser_as_onnxruntime_runs_it(malaria_r
             assert np.abs(np.array(list(got.values())) - w.probabilities).max() < 1e-4
     finally:
         server.stop()
+
+
+@needs_runtime
+@needs_browser
+def test_a_multilabel_model_calls_each_finding_in_the_browser_as_predict_does(chrome, tmp_path):
+    from conftest import train_in_process
+
+    from cellcls.data.datamodule import resolve_root
+
+    train_in_process(tmp_path / "run", "dataset=synthetic_multilabel", "dataset.render.train_per_class=60",
+                     "dataset.render.test_per_class=10", "dataset.render.size=48", "dataset.image_size=[48,48]",
+                     "model=lenet", "trainer.max_epochs=3", "trainer.progress_bar=false")
+    loaded = load_model(tmp_path / "run", device="cpu")
+    server = StaticServer(export_web(loaded, tmp_path / "site", RUNTIME))
+    try:
+        open_ready(chrome, server.url)
+        files = sorted((resolve_root(loaded.config.dataset) / "images" / "test").glob("*.png"))[:6]
+        cards = choose(chrome, files)
+        expected, _ = predict_files(loaded, files)
+        for path, want in zip(files, expected, strict=True):
+            card = cards[path.name]
+            got = json.loads(card.get_attribute("data-probabilities"))
+            assert list(got) == ["ring", "stippling", "target"]
+            assert np.abs(np.array(list(got.values())) - want.probabilities).max() < 1e-4, path.name
+            assert card.find_element("class name", "label").text == want.label(loaded.classes)
+    finally:
+        server.stop()

@@ -122,17 +122,8 @@ def fetch_tarball(folder: Path) -> Path:
     return atomic_write(Path(folder) / TARBALL, _download())
 
 
-def require_single_label(card: dict[str, Any]) -> None:
-    """The page's decision rule is single-label; a multi-label model is refused before any work."""
-    if card.get("task") == "multilabel":
-        raise ConfigError("format=web (and serve client_side=true) runs single-label models in the browser; this model "
-                          "is multi-label (one sigmoid per finding): serve it with python -m cellcls.serve "
-                          "checkpoint=<run>, whose page and /api/predict return every finding")
-
-
 def web_card(card: dict[str, Any]) -> dict[str, Any]:
     """The export's model card plus what the page needs to act like the server: its limits and messages."""
-    require_single_label(card)
     limits = Limits()
     return {**card, "exported_as": "web", "checkpoint": shown_path(card.get("checkpoint")),
             "limits": {k: getattr(limits, k) for k in ("max_image_mb", "max_pixels", "max_batch", "uncertain_margin")},
@@ -188,7 +179,6 @@ def export_web(loaded: Any, output: Path, runtime: str | Path | None = None, ops
                model: Path | None = None) -> Path:
     """Write the static folder for ``loaded`` (a :class:`cellcls.models.trained.LoadedModel`) to ``output``; with
     ``model``, that ONNX file (an int8 copy) and its card instead of a fresh export."""
-    require_single_label(loaded.card if model is None else json.loads(card_path(model).read_text()))
     check_output(output)
     files = runtime_files(runtime)  # a missing runtime fails before any export work
 
@@ -208,7 +198,6 @@ def web_folder_of_exported(model: Path, card: dict[str, Any], output: Path, runt
     """The same folder around an ONNX file exported earlier (``serve client_side=true`` on an exported model)."""
     if model.suffix.lower() != ".onnx":
         raise ConfigError(f"client_side=true needs a checkpoint or an ONNX export; {model.name} is TorchScript")
-    require_single_label(card)
     check_output(output)
     files = runtime_files(runtime)
 

@@ -269,7 +269,18 @@ const cellclsLocal = (() => {
     return out;
   }
 
+  function decideFindings(name, probs, card, warnings) { // Classifier.findings_result: each finding on its own
+    const classes = card.classes, cuts = card.decision.thresholds;
+    const present = probs.map((p, k) => p >= cuts[k]), found = classes.filter((c, k) => present[k]);
+    return {name, ok: true, label: found.join("|") || "No Finding", findings: found, warnings,
+      thresholds: Object.fromEntries(classes.map((c, k) => [c, cuts[k]])),
+      confidence: Math.min(...probs.map((p, k) => present[k] ? p : 1 - p)),
+      probabilities: Object.fromEntries(classes.map((c, k) => [c, probs[k]])), cam_png: null, error: null,
+      uncertain: probs.some((p, k) => Math.abs(p - cuts[k]) < card.limits.uncertain_margin / 2)};
+  }
+
   function decide(name, probs, score, card, warnings) { // the card's decision rule, as cellcls.deploy.server does it
+    if (card.task === "multilabel") return decideFindings(name, probs, card, warnings);
     const classes = card.classes, rule = card.decision || {};
     let best = 0;
     for (let k = 1; k < probs.length; k++) if (probs[k] > probs[best]) best = k;
