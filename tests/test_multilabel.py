@@ -264,3 +264,15 @@ def test_an_operating_point_sets_each_findings_threshold_to_reach_it_on_validati
         assert (positives >= cut).mean() >= 0.9
         assert (positives > cut).mean() < 0.9 + 1 / len(positives)  # the highest threshold that reaches it
     assert rule.to_dict()["operating_point"] == "sensitivity:0.9"
+
+
+def test_both_input_pipelines_and_uncached_files_train_a_multilabel_set_alike(tmp_path):
+    small = ["dataset=synthetic_multilabel", "dataset.render.train_per_class=60", "dataset.render.test_per_class=10",
+             "dataset.render.size=48", "dataset.image_size=[48,48]", "model=lenet", "trainer.max_epochs=2",
+             "trainer.progress_bar=false"]
+    scores = []
+    for name, extra in (("device", "trainer.pipeline=device"), ("loader", "trainer.pipeline=loader"),
+                        ("files", "dataset.cache=false")):
+        train_in_process(tmp_path / name, *small, extra)
+        scores.append(json.loads((tmp_path / name / "test_metrics.json").read_text())["macro_roc_auc"])
+    assert scores[1] == pytest.approx(scores[0], abs=1e-6) and scores[2] == pytest.approx(scores[0], abs=1e-6)
