@@ -58,6 +58,27 @@ def test_local_weights_load_into_the_backbone_and_a_new_head_starts_fresh(tmp_pa
     assert model.fc.out_features == 2
 
 
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_norm_keeps_the_starting_weights_batchnorm_through_training(tmp_path, freeze):
+    source = published()
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    model = build_model({**TIMM, "weights": str(path), "freeze_norm": freeze}, 3, 2, [64, 64])
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("bn1.")}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.rand(4, 3, 64, 64) * 3).logsumexp(1).mean().backward()
+        optimizer.step()
+    after = model.state_dict()
+    kept = all(torch.equal(after[k], v) for k, v in before.items() if k in after)
+    assert kept is freeze  # statistics and scale as the weights brought them, or updated by training
+    assert torch.equal(before["bn1.running_mean"], source.state_dict()["bn1.running_mean"])
+    rebuilt = build_model({**TIMM, "freeze_norm": freeze}, 3, 2, [64, 64], starting_weights=False)
+    rebuilt.load_state_dict(model.state_dict())  # a checkpoint's weights fit the model its spec rebuilds
+
+
 def test_local_weights_are_adapted_to_greyscale_by_summing_the_stem(tmp_path):
     source = published()
     torch.save(source.state_dict(), tmp_path / "w.pt")

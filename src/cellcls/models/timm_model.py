@@ -60,6 +60,7 @@ def timm_model(
     drop_rate: float = 0.0,
     drop_path_rate: float | None = None,
     head_init: str = "zero",
+    freeze_norm: bool = False,
 ) -> nn.Module:
     """``timm.create_model(arch)`` with the data set's channels and classes.
 
@@ -69,6 +70,8 @@ def timm_model(
     at zero (``head_init=zero``), so the first logits are 0 and the backbone gets no gradient until the head has
     learnt something (timm's own start, ``head_init=timm``, is uniform +-1/sqrt(classes): logits of +-6 on pretrained
     features for two classes, a first loss near 3.5 and large first gradients into the backbone).
+    ``freeze_norm`` turns every BatchNorm into timm's frozen one: the starting weights' statistics and scale stay as
+    they are, in training too (fine-tuning on small batches of a small data set).
     """
     if head_init not in ("zero", "timm"):
         raise ConfigError(f"model.head_init={head_init!r} is not valid; allowed values: zero, timm")
@@ -92,6 +95,8 @@ def timm_model(
             and isinstance(head, nn.Linear):
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
+    if freeze_norm:  # after the starting weights: their statistics are what is kept
+        model = timm.layers.freeze_batch_norm_2d(model)
     return model
 
 
