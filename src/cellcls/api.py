@@ -20,7 +20,6 @@ import torch
 
 from cellcls.data.dataset import load_image
 from cellcls.deploy.predictor import Predictor, load_predictor
-from cellcls.data.findings import finding_text
 from cellcls.scoring.heads import labels_of
 
 ImageInput = str | Path | np.ndarray | torch.Tensor
@@ -96,7 +95,7 @@ class Model:
         probs = self.predict_proba(images)
         rule = self.predictor.findings
         if rule is not None:
-            return [finding_text(row.astype(float), self.classes) for row in rule.findings(probs)]
+            return rule.names(probs, self.classes)
         return [self.classes[i] for i in labels_of(probs, self.predictor.threshold)]
 
     def predict_findings(self, images: Sequence[ImageInput] | np.ndarray | torch.Tensor) -> list[list[str]]:

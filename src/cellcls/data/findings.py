@@ -111,13 +111,6 @@ def require_both_values(vectors: Sequence[Sequence[float]], findings: list[str],
                         "drop such findings (dataset.classes) or add images")
 
 
-def finding_text(row: Sequence[float], findings: Sequence[str]) -> str:
-    """A target or decision row as ChestX-ray14 writes it: ``Effusion|Mass``, ``No Finding``, ``?`` marking an
-    uncertain finding (``Effusion|?Mass``)."""
-    named = [("?" + f if math.isnan(v) else f) for f, v in zip(findings, row, strict=True) if math.isnan(v) or v == 1]
-    return "|".join(named) or "No Finding"
-
-
 def require_single_label(ds: Any, what: str) -> None:
     """Refuse ``what`` (a tool built for one class per image) on a multi-label table, saying so."""
     if is_multilabel(ds):

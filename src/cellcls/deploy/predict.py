@@ -19,7 +19,6 @@ from cellcls.deploy.predictor import Predictor
 from cellcls.errors import DataError, printable
 from cellcls.infra import plots
 from cellcls.evaluation.figures import cam_maps
-from cellcls.data.findings import finding_text
 from cellcls.scoring.heads import Decision
 from cellcls.scoring.multilabel import FindingRule
 from cellcls.models.trained import LoadedModel
@@ -36,7 +35,7 @@ class Prediction:
     def label(self, classes: Sequence[str]) -> str:
         """The predicted class, or a multi-label model's findings (``Effusion|Mass``, ``No Finding``)."""
         if self.findings is not None:
-            return finding_text(self.findings.findings(self.probabilities[None])[0].astype(float), classes)
+            return self.findings.names(self.probabilities[None], classes)[0]
         return classes[int(self.decision.labels(self.probabilities[None])[0])]
 
     def prediction_set(self, classes: Sequence[str]) -> list[str] | None:

@@ -20,7 +20,6 @@ from cellcls.data.reference import unusual
 from cellcls.deploy.predict import OUTSIDE
 from cellcls.deploy.batching import MicroBatcher
 from cellcls.deploy.predictor import Predictor
-from cellcls.data.findings import finding_text
 from cellcls.errors import DataError
 from cellcls.infra import plots
 from cellcls.scoring.heads import labels_of
@@ -140,7 +139,7 @@ class Classifier:
         present = rule.findings(probs[None])[0]
         sure = np.where(present, probs, 1 - probs)
         near = np.abs(probs - np.asarray(rule.thresholds)) < self.limits.uncertain_margin / 2
-        return {"ok": True, "label": finding_text(present.astype(float), classes),
+        return {"ok": True, "label": rule.names(probs[None], classes)[0],
                 "findings": [c for c, m in zip(classes, present, strict=True) if m],
                 "thresholds": dict(zip(classes, rule.thresholds, strict=True)), "confidence": float(sure.min()),
                 "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)},

@@ -7,17 +7,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cellcls.data.findings import finding_text
 from cellcls.data.samples import Samples
 from cellcls.errors import DataError
 from cellcls.scoring.calibration import choose_threshold, parse_operating_point
 from cellcls.data.splits import relative_path
 from cellcls.infra.run_folder import write_csv
-from cellcls.scoring.multilabel import FindingRule, fit_thresholds, multilabel_metrics, summary_lines
+from cellcls.scoring.multilabel import FindingRule, finding_text, fit_thresholds, multilabel_metrics, summary_lines
+
+if TYPE_CHECKING:  # evaluate.py imports this module: its types only, for the hints
+    from cellcls.evaluation.evaluate import EvaluationData
+    from cellcls.infra.run_folder import EvaluationFolder
+    from cellcls.models.trained import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +48,10 @@ def write_finding_predictions(path: Path, samples: Samples, probs: np.ndarray, f
     """``predictions.csv`` of a multi-label model: each image, its true and predicted findings, and each finding's
     probability."""
     assert samples.targets is not None
-    decided = rule.findings(probs)
+    decided = rule.names(probs, findings)
     rows = [{"file": relative_path(file, root) if root else str(file),
              "true": finding_text(target, findings),
-             "predicted": finding_text(d.astype(float), findings),
+             "predicted": d,
              **{f"p_{f}": f"{v:.6f}" for f, v in zip(findings, p, strict=True)}}
             for file, target, p, d in zip(samples.paths, samples.targets, probs, decided, strict=True)]
     write_csv(path, rows, columns=("file", "true", "predicted", *[f"p_{f}" for f in findings]))
@@ -75,7 +79,7 @@ def finding_report(result: dict[str, Any], path: Path, figures: dict[str, Path])
     path.write_text("\n".join(lines) + "\n")
 
 
-def cam_per_finding(loaded: Any, images: Any, probs: np.ndarray, targets: np.ndarray, path: Path,
+def cam_per_finding(loaded: LoadedModel, images: Sequence[np.ndarray], probs: np.ndarray, targets: np.ndarray, path: Path,
                     layer: str | None = None, count: int = 3) -> Path:
     """Grad-CAM of each finding's logit (columns) on a few images that hold findings (rows), titled with the
     finding's probability and whether the image has it."""
@@ -98,7 +102,8 @@ def cam_per_finding(loaded: Any, images: Any, probs: np.ndarray, targets: np.nda
                                        heat_legend=plots.CAM_LEGEND), path)
 
 
-def evaluate_findings(loaded: Any, data: Any, out: Any, make_plots: bool, cam_layer: str | None) -> dict[str, Any]:
+def evaluate_findings(loaded: LoadedModel, data: EvaluationData, out: EvaluationFolder, make_plots: bool,
+                      cam_layer: str | None) -> dict[str, Any]:
     """``evaluate`` for a multi-label model: per-finding metrics at its thresholds, ``predictions.csv``, the
     report and per-finding Grad-CAM."""
     from cellcls.evaluation.evaluate import ImageRows

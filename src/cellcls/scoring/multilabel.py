@@ -22,6 +22,14 @@ from cellcls.scoring.intervals import group_counts, jackknife_logit_interval, pr
 DEFAULT_THRESHOLD = 0.5
 
 
+def finding_text(row: Sequence[float], findings: Sequence[str]) -> str:
+    """A target or decision row as ChestX-ray14 writes it: ``Effusion|Mass``, ``No Finding``, ``?`` marking an
+    uncertain finding (``Effusion|?Mass``)."""
+    named = [("?" + f if math.isnan(v) else f) for f, v in zip(findings, row, strict=True) if math.isnan(v) or v == 1]
+    return "|".join(named) or "No Finding"
+
+
+
 def finding_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Each finding's probability: the sigmoid of its logit."""
     return torch.sigmoid(logits.float())
@@ -207,3 +215,7 @@ class FindingRule:
     def findings(self, probs: np.ndarray) -> np.ndarray:
         """Boolean ``N x K``: each finding present by its threshold."""
         return np.asarray(probs) >= np.asarray(self.thresholds)[None, :]
+
+    def names(self, probs: np.ndarray, findings: Sequence[str]) -> list[str]:
+        """Each row's findings by their thresholds, as ChestX-ray14 writes them (``Effusion|Mass``, ``No Finding``)."""
+        return [finding_text(row.astype(float), findings) for row in self.findings(probs)]

@@ -18,7 +18,7 @@ import torch
 from torchvision.utils import make_grid
 
 from cellcls.config.targets import instantiate
-from cellcls.data.findings import finding_text
+from cellcls.scoring.multilabel import finding_text
 from cellcls.infra.checkpoint import save_checkpoint
 from cellcls.infra import plots
 from cellcls.infra.run_folder import write_json
