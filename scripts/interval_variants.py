@@ -5,8 +5,9 @@ docs/QUALITY.md).
         [sizes=5,10,20] [draws=300] [seed=0]
 
 Like ``interval_coverage.py`` (random test sets of ``size`` groups from out-of-fold predictions, the truth being the
-accuracy on the other groups), for accuracy only, with the shipped beta-binomial interval, two other priors on its
-concentration, and the cluster ratio estimator with t.
+accuracy on the other groups), for accuracy only: the shipped Dirichlet-process posterior (one unseen group, its rate
+Beta(1/2, 1/2)), two other choices of its unseen group, the beta-binomial model over groups cellcls shipped before
+2026-12-03 with three priors on its concentration, and the cluster ratio estimator with t.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.special import betaln
+from scipy.special import betaln, expit
 from scipy.stats import t as student_t
 
 import cellcls.scoring.intervals as iv
@@ -31,24 +32,49 @@ def ratio_t(k: np.ndarray, n: np.ndarray) -> tuple[float, float]:
     return max(0.0, r - half), min(1.0, r + half)
 
 
+_MU = expit(np.linspace(-12.0, 12.0, 961))  # the population mean's grid, dense near 0 and 1
+_EDGES = np.concatenate([[0.0], (_MU[1:] + _MU[:-1]) / 2, [1.0]])
+_KAPPA = np.exp(np.linspace(math.log(0.1), math.log(1e4), 71))  # the concentration's grid
+
+
 def with_prior(power: float):
-    """The beta-binomial interval with a prior proportional to concentration**power on the same grid."""
+    """The beta-binomial model over groups (each group's rate ~ Beta(mu kappa, (1 - mu) kappa), uniform prior on
+    mu), with a prior proportional to kappa**power; on a grid."""
 
     def interval(k: np.ndarray, n: np.ndarray) -> tuple[float, float]:
         pairs, weight = np.unique(np.stack([k, n], 1), axis=0, return_counts=True)
-        a, b = iv._MU[:, None] * iv._KAPPA[None, :], (1 - iv._MU)[:, None] * iv._KAPPA[None, :]
+        a, b = _MU[:, None] * _KAPPA[None, :], (1 - _MU)[:, None] * _KAPPA[None, :]
         ll = -betaln(a, b) * weight.sum()
         ll = ll + (betaln(pairs[:, 0] + a[..., None], pairs[:, 1] - pairs[:, 0] + b[..., None]) * weight).sum(-1)
-        lp = ll + np.log(iv._MU * (1 - iv._MU))[:, None] + power * np.log(iv._KAPPA)[None, :]
+        lp = ll + np.log(_MU * (1 - _MU))[:, None] + power * np.log(_KAPPA)[None, :]
         post = np.exp(lp - lp.max()).sum(1)
-        lo, hi = iv._quantiles(post / post.sum(), 0.95)
+        cdf = np.concatenate([[0.0], np.cumsum(post / post.sum())])
+        lo, hi = float(np.interp(0.025, cdf, _EDGES)), float(np.interp(0.975, cdf, _EDGES))
         pooled = k.sum() / n.sum()
         return min(lo, pooled), max(hi, pooled)
 
     return interval
 
 
-METHODS = {"beta-binomial, log-uniform concentration (shipped)": iv.proportion_interval,
+def unseen_group(concentration: float, rate: tuple[float, float]):
+    """The shipped Dirichlet-process interval with another weight or rate prior for its unseen group."""
+
+    def interval(k: np.ndarray, n: np.ndarray) -> tuple[float, float]:
+        saved = iv.UNSEEN_GROUPS, iv.UNSEEN_RATE
+        iv.UNSEEN_GROUPS, iv.UNSEEN_RATE = concentration, rate
+        try:
+            return iv.proportion_interval(k, n)
+        finally:
+            iv.UNSEEN_GROUPS, iv.UNSEEN_RATE = saved
+
+    return interval
+
+
+METHODS = {"Dirichlet process, 1 unseen group, rate Beta(1/2, 1/2) (shipped)": iv.proportion_interval,
+           "Dirichlet process, 1 unseen group, rate uniform": unseen_group(1.0, (1.0, 1.0)),
+           "Dirichlet process, 2 unseen groups, rate uniform (Bayes-Laplace with one image a group)":
+               unseen_group(2.0, (1.0, 1.0)),
+           "beta-binomial, log-uniform concentration (shipped until 2026-12-03)": with_prior(0.0),
            "beta-binomial, concentration^-0.5": with_prior(-0.5),
            "beta-binomial, BDA's (a+b)^-5/2": with_prior(-1.5),
            "cluster ratio estimator, t": ratio_t}

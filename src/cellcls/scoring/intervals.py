@@ -5,14 +5,20 @@ perfectly while the errors sit in a few others. A percentile bootstrap over thos
 it never saw: measured on out-of-fold malaria predictions, its nominal 95% covered 0.60-0.84 (docs/QUALITY.md,
 "Intervals that cover?"). The methods here allow for patients unlike the ones seen:
 
-- a proportion (accuracy, sensitivity, specificity, prediction-set coverage): the posterior of the population mean
-  ``mu`` of a beta-binomial model over groups (each patient's own rate ``theta_g ~ Beta(mu kappa, (1 - mu) kappa)``;
-  uniform prior on ``mu``, log-uniform on the concentration ``kappa``; Gelman et al., *Bayesian Data Analysis*,
-  ch. 5), computed on a grid. Small ``kappa`` is "patients differ a lot", so a few perfect patients leave room for
-  bad ones; with one image per group it is the Bayes-Laplace interval of a binomial proportion.
-- balanced accuracy: the mean of the per-class recall posteriors (sampled, seeded).
+- a proportion (accuracy, sensitivity, specificity, prediction-set coverage): the posterior of the image-weighted
+  rate over the population of groups under a Dirichlet-process prior (Ferguson 1973): the groups seen, each with
+  weight Dirichlet(1), plus one unseen group (concentration 1) of average size whose rate is drawn from
+  Beta(1/2, 1/2). The unseen group is what leaves room for a patient worse (or better) than any seen. With one image
+  per group it is exactly the Jeffreys interval of a binomial proportion, the one Brown, Cai & DasGupta (2001)
+  recommend for its coverage. Sampled (seeded, so reports are reproducible); groups with the same counts are merged
+  (the Dirichlet's aggregation property), so thousands of images cost no more than a few.
+- balanced accuracy: the mean of the per-class recall posteriors, sampled independently (weighing each patient once
+  for all classes was tried and covered no better on the malaria and pneumonia simulations: docs/QUALITY.md).
 - ROC-AUC: the delete-one-group jackknife's standard error on the logit scale with Student's t on ``groups - 1``
-  degrees of freedom, the small-sample cluster rule; it cannot see unseen bad patients either (measured).
+  degrees of freedom, the small-sample cluster rule; it cannot see unseen bad patients, and with nearly every pair
+  ordered it sees no spread (measured). For two classes the interval is therefore never narrower than the proportion
+  interval of the AUC read as a rate over the rarer class: each of its images scores its placement (the share of the
+  other class it outranks; their mean is the AUC), grouped like any proportion (DeLong's placement values).
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy.special import betaln, expit, logit
+from scipy.special import expit, logit
 from scipy.stats import t as student_t
 
 LEVEL = 0.95
-_MU = expit(np.linspace(-12.0, 12.0, 961))  # dense near 0 and 1, where accuracies live
-_EDGES = np.concatenate([[0.0], (_MU[1:] + _MU[:-1]) / 2, [1.0]])
-_KAPPA = np.exp(np.linspace(math.log(0.1), math.log(1e4), 71))
+RATE_METHOD = "Dirichlet-process posterior"  # how a proportion's interval is named in reports
+UNSEEN_GROUPS = 1.0  # the Dirichlet process's concentration: the weight of the unseen group, in groups
+UNSEEN_RATE = (0.5, 0.5)  # its rate's Beta prior (Jeffreys)
+DRAWS = 20000
 
 
 def group_counts(cases: np.ndarray, hits: np.ndarray, groups: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -42,51 +49,57 @@ def group_counts(cases: np.ndarray, hits: np.ndarray, groups: Sequence[str] | No
     return np.bincount(codes, weights=hits[cases]).astype(int), np.bincount(codes).astype(int)
 
 
-def proportion_posterior(successes: np.ndarray, trials: np.ndarray) -> np.ndarray:
-    """The posterior probability of each grid value of the population rate ``mu`` (sums to 1)."""
-    pairs, weight = np.unique(np.stack([successes, trials], 1), axis=0, return_counts=True)
-    a = _MU[:, None] * _KAPPA[None, :]
-    b = (1 - _MU)[:, None] * _KAPPA[None, :]
-    loglik = -betaln(a, b) * weight.sum()
-    for start in range(0, len(pairs), 32):  # chunks keep the grid x groups array small
-        k, n, w = pairs[start:start + 32, 0], pairs[start:start + 32, 1], weight[start:start + 32]
-        loglik = loglik + (betaln(k + a[..., None], n - k + b[..., None]) * w).sum(-1)
-    # uniform prior on mu over a logit grid: mu (1 - mu); log-uniform kappa: equal weight on the log grid
-    logpost = loglik + np.log(_MU * (1 - _MU))[:, None]
-    post = np.exp(logpost - logpost.max()).sum(1)
-    return post / post.sum()
+def rate_draws(successes: np.ndarray, trials: np.ndarray, seed: int = 0, draws: int = DRAWS) -> np.ndarray:
+    """Draws from the posterior of the population's image-weighted rate (successes / trials over all its groups)."""
+    successes, trials = np.asarray(successes, float), np.asarray(trials, float)
+    pairs, alike = np.unique(np.stack([successes, trials], 1), axis=0, return_counts=True)
+    rng = np.random.default_rng(seed)
+    weights = rng.dirichlet(np.concatenate([alike.astype(float), [UNSEEN_GROUPS]]), draws)
+    size = trials.mean()  # the unseen group: an average one
+    unseen_hits = rng.beta(*UNSEEN_RATE, draws) * size
+    hits = weights[:, :-1] @ pairs[:, 0] + weights[:, -1] * unseen_hits
+    images = weights[:, :-1] @ pairs[:, 1] + weights[:, -1] * size
+    return hits / images
 
 
-def _quantiles(post: np.ndarray, level: float) -> tuple[float, float]:
-    # each grid value's mass spread over its cell (between the midpoints to its neighbours)
-    cdf = np.concatenate([[0.0], np.cumsum(post)])
+def _equal_tailed(draws: np.ndarray, level: float, pooled: float) -> tuple[float, float]:
     alpha = (1 - level) / 2
-    return float(np.interp(alpha, cdf, _EDGES)), float(np.interp(1 - alpha, cdf, _EDGES))
+    lo, hi = np.quantile(draws, [alpha, 1 - alpha])
+    # the interval always holds the observed rate (Monte-Carlo noise must not put it outside)
+    return float(min(lo, pooled)), float(max(hi, pooled))
 
 
-def proportion_interval(successes: np.ndarray, trials: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+def proportion_interval(successes: np.ndarray, trials: np.ndarray, level: float = LEVEL,
+                        seed: int = 0) -> tuple[float, float]:
     """Equal-tailed credible interval of the population rate from per-group ``successes`` of ``trials``; it always
-    holds the pooled rate (which weighs patients by their images, ``mu`` weighs them equally)."""
-    if len(trials) == 0 or trials.sum() == 0:
+    holds the pooled rate."""
+    if len(trials) == 0 or np.sum(trials) == 0:
         return math.nan, math.nan
-    lo, hi = _quantiles(proportion_posterior(successes, trials), level)
-    pooled = float(successes.sum() / trials.sum())
-    return min(lo, pooled), max(hi, pooled)
+    return _equal_tailed(rate_draws(successes, trials, seed), level, float(np.sum(successes) / np.sum(trials)))
 
 
 def mean_of_proportions_interval(counts: Sequence[tuple[np.ndarray, np.ndarray]], level: float = LEVEL,
-                                 seed: int = 0, draws: int = 20000) -> tuple[float, float]:
+                                 seed: int = 0) -> tuple[float, float]:
     """Interval of the mean of several population rates (balanced accuracy: the mean of per-class recalls), their
     posteriors sampled independently."""
-    rng = np.random.default_rng(seed)
-    total = np.zeros(draws)
-    for successes, trials in counts:
-        total += rng.choice(_MU, draws, p=proportion_posterior(successes, trials))
-    mean = total / len(counts)
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(mean, [alpha, 1 - alpha])
-    pooled = np.mean([s.sum() / n.sum() for s, n in counts])
-    return float(min(lo, pooled)), float(max(hi, pooled))
+    mean = np.mean([rate_draws(k, n, seed + i) for i, (k, n) in enumerate(counts)], 0)
+    return _equal_tailed(mean, level, float(np.mean([np.sum(k) / np.sum(n) for k, n in counts])))
+
+
+def placement_counts(y_true: np.ndarray, score: np.ndarray,
+                     groups: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per group of the rarer class: the sum of its images' placements (the share of the other class each outranks,
+    ties a half) and how many images; summed over groups and divided, the two-class ROC-AUC."""
+    y_true, score = np.asarray(y_true), np.asarray(score, float)
+    rarer = 1 if (y_true == 1).sum() <= (y_true == 0).sum() else 0
+    sign = 1.0 if rarer == 1 else -1.0  # class 1 should outrank class 0
+    mine, other = sign * score[y_true == rarer], sign * score[y_true != rarer]
+    placement = ((mine[:, None] > other[None, :]).sum(1) + 0.5 * (mine[:, None] == other[None, :]).sum(1)) / len(other)
+    cases = y_true == rarer
+    if groups is None:
+        return placement, np.ones(len(placement), int)
+    _, codes = np.unique(np.asarray(groups)[cases], return_inverse=True)
+    return np.bincount(codes, weights=placement), np.bincount(codes).astype(int)
 
 
 def jackknife_logit_interval(statistic: Callable[[np.ndarray], float], groups: Sequence[str] | None, n: int,

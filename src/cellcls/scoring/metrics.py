@@ -22,9 +22,11 @@ from cellcls.metric_names import HEADLINE, split_metric
 from cellcls.scoring.conformal import set_summary
 from cellcls.scoring.heads import labels_of
 from cellcls.scoring.intervals import (
+    RATE_METHOD,
     group_counts,
     jackknife_logit_interval,
     mean_of_proportions_interval,
+    placement_counts,
     proportion_interval,
 )
 
@@ -158,7 +160,7 @@ def evaluate_predictions(
 ) -> dict[str, Any]:
     """All metrics for one split: headline metrics with 95% intervals, the per-class report and the confusion matrix.
 
-    ``interval="grouped"`` (the default, ``cellcls.scoring.intervals``): a beta-binomial posterior over groups
+    ``interval="grouped"`` (the default, ``cellcls.scoring.intervals``): a Dirichlet-process posterior over groups
     (patients, or images when ``groups`` is None) for the proportions, the mean of per-class recall posteriors for
     balanced accuracy, a group jackknife on the logit scale for ROC-AUC. ``interval="bootstrap"``: the percentile
     bootstrap over groups that cellcls reported before, kept for comparison (it undercovers on few patients); a
@@ -174,7 +176,7 @@ def evaluate_predictions(
         result["threshold"] = threshold
     n_groups = len(set(groups)) if groups is not None else None
     units = f"{n_groups} groups" if groups is not None else f"{len(y_true)} images"
-    described = (f"beta-binomial over {units} (ROC-AUC: jackknife over {units}, logit, t)" if interval == "grouped"
+    described = (f"{RATE_METHOD} over {units} (ROC-AUC: jackknife over {units}, logit, t)" if interval == "grouped"
                  else f"percentile bootstrap over {units}")
     result["interval"] = {"level": 0.95, "method": described, "images": len(y_true), "groups": n_groups,
                           **({"resamples": n_boot} if interval == "bootstrap" else {})}
@@ -203,6 +205,15 @@ def _grouped_interval(name: str, metric: Metric, value: float, y_true: np.ndarra
         if len(present) < 2:
             return float("nan"), float("nan")
         return mean_of_proportions_interval([group_counts(y_true == c, correct, groups) for c in present], seed=seed)
+    if name == "roc_auc" and probs.shape[1] == 2:
+        if math.isnan(value):
+            return float("nan"), float("nan")
+        lo, hi = proportion_interval(*placement_counts(y_true, probs[:, 1], groups))
+        if 0.0 < value < 1.0:
+            jack = jackknife_logit_interval(lambda idx: metric(y_true[idx], y_pred[idx], probs[idx]), groups,
+                                            len(y_true))
+            lo, hi = float(np.fmin(lo, jack[0])), float(np.fmax(hi, jack[1]))
+        return lo, hi
     if value in (0.0, 1.0):
         # every pair ordered (or none): the jackknife has no spread; the interval of a proportion at that value, one
         # unit per group of the rarer class (conservative, as the rarer class bounds how much was tested)
@@ -258,7 +269,7 @@ def prediction_set_metrics(
     groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """How conformal prediction sets did: coverage (the true class in the set) with accuracy's interval (the
-    beta-binomial over groups where known), mean set size, share of single-class sets, and each per true class."""
+    the grouped posterior where groups are known), mean set size, share of single-class sets, and each per true class."""
     y_true = np.asarray(y_true, dtype=int)
     covered = members[np.arange(len(y_true)), y_true].astype(int)
     value = float(covered.mean())

@@ -3,7 +3,7 @@ group-aware intervals, macro and micro averages, and per-finding thresholds fitt
 
 Targets are ``N x K`` arrays of 1 / 0 / NaN (uncertain, left out of that finding). ROC-AUC and average precision get
 the delete-one-group jackknife on the logit scale (:func:`~cellcls.scoring.intervals.jackknife_logit_interval`),
-sensitivity and specificity at the threshold the beta-binomial interval over groups, as single-label metrics do.
+sensitivity and specificity at the threshold the grouped proportion interval, as single-label metrics do.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from cellcls.scoring.intervals import group_counts, jackknife_logit_interval, proportion_interval
+from cellcls.scoring.intervals import RATE_METHOD, group_counts, jackknife_logit_interval, proportion_interval
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -148,7 +148,7 @@ def multilabel_metrics(y: np.ndarray, p: np.ndarray, findings: list[str], thresh
         "exact_match_accuracy": _rate(np.ones(len(y), bool), exact, groups),
         "interval": {"level": 0.95, "groups": units,
                      "method": f"ROC-AUC and AP: jackknife over {'groups' if groups is not None else 'images'} "
-                               "(logit, t); rates: beta-binomial over them"},
+                               f"(logit, t); rates: {RATE_METHOD} over them"},
     }
 
 
