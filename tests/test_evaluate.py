@@ -188,7 +188,7 @@ def test_intervals_on_malaria_resample_the_test_patients_and_say_so(malaria_run,
     listed = (malaria_run / "splits" / "test.csv").read_text().splitlines()[1:]
     patients = {re.match(r"^(C\d+)", line.rsplit("/", 1)[-1]).group(1) for line in listed}
     assert result["interval"]["groups"] == len(patients) and result["interval"]["images"] == len(listed)
-    method = f"Dirichlet-process posterior over {len(patients)} groups (ROC-AUC: jackknife over {len(patients)} groups, logit, t)"
+    method = f"Dirichlet-process posterior over {len(patients)} groups (ROC-AUC: the wider of a jackknife over {len(patients)} groups, logit, t, and its placement values)"
     assert result["interval"]["method"] == method
     assert f"Intervals: {method}" in (out / "report.md").read_text()
 

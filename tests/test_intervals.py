@@ -131,7 +131,7 @@ def test_evaluate_predictions_names_the_grouped_method_by_default():
     y = [0, 1, 0, 1, 1, 0]
     probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.4, 0.6], [0.2, 0.8], [0.7, 0.3]])
     r = evaluate_predictions(y, probs, ["neg", "pos"], groups=["a", "a", "b", "b", "c", "c"])
-    assert r["interval"]["method"] == "Dirichlet-process posterior over 3 groups (ROC-AUC: jackknife over 3 groups, logit, t)"
+    assert r["interval"]["method"] == "Dirichlet-process posterior over 3 groups (ROC-AUC: the wider of a jackknife over 3 groups, logit, t, and its placement values)"
     assert "resamples" not in r["interval"]
     for key in ("accuracy", "sensitivity", "specificity", "balanced_accuracy"):
         lo, hi = r[key]["ci95"]

@@ -176,7 +176,8 @@ def evaluate_predictions(
         result["threshold"] = threshold
     n_groups = len(set(groups)) if groups is not None else None
     units = f"{n_groups} groups" if groups is not None else f"{len(y_true)} images"
-    described = (f"{RATE_METHOD} over {units} (ROC-AUC: jackknife over {units}, logit, t)" if interval == "grouped"
+    described = (f"{RATE_METHOD} over {units} (ROC-AUC: the wider of a jackknife over {units}, "
+                 "logit, t, and its placement values)" if interval == "grouped"
                  else f"percentile bootstrap over {units}")
     result["interval"] = {"level": 0.95, "method": described, "images": len(y_true), "groups": n_groups,
                           **({"resamples": n_boot} if interval == "bootstrap" else {})}
