@@ -60,12 +60,9 @@ def unseen_group(concentration: float, rate: tuple[float, float]):
     """The shipped Dirichlet-process interval with another weight or rate prior for its unseen group."""
 
     def interval(k: np.ndarray, n: np.ndarray) -> tuple[float, float]:
-        saved = iv.UNSEEN_GROUPS, iv.UNSEEN_RATE
-        iv.UNSEEN_GROUPS, iv.UNSEEN_RATE = concentration, rate
-        try:
-            return iv.proportion_interval(k, n)
-        finally:
-            iv.UNSEEN_GROUPS, iv.UNSEEN_RATE = saved
+        lo, hi = np.quantile(iv.rate_draws(k, n, unseen=concentration, unseen_rate=rate), [0.025, 0.975])
+        pooled = k.sum() / n.sum()
+        return min(lo, pooled), max(hi, pooled)
 
     return interval
 

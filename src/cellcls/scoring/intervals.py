@@ -42,21 +42,28 @@ def group_counts(cases: np.ndarray, hits: np.ndarray, groups: Sequence[str] | No
     """Per group: how many of ``cases`` it holds and how many of those are ``hits`` (images are groups when
     ``groups`` is None)."""
     cases = np.asarray(cases, bool)
-    hits = np.asarray(hits, bool) & cases
+    k, n = _group_sums(cases, (np.asarray(hits, bool) & cases)[cases], groups)
+    return k.astype(int), n
+
+
+def _group_sums(cases: np.ndarray, values: np.ndarray, groups: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per group holding ``cases``: the sum of ``values`` (one per case) and how many cases."""
     if groups is None:
-        return hits[cases].astype(int), np.ones(int(cases.sum()), int)
+        return values, np.ones(len(values), int)
     _, codes = np.unique(np.asarray(groups)[cases], return_inverse=True)
-    return np.bincount(codes, weights=hits[cases]).astype(int), np.bincount(codes).astype(int)
+    return np.bincount(codes, weights=values), np.bincount(codes).astype(int)
 
 
-def rate_draws(successes: np.ndarray, trials: np.ndarray, seed: int = 0, draws: int = DRAWS) -> np.ndarray:
-    """Draws from the posterior of the population's image-weighted rate (successes / trials over all its groups)."""
+def rate_draws(successes: np.ndarray, trials: np.ndarray, seed: int = 0, draws: int = DRAWS,
+               unseen: float = UNSEEN_GROUPS, unseen_rate: tuple[float, float] = UNSEEN_RATE) -> np.ndarray:
+    """Draws from the posterior of the population's image-weighted rate (successes / trials over all its groups);
+    ``unseen`` and ``unseen_rate`` are the unseen group's weight and rate prior (scripts compare other choices)."""
     successes, trials = np.asarray(successes, float), np.asarray(trials, float)
     pairs, alike = np.unique(np.stack([successes, trials], 1), axis=0, return_counts=True)
     rng = np.random.default_rng(seed)
-    weights = rng.dirichlet(np.concatenate([alike.astype(float), [UNSEEN_GROUPS]]), draws)
+    weights = rng.dirichlet(np.concatenate([alike.astype(float), [unseen]]), draws)
     size = trials.mean()  # the unseen group: an average one
-    unseen_hits = rng.beta(*UNSEEN_RATE, draws) * size
+    unseen_hits = rng.beta(*unseen_rate, draws) * size
     hits = weights[:, :-1] @ pairs[:, 0] + weights[:, -1] * unseen_hits
     images = weights[:, :-1] @ pairs[:, 1] + weights[:, -1] * size
     return hits / images
@@ -95,11 +102,7 @@ def placement_counts(y_true: np.ndarray, score: np.ndarray,
     sign = 1.0 if rarer == 1 else -1.0  # class 1 should outrank class 0
     mine, other = sign * score[y_true == rarer], sign * score[y_true != rarer]
     placement = ((mine[:, None] > other[None, :]).sum(1) + 0.5 * (mine[:, None] == other[None, :]).sum(1)) / len(other)
-    cases = y_true == rarer
-    if groups is None:
-        return placement, np.ones(len(placement), int)
-    _, codes = np.unique(np.asarray(groups)[cases], return_inverse=True)
-    return np.bincount(codes, weights=placement), np.bincount(codes).astype(int)
+    return _group_sums(y_true == rarer, placement, groups)
 
 
 def jackknife_logit_interval(statistic: Callable[[np.ndarray], float], groups: Sequence[str] | None, n: int,

@@ -162,7 +162,8 @@ def evaluate_predictions(
 
     ``interval="grouped"`` (the default, ``cellcls.scoring.intervals``): a Dirichlet-process posterior over groups
     (patients, or images when ``groups`` is None) for the proportions, the mean of per-class recall posteriors for
-    balanced accuracy, a group jackknife on the logit scale for ROC-AUC. ``interval="bootstrap"``: the percentile
+    balanced accuracy, for ROC-AUC the wider of a group jackknife on the logit scale and (two classes) the proportion
+    interval of its placement values. ``interval="bootstrap"``: the percentile
     bootstrap over groups that cellcls reported before, kept for comparison (it undercovers on few patients); a
     proportion at exactly 0 or 1 then gets a Wilson interval on its groups. ``interval`` in the result says which."""
     if interval not in INTERVALS:
@@ -270,7 +271,7 @@ def prediction_set_metrics(
     groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """How conformal prediction sets did: coverage (the true class in the set) with accuracy's interval (the
-    the grouped posterior where groups are known), mean set size, share of single-class sets, and each per true class."""
+    grouped posterior where groups are known), mean set size, share of single-class sets, and each per true class."""
     y_true = np.asarray(y_true, dtype=int)
     covered = members[np.arange(len(y_true)), y_true].astype(int)
     value = float(covered.mean())
