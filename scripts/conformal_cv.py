@@ -2,9 +2,9 @@
 
     python scripts/conformal_cv.py run=<run trained with cv.folds=K> [levels=0.8,0.9,0.95]
 
-For each fold k the set threshold is fitted (``cellcls.scoring.conformal.fit_conformal``, as ``conformal=`` does) on
-the out-of-fold probabilities of the other folds' images and applied to fold k's, whose patients none of those images
-share (the folds are grouped). Prints one markdown row per level: coverage per fold, pooled coverage, mean set size
+For each fold k the set threshold is fitted on the out-of-fold probabilities of the other folds' images and applied
+to fold k's, whose patients none of those images share (the folds are grouped):
+``cellcls.scoring.conformal.cross_fold_sets``, what ``cv.folds=K conformal=<level>`` reports for its one level. Prints one markdown row per level: coverage per fold, pooled coverage, mean set size
 and the share of single-class sets.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellcls.scoring.conformal import fit_conformal, prediction_sets, set_summary
+from cellcls.scoring.conformal import cross_fold_sets, set_summary
 
 
 def main(argv: list[str]) -> None:
@@ -32,12 +32,8 @@ def main(argv: list[str]) -> None:
     print("| level | coverage per fold | pooled coverage | mean set size | single-class sets |")
     print("|---|---|---|---|---|")
     for level in (float(v) for v in args.get("levels", "0.8,0.9,0.95").split(",")):
-        members = np.zeros_like(probs, dtype=bool)
-        per_fold = []
-        for k in sorted(set(folds)):
-            fit = fit_conformal(probs[folds != k], y[folds != k], level)
-            members[folds == k] = prediction_sets(probs[folds == k], fit.threshold, fit.method)
-            per_fold.append(set_summary(members[folds == k], y[folds == k])["coverage"])
+        members = cross_fold_sets(probs, y, folds, level)
+        per_fold = [set_summary(members[folds == k], y[folds == k])["coverage"] for k in sorted(set(folds))]
         pooled = set_summary(members, y)
         print(f"| {level:g} | {', '.join(f'{c:.3f}' for c in per_fold)} | {pooled['coverage']:.3f} | "
               f"{pooled['mean_size']:.2f} | {100 * pooled['singletons']:.0f}% |")

@@ -61,8 +61,8 @@ def cv_run(tmp_path_factory, cache_root):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CELLCLS_CACHE", str(cache_root))
         result = run_cli("cellcls.train", "dataset=malaria", f"dataset.root={root}", "dataset.image_size=[32,32]",
-                         "trainer.max_epochs=1", "cv.folds=3", "logger=csv", "trainer.progress_bar=false",
-                         "hydra.run.dir=run", cwd=cwd)
+                         "trainer.max_epochs=1", "cv.folds=3", "conformal=0.9", "logger=csv",
+                         "trainer.progress_bar=false", "hydra.run.dir=run", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd / "run"
 
@@ -111,12 +111,44 @@ def test_result_json_carries_the_cross_validated_score_for_sweeps(cv_run):
     assert result["best"] == pytest.approx(sum(losses) / 3)
 
 
+def test_out_of_fold_prediction_sets_are_reported_per_fold_and_pooled_with_a_grouped_interval(cv_run):
+    predictions = read(cv_run / "cv_predictions.csv")
+    covered = [r["true"] in r["set"].split("|") for r in predictions]
+    assert all(r["predicted"] in r["set"].split("|") for r in predictions)
+    sets = json.loads((cv_run / "cv_metrics.json").read_text())["pooled"]["prediction_sets"]
+    assert sets["level"] == 0.9 and sets["method"] == "lac" and "other folds" in sets["fitted_on"]
+    assert sets["coverage"]["value"] == pytest.approx(np.mean(covered))
+    lo, hi = sets["coverage"]["ci95"]
+    assert lo < sets["coverage"]["value"] <= hi
+    assert [r["fold"] for r in sets["per_fold"]] == [1, 2, 3]
+    assert sum(r["images"] for r in sets["per_fold"]) == 900
+    assert set(sets["per_class"]) == {"Parasitized", "Uninfected"}
+    assert "Prediction sets (conformal, aiming at coverage 0.9)" in (cv_run / "cv_report.md").read_text()
+
+
+def test_a_folds_sets_come_from_a_threshold_fitted_without_its_own_images():
+    from cellcls.scoring.conformal import cross_fold_sets, fit_conformal, prediction_sets
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([1.0, 1.0], size=300)
+    labels = np.array([rng.choice(2, p=p) for p in probs])
+    folds = np.repeat([1, 2, 3], 100)
+    members = cross_fold_sets(probs, labels, folds, 0.9)
+    fit = fit_conformal(probs[folds != 2], labels[folds != 2], 0.9)
+    assert (members[folds == 2] == prediction_sets(probs[folds == 2], fit.threshold, fit.method)).all()
+    relabelled = labels.copy()
+    relabelled[folds == 2] = 1 - relabelled[folds == 2]  # fold 2's own labels must not move its threshold
+    assert (cross_fold_sets(probs, relabelled, folds, 0.9)[folds == 2] == members[folds == 2]).all()
+    assert members[np.arange(300), labels].mean() >= 0.87  # exchangeable folds: the level, give or take
+
+
 def test_running_the_cross_validation_again_keeps_the_finished_folds(cv_run, cache_root, monkeypatch):
     from cellcls.training.run import train
 
     before = {k: (cv_run / f"fold_{k}" / "checkpoints" / "best.pt").stat().st_mtime_ns for k in (1, 2, 3)}
     cfg = compose_config("dataset=malaria", f"dataset.root={real_dataset('malaria')}", "dataset.image_size=[32,32]",
-                         "trainer.max_epochs=1", "cv.folds=3", "logger=csv", "trainer.progress_bar=false")
+                         "trainer.max_epochs=1", "cv.folds=3", "conformal=0.9", "logger=csv",
+                         "trainer.progress_bar=false")
     train(cfg, cv_run, [])
     after = {k: (cv_run / f"fold_{k}" / "checkpoints" / "best.pt").stat().st_mtime_ns for k in (1, 2, 3)}
     assert before == after

@@ -43,6 +43,25 @@ def subgroup_lines(sub: dict[str, Any] | None) -> list[str]:
                     "subgroups.csv."]
 
 
+def prediction_set_lines(sets: dict[str, Any] | None) -> list[str]:
+    """The report's section for prediction sets (``conformal=``): coverage with its interval, set sizes, per class."""
+    if not sets:
+        return []
+    lo, hi = sets["coverage"]["ci95"]
+    fitted = f" Threshold fitted on {sets['fitted_on']}." if sets.get("fitted_on") else ""
+    lines = ["", f"## Prediction sets (conformal, aiming at coverage {sets['level']:g})", "",
+             f"Coverage {sets['coverage']['value']:.4f} (95% CI {lo:.4f} - {hi:.4f}), mean set size "
+             f"{sets['mean_size']:.3f}, single-class sets {100 * sets['singletons']:.1f}%.{fitted}", "",
+             "| true class | images | coverage | mean set size | single-class sets |", "|---|---|---|---|---|"]
+    lines += [f"| {c} | {r['images']} | {r['coverage']:.4f} | {r['mean_size']:.3f} | {100 * r['singletons']:.1f}% |"
+              for c, r in sets["per_class"].items()]
+    if sets.get("per_fold"):
+        lines += ["", "| fold | images | coverage | mean set size | single-class sets |", "|---|---|---|---|---|"]
+        lines += [f"| {r['fold']} | {r['images']} | {r['coverage']:.4f} | {r['mean_size']:.3f} | "
+                  f"{100 * r['singletons']:.1f}% |" for r in sets["per_fold"]]
+    return lines
+
+
 def write_report(result: dict[str, Any], path: Path, figures: dict[str, Path]) -> None:
     lines = [f"# Evaluation: {result['split']}", "",
              f"checkpoint `{result['checkpoint']}` (epoch {result['epoch']}), {result['num_images']} images", "",
@@ -62,15 +81,7 @@ def write_report(result: dict[str, Any], path: Path, figures: dict[str, Path]) -
         lines += ["", f"Calibration: ECE {cal['ece']:.4f}, Brier score {cal['brier']:.4f}"
                   + (f" with temperature {cal['temperature']:.3f} (uncalibrated: ECE {before['ece']:.4f}, "
                      f"Brier {before['brier']:.4f})" if before else " (no temperature scaling)") + "."]
-    sets = result.get("prediction_sets")
-    if sets:
-        lo, hi = sets["coverage"]["ci95"]
-        lines += ["", f"## Prediction sets (conformal, aiming at coverage {sets['level']:g})", "",
-                  f"Coverage {sets['coverage']['value']:.4f} (95% CI {lo:.4f} - {hi:.4f}), mean set size "
-                  f"{sets['mean_size']:.3f}, single-class sets {100 * sets['singletons']:.1f}%.", "",
-                  "| true class | images | coverage | mean set size | single-class sets |", "|---|---|---|---|---|"]
-        lines += [f"| {c} | {r['images']} | {r['coverage']:.4f} | {r['mean_size']:.3f} | {100 * r['singletons']:.1f}% |"
-                  for c, r in sets["per_class"].items()]
+    lines += prediction_set_lines(result.get("prediction_sets"))
     ood = result.get("ood")
     if ood:
         lines += ["", f"Out-of-distribution flags: {100 * ood['flagged']:.1f}% of these {ood['images']} images are "

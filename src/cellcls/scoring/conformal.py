@@ -96,3 +96,19 @@ def set_summary(members: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {"coverage": float(members[np.arange(len(labels)), labels].mean()) if len(labels) else math.nan,
             "mean_size": float(sizes.mean()) if len(sizes) else math.nan,
             "singletons": float((sizes == 1).mean()) if len(sizes) else math.nan}
+
+
+def cross_fold_sets(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, level: float,
+                    method: str | None = None) -> np.ndarray:
+    """Out-of-fold prediction sets (``cv.folds`` with ``conformal=``): fold ``k``'s images get the sets of a threshold
+    fitted on the other folds' out-of-fold probabilities. With folds grouped by patient, no patient is on both sides
+    of a fit, so each fold is calibrated on patients it does not share, the per-patient exchangeability the guarantee
+    needs. The other folds' probabilities come from other models than the one scoring fold ``k``, so this measures
+    the recipe's sets (what a model trained this way would get), not one model's."""
+    probs, labels, folds = np.asarray(probs), np.asarray(labels, dtype=np.int64), np.asarray(folds)
+    members = np.zeros(probs.shape, dtype=bool)
+    for k in np.unique(folds):
+        rest = folds != k
+        fit = fit_conformal(probs[rest], labels[rest], level, method)
+        members[~rest] = prediction_sets(probs[~rest], fit.threshold, fit.method)
+    return members

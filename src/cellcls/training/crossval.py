@@ -30,8 +30,9 @@ from cellcls.data.leakage import interval_groups
 from cellcls.data.findings import require_single_label
 from cellcls.errors import ConfigError, DataError
 from cellcls.metric_names import TEST_METRICS, held_out_score, metric_mode
-from cellcls.scoring.metrics import evaluate_predictions
-from cellcls.evaluation.report import metric_rows
+from cellcls.scoring.conformal import check_level, cross_fold_sets, method_for, set_summary
+from cellcls.scoring.metrics import evaluate_predictions, prediction_set_metrics
+from cellcls.evaluation.report import metric_rows, prediction_set_lines
 from cellcls.infra.run_folder import RunFolder, atomic_write, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ def cross_validate(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], tra
     samples, y, probs = _as_arrays(predictions, classes, cfg)
     groups = interval_groups(typed(cfg.dataset, DatasetConfig), samples, _scanned(cfg))
     pooled = evaluate_predictions(y, probs, classes, None, seed=int(cfg.seed), groups=groups)
+    if cfg.get("conformal") is not None:
+        pooled["prediction_sets"] = _out_of_fold_sets(predictions, y, probs, classes, check_level(cfg.conformal),
+                                                      groups)
     rows = [{"fold": k + 1, "images": m["num_images"], **{key: m.get(key) for key in TEST_METRICS}}
             for k, m in enumerate(per_fold)]
     for name, fn in (("mean", statistics.fmean), ("sd", statistics.stdev)):
@@ -89,7 +93,26 @@ def cross_validate(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], tra
     write_json(run.result, {k: v for k, v in summary.items() if k != "pooled"})
     log.info("cross-validation (%d folds): %s %.4f +/- %.4f over folds; pooled out-of-fold accuracy %.4f (%s)",
              folds, metric, score, rows[folds + 1][metric] or 0.0, pooled["accuracy"]["value"], run.cv_folds)
+    sets = pooled.get("prediction_sets")
+    if sets:
+        log.info("out-of-fold prediction sets aiming at %g: coverage %.4f (95%% CI %.4f - %.4f), mean size %.2f, "
+                 "folds %s", sets["level"], sets["coverage"]["value"], *sets["coverage"]["ci95"], sets["mean_size"],
+                 ", ".join(f"{r['coverage']:.3f}" for r in sets["per_fold"]))
     return summary
+
+
+def _out_of_fold_sets(rows: list[dict[str, Any]], y: np.ndarray, probs: np.ndarray, classes: list[str],
+                      level: float, groups: Sequence[str] | None) -> dict[str, Any]:
+    """Prediction sets over the pooled out-of-fold predictions, each fold's threshold fitted on the other folds (see
+    :func:`cross_fold_sets`): coverage with its grouped interval, per class and per fold. Each row gets its ``set``."""
+    folds = np.array([int(r["fold"]) for r in rows])
+    members = cross_fold_sets(probs, y, folds, level)
+    for row, member in zip(rows, members):
+        row["set"] = "|".join(c for c, keep in zip(classes, member) if keep)
+    per_fold = [{"fold": int(k), "images": int((folds == k).sum()), **set_summary(members[folds == k], y[folds == k])}
+                for k in np.unique(folds)]
+    return {**prediction_set_metrics(y, members, classes, level, groups), "method": method_for(len(classes)),
+            "fitted_on": "the other folds' out-of-fold predictions (each fold's own threshold)", "per_fold": per_fold}
 
 
 def _finished(folder: RunFolder) -> bool:
@@ -143,5 +166,6 @@ def _report(rows: list[dict[str, Any]], pooled: dict[str, Any], folds: int, metr
     lines += ["", f"## Pooled out-of-fold predictions ({pooled['num_images']} images)", "",
               "| metric | value | 95% CI |", "|---|---|---|", *metric_rows(pooled), "",
               f"Intervals: {pooled['interval']['method']}.", "",
-              "Each image is scored by the one model that did not train on it: cv_predictions.csv."]
+              "Each image is scored by the one model that did not train on it: cv_predictions.csv.",
+              *prediction_set_lines(pooled.get("prediction_sets"))]
     return "\n".join(lines) + "\n"
