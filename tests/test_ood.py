@@ -4,6 +4,7 @@ lesions through calibrate, evaluate, predict, the Python API and serve."""
 from __future__ import annotations
 
 import csv
+import math
 import shutil
 
 import numpy as np
@@ -42,12 +43,28 @@ def test_statistics_come_from_the_input_and_up_to_eight_convolutions_spread_over
     lenet = build_model({"name": "lenet"}, 3, 2, (64, 64)).eval()
     x = torch.randn(2, 3, 64, 64)
     stats, logits = activation_statistics(lenet, x)
-    assert stats.shape == (2, 2 * (3 + 8 + 16 + 32)) and torch.allclose(logits, lenet(x))
+    assert stats.shape == (2, 2 * (3 + 8 + 16 + 32) + 3) and torch.allclose(logits, lenet(x))  # + 3 channel pairs
     torch.testing.assert_close(stats[:, :3], x.mean(dim=(2, 3)))  # the input's channel means come first
     deep = nn.Sequential(*[nn.Conv2d(3 if i == 0 else 100, 100, 1) for i in range(20)])
     layers = statistic_layers(deep)
     assert len(layers) == MAX_LAYERS and layers[0] == "0" and layers[-1] == "19"
-    assert activation_statistics(deep, torch.randn(1, 3, 4, 4))[0].shape[1] == 2 * (3 + MAX_LAYERS * MAX_GROUPS)
+    assert activation_statistics(deep, torch.randn(1, 3, 4, 4))[0].shape[1] == 2 * (3 + MAX_LAYERS * MAX_GROUPS) + 3
+
+
+def test_a_greyscale_image_in_a_colour_models_input_shows_in_its_channel_correlations():
+    from cellcls.models import build_model
+    from cellcls.scoring.ood import CORRELATION_FLOOR, activation_statistics
+
+    lenet = build_model({"name": "lenet"}, 3, 2, (32, 32)).eval()
+    grey = torch.rand(1, 1, 32, 32).expand(1, 3, 32, 32) * torch.tensor([0.9, 1.1, 1.3]).view(1, 3, 1, 1)
+    colour = torch.rand(1, 3, 32, 32)  # independent channels: r near 0
+    at = 6  # after the input's three channel means and three spreads
+    grey_r = activation_statistics(lenet, grey)[0][0, at:at + 3]
+    colour_r = activation_statistics(lenet, colour)[0][0, at:at + 3]
+    torch.testing.assert_close(grey_r, torch.full((3,), -math.log(CORRELATION_FLOOR)))  # r = 1 after any scaling
+    assert (colour_r.abs() < 0.2).all()
+    one = activation_statistics(build_model({"name": "lenet"}, 1, 2, (32, 32)).eval(), torch.rand(2, 1, 32, 32))[0]
+    assert one.shape == (2, 2 * (1 + 8 + 16 + 32))  # one channel: no pair to correlate
 
 
 def test_a_level_outside_zero_and_one_names_the_setting():
@@ -76,7 +93,7 @@ def test_calibrate_stores_the_rule_and_evaluate_reports_the_flagged_share_of_the
     from cellcls.infra.checkpoint import load_checkpoint
 
     stored = load_checkpoint(ood_run, "best.pt").ood
-    assert stored["level"] == 0.95 and stored["precision"].shape == (118, 118) and stored["threshold"] > 0
+    assert stored["level"] == 0.95 and stored["precision"].shape == (121, 121) and stored["threshold"] > 0
     result, out = evaluate(ood_run, n_boot=50, make_plots=False, output=tmp_path / "eval")
     assert result["ood"]["images"] == result["num_images"] and result["ood"]["flagged"] <= 0.15
     assert "Out-of-distribution flags:" in (out / "report.md").read_text()
