@@ -4,9 +4,9 @@ The score is a Mahalanobis distance (Lee et al. 2018) on the image's activation 
 deviation of each channel of the input and of up to ``MAX_LAYERS`` convolution layers spread over the network's depth
 (each layer's channels averaged into at most ``MAX_GROUPS`` groups), and the correlation of each pair of input
 channels, standardised by the training split and scored under one covariance shrunk towards the identity (Ledoit &
-Wolf 2004), so a few hundred images are enough. The
-threshold is the ``level`` quantile of the validation split's scores: about ``1 - level`` of in-distribution images
-are flagged by construction, and an image further out is "outside what this model was trained on".
+Wolf 2004), so a few hundred images are enough. The threshold is the ``level`` quantile of the validation split's
+scores: about ``1 - level`` of in-distribution images are flagged by construction, and an image further out is
+"outside what this model was trained on".
 
 Why not the softmax: a malaria LeNet calls chest X-rays "Uninfected" at 95-99%. Why statistics of every depth and not
 the features the classifier head receives: measured on the shared subsets (docs/QUALITY.md, "Per-image trust"), the
@@ -58,7 +58,7 @@ def _channel_stats(x: torch.Tensor) -> list[torch.Tensor]:
 def _channel_correlations(x: torch.Tensor) -> list[torch.Tensor]:
     """Each pair of input channels' correlation over the pixels, as ``-log(1 - r)``: a greyscale image in a colour
     model's input has r = 1 in every pair, which per-channel means and spreads cannot show (measured: the skin-lesion
-    model flagged 43% of chest X-rays without it, 100% with it). Elementwise operations only, so the exported graph
+    model flagged 16% of chest X-rays without it, 100% with it; docs/QUALITY.md). Elementwise operations only, so the exported graph
     computes it in float even when its convolutions are quantized."""
     n, c = x.shape[:2]
     if c < 2:
