@@ -4,8 +4,9 @@
 
 For each fold k the set threshold is fitted on the out-of-fold probabilities of the other folds' images and applied
 to fold k's, whose patients none of those images share (the folds are grouped):
-``cellcls.scoring.conformal.cross_fold_sets``, what ``cv.folds=K conformal=<level>`` reports for its one level. Prints one markdown row per level: coverage per fold, pooled coverage, mean set size
-and the share of single-class sets.
+``cellcls.scoring.conformal.cross_fold_sets``, what ``cv.folds=K conformal=<level>`` reports for its one level.
+Prints one markdown row per level: coverage per fold, pooled coverage, mean set size and the share of single-class
+sets.
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@
 For each seed x split seed it trains ``cellcls.train(<overrides> seed=<s> dataset.split_seed=<t>)`` in this process
 (the Python API, as a user's script would) and reads the run's metrics.csv: the epoch at which validation accuracy
 first reaches 0.75 ("left chance"), the epochs run (early stopping included), the best epoch's validation accuracy and
-the test accuracy. A run that ends with test accuracy below 0.65 counts as ending near chance. ``score=balanced_accuracy``
-judges both by balanced accuracy instead, for a data set whose majority class alone reaches 0.75 (pneumonia). It prints one table row
-per combination and a summary line (mean +- sd of the test accuracy, the worst, and how many ended near chance).
+the test accuracy. A run that ends with test accuracy below 0.65 counts as ending near chance (both thresholds are
+settings). ``score=balanced_accuracy`` judges both by balanced accuracy instead, for a data set whose majority class
+alone comes near the first threshold (pneumonia). It prints one table row per combination and a summary line (mean +-
+sd of the test score, the worst, and how many ended near chance).
 """
 
 from __future__ import annotations

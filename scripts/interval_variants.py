@@ -60,9 +60,8 @@ def unseen_group(concentration: float, rate: tuple[float, float]):
     """The shipped Dirichlet-process interval with another weight or rate prior for its unseen group."""
 
     def interval(k: np.ndarray, n: np.ndarray) -> tuple[float, float]:
-        lo, hi = np.quantile(iv.rate_draws(k, n, unseen=concentration, unseen_rate=rate), [0.025, 0.975])
-        pooled = k.sum() / n.sum()
-        return min(lo, pooled), max(hi, pooled)
+        draws = iv.rate_draws(k, n, unseen=concentration, unseen_rate=rate)
+        return iv._equal_tailed(draws, iv.LEVEL, float(k.sum() / n.sum()))
 
     return interval
 

@@ -58,8 +58,8 @@ def _channel_stats(x: torch.Tensor) -> list[torch.Tensor]:
 def _channel_correlations(x: torch.Tensor) -> list[torch.Tensor]:
     """Each pair of input channels' correlation over the pixels, as ``-log(1 - r)``: a greyscale image in a colour
     model's input has r = 1 in every pair, which per-channel means and spreads cannot show (measured: the skin-lesion
-    model flagged 16% of chest X-rays without it, 100% with it; docs/QUALITY.md). Elementwise operations only, so the exported graph
-    computes it in float even when its convolutions are quantized."""
+    model flagged 16% of chest X-rays without it, 100% with it; docs/QUALITY.md). Elementwise operations only, so the
+    exported graph computes it in float even when its convolutions are quantized."""
     n, c = x.shape[:2]
     if c < 2:
         return []

@@ -30,10 +30,11 @@ from cellcls.data.leakage import interval_groups
 from cellcls.data.findings import require_single_label
 from cellcls.errors import ConfigError, DataError
 from cellcls.metric_names import TEST_METRICS, held_out_score, metric_mode
-from cellcls.scoring.conformal import check_level, cross_fold_sets, method_for, set_summary
+from cellcls.scoring.conformal import cross_fold_sets, method_for, set_summary
 from cellcls.scoring.metrics import evaluate_predictions, prediction_set_metrics
 from cellcls.evaluation.report import metric_rows, prediction_set_lines
 from cellcls.infra.run_folder import RunFolder, atomic_write, write_csv, write_json
+from cellcls.training.fit import conformal_level
 
 log = logging.getLogger(__name__)
 TrainFn = Callable[[DictConfig, Path, Sequence[str]], dict[str, Any]]
@@ -71,9 +72,9 @@ def cross_validate(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], tra
     samples, y, probs = _as_arrays(predictions, classes, cfg)
     groups = interval_groups(typed(cfg.dataset, DatasetConfig), samples, _scanned(cfg))
     pooled = evaluate_predictions(y, probs, classes, None, seed=int(cfg.seed), groups=groups)
-    if cfg.get("conformal") is not None:
-        pooled["prediction_sets"] = _out_of_fold_sets(predictions, y, probs, classes, check_level(cfg.conformal),
-                                                      groups)
+    level = conformal_level(cfg)
+    if level is not None:
+        pooled["prediction_sets"] = _out_of_fold_sets(predictions, y, probs, classes, level, groups)
     rows = [{"fold": k + 1, "images": m["num_images"], **{key: m.get(key) for key in TEST_METRICS}}
             for k, m in enumerate(per_fold)]
     for name, fn in (("mean", statistics.fmean), ("sd", statistics.stdev)):
